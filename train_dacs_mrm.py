@@ -1,0 +1,1683 @@
+"""DACS + Masked Representation Modeling: domain-adaptive semantic segmentation, one file.
+
+    python train_dacs_mrm.py --task toy                                  # minutes on a laptop CPU
+    python train_dacs_mrm.py --task gta2cs --data-root data --pretrained DeepLab_resnet_pretrained_init-f81d91e8.pth
+    python train_dacs_mrm.py --task gta2cs --arch mitb5 --pretrained mit_b5.pth --amp bf16
+    python train_dacs_mrm.py --task gta2cs --no-mrm                      # the DACS baseline
+    python train_dacs_mrm.py --task toy --source-only                    # no adaptation at all
+
+Each iteration (DACS, Tranheden et al. 2021, with MRM, Zhou et al. 2025, Algorithm 1):
+  1. source loss CE(D(E(x_s)), y_s)
+  2. EMA teacher pseudo-labels on the target batch, weighted by the share of confident pixels
+  3. ClassMix: half the classes of each source image pasted onto a target image
+  4. colour jitter and blur on the mixed images
+  5. L_u = weighted CE(D(E(x_mix)), y_mix), and L_mrm = CE(D(R(E(x_mix))), y_mix) on the SAME
+     encoder features (mrm.py): one encoder pass, two decoder passes
+  6. loss = L_s + L_u + lambda * L_mrm; SGD step; EMA update of the teacher
+Sections: config, labels and data, toy scenes, models, DACS operations, the training step, data
+streams, checkpoints and evaluation, the training loop, benchmark modes, main.
+"""
+import argparse
+import copy
+import io
+import json
+import math
+import os
+import random
+import re
+import struct
+import sys
+import time
+import zlib
+from functools import lru_cache
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from PIL import Image
+
+from mrm import Rebuilder, mrm_loss, segmentation_ce
+
+
+# ============================================================================= config
+# Defaults < recipe < task < command line. Every key is a flag: --mask-ratio 0.5, --no-mrm.
+DEFAULTS = dict(
+    task="toy",             # gta2cs | syn2cs | toy
+    arch="",                # dlv2 | mitb5 | dlv2-tiny | mit-tiny (default: the task's)
+    recipe="",              # dacs | daformer | toy (default: the arch's / task's)
+    data_root="data",
+    pretrained="",          # DeepLab COCO init, torchvision resnet101, or SegFormer mit_b5.pth
+    work_dir="",            # default: runs/<task>-<arch>-<method>-seed<seed>
+    seed=0,
+    device="",              # cpu | cuda (default: cuda when available)
+    amp="off",              # off | bf16 | fp16
+    channels_last=True,     # faster convolutions on CUDA
+    compile=False,          # torch.compile the encoder and decoder
+    checkpoint_blocks=False,  # activation checkpointing of the MiT blocks (saves memory)
+    workers=4,
+    # schedule and optimiser (set by the recipe)
+    iters=0, batch_size=2, crop=512, optimizer="sgd", lr=2.5e-4, head_lr_mult=10.0, momentum=0.9,
+    weight_decay=5e-4, norm_no_decay=False, poly_power=0.9, warmup_iters=0,
+    # DACS
+    source_only=False,      # the baseline: source loss only, no target, no MRM
+    ema=0.99, pseudo_threshold=0.968, jitter=0.25, jitter_p=0.8, blur_p=0.5, align_corners=True,
+    # DAFormer recipe parts (0 / False = off)
+    flip=False, cat_max_ratio=1.0, rcs_temperature=0.0, fd_weight=0.0, pl_crop=False,
+    # MRM
+    mrm=True, mrm_weight=1.0, mask_ratio=0.4, rebuilder_dim=512, rebuilder_depth=2, rebuilder_heads=16,
+    rebuilder_grid=16, rebuilder_lr=2e-4, mrm_domain="target",
+    # run hygiene
+    log_every=50, val_every=5000, checkpoint_every=1000, stop_after=0, resume=False, max_skips=10,
+    # other modes
+    check_data=False, bench=0, bench_data=0, count_flops=False,
+)
+RECIPES = {
+    "dacs": dict(iters=250_000, optimizer="sgd", lr=2.5e-4, head_lr_mult=10.0, momentum=0.9, weight_decay=5e-4,
+                 norm_no_decay=False, poly_power=0.9, warmup_iters=0, ema=0.99, jitter=0.25, align_corners=True,
+                 flip=False, cat_max_ratio=1.0, rcs_temperature=0.0, fd_weight=0.0, pl_crop=False),
+    "daformer": dict(iters=40_000, optimizer="adamw", lr=6e-5, head_lr_mult=10.0, weight_decay=0.01,
+                     norm_no_decay=True, poly_power=1.0, warmup_iters=1500, ema=0.999, jitter=0.2,
+                     align_corners=False, flip=True, cat_max_ratio=0.75, rcs_temperature=0.01, fd_weight=0.005,
+                     pl_crop=True),
+}
+RECIPES["toy"] = dict(RECIPES["dacs"], iters=1500, batch_size=8, crop=0, optimizer="adamw", lr=1e-3,
+                      head_lr_mult=1.0, weight_decay=1e-4, align_corners=False, rebuilder_lr=1e-3,
+                      rebuilder_dim=64, rebuilder_heads=4, rebuilder_grid=8, log_every=50, val_every=500,
+                      checkpoint_every=500, workers=0)
+TOY_SIZES = {"train": 2000, "val": 200}  # scenes per toy split: a finite target set, as in real UDA
+
+
+# ============================================================================= labels and data
+
+# -----------------------------------------------------------------------------
+# label tables
+
+CLASSES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign',
+           'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train', 'motorbike',
+           'bicycle')
+PALETTE = np.array([(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+                    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+                    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+                    (0, 80, 100), (0, 0, 230), (119, 11, 32)], dtype=np.uint8)
+SYNTHIA_16 = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)  # no terrain, truck, train
+SYNTHIA_13 = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)  # additionally no wall, fence, pole
+
+# Cityscapes label ids of the 19 evaluated classes, in train-id order (cityscapesscripts labels.py)
+CITYSCAPES_ID_TO_TRAIN = np.full(256, 255, dtype=np.uint8)
+CITYSCAPES_ID_TO_TRAIN[[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]] = np.arange(19)
+# SYNTHIA ids are stored in 16 bits; ids of classes SYNTHIA lacks (16 terrain, 18 truck, 20 train) stay 255
+SYNTHIA_ID_TO_TRAIN = np.full(65536, 255, dtype=np.uint8)
+for _raw, _train in {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12, 8: 13,
+                     19: 15, 12: 17, 11: 18}.items():
+    SYNTHIA_ID_TO_TRAIN[_raw] = _train
+
+DATASETS = {'gta': dict(resize=(1280, 720)), 'cityscapes': dict(resize=(1024, 512)),
+            'synthia': dict(resize=(1280, 760))}
+
+# -----------------------------------------------------------------------------
+# folder discovery. Under ROOT: image and label folders; name patterns are regexes over the path relative
+# to the folder whose group 1 pairs an image with its label; 'naming' is what error messages show.
+
+_CITY = r'(([a-z][\w-]*)/\2_\d{6}_\d{6})'
+_LAYOUT = {
+    'gta': dict(images='gta/images', labels='gta/labels', image_re=r'(\d{5})\.png', label_re=r'(\d{5})\.png',
+                naming=('NNNNN.png', 'NNNNN.png'),
+                skip_re=r'\d{5}_labelTrainIds\.png'),  # written by DAFormer's converter; we map ids on the fly
+    'synthia': dict(images='synthia/RGB', labels='synthia/GT/LABELS', image_re=r'(\d{7})\.png',
+                    label_re=r'(\d{7})\.png', naming=('NNNNNNN.png', 'NNNNNNN.png'),
+                    skip_re=r'\d{7}_labelTrainIds\.png'),
+    'cityscapes': dict(images='cityscapes/leftImg8bit/{split}', labels='cityscapes/gtFine/{split}',
+                       image_re=_CITY + r'_leftImg8bit\.png', label_re=_CITY + r'_gtFine_labelIds\.png',
+                       naming=('CITY/CITY_NNNNNN_NNNNNN_leftImg8bit.png',
+                               'CITY/CITY_NNNNNN_NNNNNN_gtFine_labelIds.png'),
+                       skip_re=r'[^/]+/[^/]+_gtFine_(color|instanceIds|labelTrainIds)\.png'),
+}
+
+
+class DataError(Exception):
+    """A dataset problem; the message is one line naming the path and what was expected."""
+
+
+class CorruptFile(DataError):
+    def __init__(self, path, reason='unreadable'):
+        self.path = path
+        reason = ' '.join(str(reason).split())  # the message must stay on one line
+        super().__init__(f'{path}: corrupt or unreadable file, expected a valid PNG ({reason})')
+
+
+def _list_pngs(folder, pattern, skip, naming):
+    """Map pairing key -> path for every .png under folder (listing only, nothing is decoded)."""
+    if not os.path.isdir(folder):
+        raise DataError(f'{folder}: folder not found, expected files named {naming}')
+    found = {}
+    for dirpath, _, filenames in os.walk(folder, followlinks=True):  # data folders are often symlinks
+        for name in filenames:
+            if not name.endswith('.png'):
+                continue
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, folder).replace(os.sep, '/')
+            match = re.fullmatch(pattern, rel)
+            if match:
+                found[match.group(1)] = path
+            elif not (skip and re.fullmatch(skip, rel)):
+                raise DataError(f'{path}: unexpected file name, expected {naming} in {folder}')
+    return found
+
+
+def find_pairs(dataset, root, split):
+    """Sorted (image, label) paths of dataset under root (the folder holding gta/, synthia/, cityscapes/).
+    gta and synthia have only a 'train' split holding all files; cityscapes has 'train' and 'val'."""
+    if dataset not in _LAYOUT:
+        raise ValueError(f'unknown dataset {dataset!r}, expected one of {sorted(_LAYOUT)}')
+    if split not in (('train', 'val') if dataset == 'cityscapes' else ('train',)):
+        raise ValueError(f'{dataset} has no split {split!r}')
+    layout = _LAYOUT[dataset]
+    image_naming, label_naming = layout['naming']
+    image_dir = os.path.join(root, layout['images'].format(split=split))
+    label_dir = os.path.join(root, layout['labels'].format(split=split))
+    images = _list_pngs(image_dir, layout['image_re'], None, image_naming)
+    if not images:
+        raise DataError(f'{image_dir}: no images found, expected files named {image_naming}')
+    labels = _list_pngs(label_dir, layout['label_re'], layout['skip_re'], label_naming)
+    for have, want, folder, what in ((images, labels, label_dir, 'labels for images'),
+                                     (labels, images, image_dir, 'images for labels')):
+        missing = sorted(set(have) - set(want))
+        if missing:
+            raise DataError(f'{folder}: missing {len(missing)} {what}, first: {have[missing[0]]}')
+    return [(images[key], labels[key]) for key in sorted(images)]
+
+# -----------------------------------------------------------------------------
+# reading
+
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def _pil_array(source, path, mode=None):
+    """Decode an image with PIL; any failure on a damaged file becomes CorruptFile naming path."""
+    try:
+        with Image.open(source) as im:
+            return np.array(im.convert(mode) if mode else im)
+    except Exception as e:  # PIL raises many different exception types on damaged files
+        raise CorruptFile(path, e) from e
+
+
+def _png(width, height, depth, color_type, scanlines, level=6):
+    """Bytes of a non-interlaced PNG from its filtered scanlines (each row starts with its filter byte)."""
+    def chunk(tag, body):
+        return struct.pack('>I', len(body)) + tag + body + struct.pack('>I', zlib.crc32(body, zlib.crc32(tag)))
+    header = struct.pack('>IIBBBBB', width, height, depth, color_type, 0, 0, 0)
+    return (_PNG_SIGNATURE + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(scanlines, level))
+            + chunk(b'IEND', b''))
+
+
+def _idat(data, path):
+    """The concatenated IDAT payload of a PNG, checking chunk bounds and CRCs."""
+    pos, parts = 8, []
+    while pos + 12 <= len(data):
+        length, tag = struct.unpack('>I4s', data[pos:pos + 8])
+        body, crc = data[pos + 8:pos + 8 + length], data[pos + 8 + length:pos + 12 + length]
+        if len(crc) < 4 or zlib.crc32(body, zlib.crc32(tag)) != int.from_bytes(crc, 'big'):
+            break
+        if tag == b'IEND':
+            return b''.join(parts)
+        if tag == b'IDAT':
+            parts.append(body)
+        pos += 12 + length
+    raise CorruptFile(path, f'truncated or damaged PNG chunk at byte {pos}')
+
+
+def _first_channel(path):
+    """First channel of a label PNG at full depth. PIL keeps only the high byte of 16-bit RGB(A) and
+    grey+alpha PNGs (SYNTHIA's format), so those are decompressed here."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        raise CorruptFile(path, e) from e
+    if len(data) < 29 or data[:8] != _PNG_SIGNATURE or data[12:16] != b'IHDR':
+        raise CorruptFile(path, 'not a PNG file')
+    width, height, depth, color_type, interlace = struct.unpack('>IIBB2xB', data[16:29])
+    if depth != 16 or color_type not in (2, 4, 6):  # PIL decodes every other PNG mode exactly
+        ids = _pil_array(io.BytesIO(data), path)
+        return ids if ids.ndim == 2 else ids[..., 0]
+    if interlace:
+        raise CorruptFile(path, 'interlaced 16-bit colour PNGs are not supported')
+    try:
+        raw = zlib.decompress(_idat(data, path))
+    except zlib.error as e:
+        raise CorruptFile(path, e) from e
+    pixel_bytes = {2: 6, 4: 4, 6: 8}[color_type]
+    if len(raw) != height * (1 + width * pixel_bytes):
+        raise CorruptFile(path, 'pixel data has the wrong size')
+    rows = np.frombuffer(raw, np.uint8).reshape(height, 1 + width * pixel_bytes)
+    # PNG filters treat each byte position of a pixel as its own lane, so the row filter bytes plus the two
+    # bytes of channel 0 form a valid 16-bit greyscale PNG; PIL then undoes filters 0-4 for us, in C.
+    channel0 = rows[:, 1:].reshape(height, width, pixel_bytes)[:, :, :2].reshape(height, 2 * width)
+    grey = _png(width, height, 16, 0, np.concatenate([rows[:, :1], channel0], axis=1).tobytes(), level=0)
+    return _pil_array(io.BytesIO(grey), path)
+
+
+def read_image(path):
+    """HxWx3 uint8 RGB."""
+    return _pil_array(path, path, 'RGB')
+
+
+def read_label(path, dataset):
+    """HxW uint8 train ids (255 = ignore), mapped from the dataset's raw label ids."""
+    if dataset == 'synthia':
+        return SYNTHIA_ID_TO_TRAIN[_first_channel(path).astype(np.uint16)]
+    ids = _pil_array(path, path)
+    if ids.ndim != 2 or ids.dtype != np.uint8:
+        raise DataError(f'{path}: expected an 8-bit single-channel PNG of Cityscapes label ids, '
+                        f'got shape {ids.shape} of {ids.dtype}')
+    return CITYSCAPES_ID_TO_TRAIN[ids]
+
+# -----------------------------------------------------------------------------
+# geometry
+
+
+def resize_pair(image, label, size_wh, resize_label=True):
+    """Resize the image (bilinear) and label (nearest) each to size_wh, which also removes GTA's few
+    image/label size mismatches. resize_label=False keeps the full-size label (mmseg evaluation)."""
+    image = np.array(Image.fromarray(image).resize(size_wh, Image.Resampling.BILINEAR))
+    if resize_label:
+        label = np.array(Image.fromarray(label).resize(size_wh, Image.Resampling.NEAREST))
+    return image, label
+
+
+def random_crop(image, label, crop, rng):
+    """A random crop (h, w) of an aligned pair; a smaller pair is first padded bottom/right (image 0,
+    label 255) so the crop always has the requested size."""
+    if image.shape[:2] != label.shape:
+        raise ValueError(f'image {image.shape[:2]} and label {label.shape} differ in size')
+    (h, w), (height, width) = crop, label.shape
+    pad_h, pad_w = max(h - height, 0), max(w - width, 0)
+    if pad_h or pad_w:
+        image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
+        label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=255)
+    y = rng.integers(0, label.shape[0] - h + 1)
+    x = rng.integers(0, label.shape[1] - w + 1)
+    return image[y:y + h, x:x + w], label[y:y + h, x:x + w]
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def confusion_matrix(pred, label, num_classes, ignore_index=255):
+    """int64 (num_classes, num_classes) pixel counts, rows = ground truth, columns = prediction."""
+    label = torch.as_tensor(label)
+    pred = torch.as_tensor(pred, device=label.device)
+    if pred.shape != label.shape:
+        raise ValueError(f'prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in shape')
+    label, pred = label.reshape(-1).long(), pred.reshape(-1).long()
+    keep = label != ignore_index
+    label, pred = label[keep], pred[keep]
+    # an out-of-range id would silently land in a neighbouring cell of the flattened matrix
+    if ((label < 0) | (label >= num_classes) | (pred < 0) | (pred >= num_classes)).any():
+        raise ValueError(f'labels and predictions must be in [0, {num_classes}) or {ignore_index}')
+    return torch.bincount(label * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def iou_per_class(conf):
+    """float64 IoU per class; nan for a class absent from both ground truth and prediction."""
+    conf = torch.as_tensor(conf).double()
+    hits = conf.diag()
+    return hits / (conf.sum(0) + conf.sum(1) - hits)
+
+
+def format_table(ious, class_ids, names=CLASSES):
+    """Two aligned rows like the paper's Table 1: class names + mIoU, then IoU * 100 (mIoU = nanmean over
+    class_ids)."""
+    ious = torch.as_tensor(ious, dtype=torch.float64).cpu().numpy() * 100
+    class_ids = list(class_ids)
+    header = [names[i] for i in class_ids] + ['mIoU']
+    values = [f'{v:.1f}' for v in list(ious[class_ids]) + [np.nanmean(ious[class_ids])]]
+    widths = [max(len(name), 5) for name in header]
+    return '\n'.join(' | '.join(cell.rjust(width) for cell, width in zip(row, widths)) for row in (header, values))
+
+
+def write_fake_dataset(root, dataset, n, size_wh, seed=0):
+    """Write n random image/label pairs of dataset under root in the real layout and naming (cityscapes: n
+    per split, alternating between two cities). Labels hold raw ids (incl. ids mapped to 255) in 8x8 blocks;
+    SYNTHIA labels are 16-bit RGB with instance ids > 255 in channel 1. Images are the palette colour of each
+    pixel's class plus noise, so a model can learn something. As in real GTA, the last GTA label (n > 1) is
+    2 px wider than its image."""
+    rng = np.random.default_rng(seed)
+    width, height = size_wh
+    if dataset == 'cityscapes':
+        names = []
+        for split, cities in (('train', ('aachen', 'bochum')), ('val', ('frankfurt', 'lindau'))):
+            for i in range(n):
+                stem = f'{cities[i % 2]}/{cities[i % 2]}_{i:06d}_000019'
+                names.append((split, stem + '_leftImg8bit.png', stem + '_gtFine_labelIds.png'))
+    elif dataset == 'gta':  # real GTA names start at 00001
+        names = [('train', f'{i:05d}.png', f'{i:05d}.png') for i in range(1, n + 1)]
+    else:  # real SYNTHIA names start at 0000000
+        names = [('train', f'{i:07d}.png', f'{i:07d}.png') for i in range(n)]
+    num_ids, table = (23, SYNTHIA_ID_TO_TRAIN) if dataset == 'synthia' else (34, CITYSCAPES_ID_TO_TRAIN)
+    for k, (split, image_name, label_name) in enumerate(names):
+        image_path = os.path.join(root, _LAYOUT[dataset]['images'].format(split=split), image_name)
+        label_path = os.path.join(root, _LAYOUT[dataset]['labels'].format(split=split), label_name)
+        os.makedirs(os.path.dirname(image_path), exist_ok=True)
+        os.makedirs(os.path.dirname(label_path), exist_ok=True)
+        label_width = width + 2 if dataset == 'gta' and n > 1 and k == n - 1 else width
+        blocks = rng.integers(0, num_ids, size=(-(-height // 8), -(-label_width // 8)))
+        ids = blocks.repeat(8, axis=0).repeat(8, axis=1)[:height, :label_width]
+        image = _COLORS[table[ids[:, :width]]] + rng.integers(-20, 21, size=(height, width, 3))
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(image_path)
+        if dataset != 'synthia':
+            Image.fromarray(ids.astype(np.uint8)).save(label_path)
+            continue
+        channels = np.stack([ids, rng.integers(256, 4000, size=ids.shape), np.zeros_like(ids)], axis=-1)
+        scanlines = channels.astype('>u2').view(np.uint8).reshape(height, -1)
+        with open(label_path, 'wb') as f:  # PIL cannot write 16-bit RGB; each row gets filter byte 0 (none)
+            f.write(_png(label_width, height, 16, 2, np.pad(scanlines, ((0, 0), (1, 0))).tobytes()))
+
+
+# ============================================================================= toy scenes: a domain shift that runs anywhere
+
+TOY_CLASSES = ('road', 'sidewalk', 'building', 'vegetation', 'sky', 'car', 'pole')
+ROAD, SIDEWALK, BUILDING, VEGETATION, SKY, CAR, POLE = range(len(TOY_CLASSES))
+TOY_PALETTE = np.array([(128, 64, 128), (244, 35, 232), (70, 70, 70), (107, 142, 35),
+                        (70, 130, 180), (0, 0, 142), (153, 153, 153)], np.uint8)  # Cityscapes colours
+
+# Base colour per class. Target colours are shifted in hue/saturation/brightness but never copy
+# another class's source colour, so shape, layout and relative brightness still transfer.
+_BASE = {'source': np.array([(90, 90, 100), (200, 170, 150), (180, 110, 80), (60, 170, 60),
+                             (110, 180, 250), (0, 0, 0), (200, 190, 60)], float),
+         'target': np.array([(85, 80, 75), (150, 145, 140), (145, 140, 130), (70, 90, 45),
+                             (205, 210, 215), (0, 0, 0), (55, 55, 55)], float)}
+# Cars take a colour from a style-specific paint list instead of the class base colour.
+_CAR_PAINT = {'source': np.array([(220, 40, 40), (40, 80, 220), (240, 200, 30), (240, 240, 240),
+                                  (30, 160, 160)], float),
+              'target': np.array([(50, 50, 55), (170, 170, 175), (90, 25, 25), (30, 40, 70),
+                                  (215, 215, 215)], float)}
+# Geometry differs a little between domains: the target city is greener and has less traffic.
+_COUNTS = {'source': dict(trees=(0, 3), cars=(1, 5), poles=(1, 4), hedge=0.3),
+           'target': dict(trees=(2, 6), cars=(0, 3), poles=(1, 4), hedge=0.6)}
+BODY, GLASS, DARK, MARKING = range(4)  # parts within an object, rendered differently per style
+# Per part: colour = object colour * mul + add (windows, tyres/trunks, lane paint).
+_PARTS = {style: (np.array(mul, np.float32)[:, None], np.array(add, np.float32))
+          for style, mul, add in (('source', (1, 0.6, 0.2, 0), ((0, 0, 0), (60, 70, 90), (40, 35, 30), (250, 250, 250))),
+                                  ('target', (1, 0.3, 0.2, 0), ((0, 0, 0), (45, 60, 80), (40, 35, 30), (230, 225, 200))))}
+# Target textures: weight per class of (fine noise, blotches, paving joints, facade stripes, height).
+_TEXTURE = np.array([(6, 10, 0, 0, 0), (5, 0, -25, 0, 0), (6, 0, 0, 8, 0), (30, 20, 0, 0, 0),
+                     (0, 15, 0, 0, 40), (4, 0, 0, 0, 0), (4, 0, 0, 0, 0)], np.float32)
+
+
+@lru_cache(maxsize=8)
+def _grid(h, w):
+    """Pixel coordinates plus the static target patterns, cached per image size."""
+    yy, xx = np.mgrid[:h, :w]
+    tiles = ((yy % 4 == 0) | (xx % 6 == 0)).astype(np.float32)  # paving joints
+    stripes = np.sin(xx * 1.3).astype(np.float32)  # facade columns / window frames
+    vignette = 1 - 0.7 * (((yy - h / 2) / h) ** 2 + ((xx - w / 2) / w) ** 2)
+    return yy, xx, tiles, stripes, (yy / h).astype(np.float32), vignette.astype(np.float32)
+
+
+def toy_layout(rng, style='source', size=(64, 128)):
+    """Random street geometry: object-index map, per-object classes, part map and label map."""
+    H, W = size
+    yy, xx = _grid(H, W)[:2]
+    counts = _COUNTS[style]
+    h0 = int(H * rng.uniform(0.35, 0.5))  # horizon row, also the road's vanishing row
+
+    # Facades of random widths along the horizon; per-column lookups keep this vectorised.
+    nb = int(1 / 0.08) + 2
+    right = np.cumsum((W * rng.uniform(0.08, 0.22, nb)).astype(int)) - int(rng.uniform(0, 0.1) * W)
+    left = np.concatenate([[right[0] - W], right[:-1]])
+    top = h0 - (H * rng.uniform(0.1, 0.38, nb)).astype(int)
+    top[rng.random(nb) < 0.15] = h0  # occasional gap lets the sky reach the horizon
+    py, px = rng.integers(3, 6, nb), rng.integers(3, 6, nb)  # window grid periods
+    b = np.searchsorted(right, xx[0], side='right')  # facade index of each column
+    tb, lb, rb, pyb, pxb = top[b], left[b], right[b], py[b], px[b]
+    y, x = yy[:h0], xx[:h0]
+    obj = np.zeros(size, np.int32)
+    obj[:h0] = np.where(y >= tb, 1 + b, 0)
+    part = np.zeros(size, np.uint8)
+    part[:h0] = GLASS * ((y > tb) & (y < h0 - 2) & (x > lb) & (x < rb - 1)
+                         & ((y - tb) % pyb < pyb // 2) & ((x - lb) % pxb < pxb // 2))
+    classes = [SKY] + [BUILDING] * nb
+
+    # Ground: perspective road, sidewalks beside it, then facades or hedges at the image sides.
+    vx, cb = W * rng.uniform(0.35, 0.65), W * rng.uniform(0.4, 0.6)
+    rw, sw = rng.uniform(0.3, 0.45), rng.uniform(1.3, 1.7)
+    t = (np.arange(h0, H) - h0 + 1) / (H - h0)  # 0 at the horizon, 1 at the bottom row
+    dx = xx[h0:] - (vx + (cb - vx) * t)[:, None]
+    ad, road_hw = np.abs(dx), (rw * W * t)[:, None]
+    n = len(classes)  # ids: road, left/right sidewalk, left/right outer strip
+    obj[h0:] = np.where(ad < road_hw, n, np.where(ad < sw * road_hw, n + 1, n + 3) + (dx >= 0))
+    classes += [ROAD, SIDEWALK, SIDEWALK] + [VEGETATION if rng.random() < counts['hedge'] else BUILDING
+                                             for _ in range(2)]
+    # Dashed centre line; dashes repeat in depth (1/t), so they shorten towards the horizon.
+    dash = (2.0 / t) % 1 < 0.5
+    part[h0:][(ad < np.maximum(0.5, 0.012 * W * t)[:, None]) & dash[:, None]] = MARKING
+
+    def paint(cls, y0, y1, x0, x1, shape=None, p=BODY, i=None):
+        """Painter's algorithm on a clipped box; `shape` carves a mask out of the box."""
+        if i is None:
+            classes.append(cls)
+            i = len(classes) - 1
+        ys, xs = slice(max(int(y0), 0), min(int(y1), H)), slice(max(int(x0), 0), min(int(x1), W))
+        if ys.start < ys.stop and xs.start < xs.stop:
+            m = slice(None) if shape is None else shape(yy[ys, :1], xx[:1, xs])  # column x row
+            obj[ys, xs][m], part[ys, xs][m] = i, p
+        return i
+
+    def uni(lo, hi):  # Generator.uniform costs ~5 us per scalar call, too slow here
+        return lo + (hi - lo) * rng.random()
+
+    # Trees, poles and cars, painted far-to-near; `s` scales sizes with distance.
+    things = [(kind, h0 + uni(*span) * (H - h0))
+              for kind, span in (('tree', (0, 0.4)), ('pole', (0.1, 0.8)), ('car', (0.1, 1.1)))
+              for _ in range(rng.integers(*counts[kind + 's']) + 1)]
+    for kind, yb in sorted(things, key=lambda k: k[1]):
+        tb = (yb - h0 + 1) / (H - h0)
+        cx, road_hw, s, side = vx + (cb - vx) * tb, rw * W * tb, 0.2 + tb, -1 if rng.random() < 0.5 else 1
+        if kind == 'tree':
+            r = s * H * uni(0.12, 0.22)
+            x, trunk = cx + side * (road_hw * sw + r * uni(-0.5, 1.5)), r * uni(0.5, 1.2)
+            i = paint(VEGETATION, yb - trunk - r, yb, x - max(1, r * 0.15), x + max(1, r * 0.15), p=DARK)
+            for _ in range(3):  # a few overlapping ellipses make a blobby canopy
+                ey, ex = yb - trunk - r * uni(0.6, 1.2), x + r * uni(-0.6, 0.6)
+                ry, rx = r * uni(0.6, 1.0), r * uni(0.7, 1.2)
+                paint(VEGETATION, ey - ry, ey + ry + 1, ex - rx, ex + rx + 1, i=i,
+                      shape=lambda y, x_: ((y - ey) / ry) ** 2 + ((x_ - ex) / rx) ** 2 < 1)
+        elif kind == 'pole':
+            ph, pw = s * H * uni(0.45, 0.7), max(1, round(s * 1.5))
+            x = cx + side * road_hw * uni(1.05, 1.25)
+            i = paint(POLE, yb - ph, yb, x, x + pw)
+            if rng.random() < 0.5:  # street-lamp arm reaching over the road
+                arm = x - side * s * W * 0.06
+                paint(POLE, yb - ph, yb - ph + pw, min(x, arm), max(x + pw, arm), i=i)
+        else:
+            cw = s * W * uni(0.2, 0.26)
+            ch, x0 = cw * uni(0.55, 0.7), cx + uni(-0.8, 0.8) * road_hw - cw / 2
+            i = paint(CAR, yb - 0.2 * ch, yb, x0 + 0.08 * cw, x0 + 0.3 * cw, p=DARK)  # tyres
+            paint(CAR, yb - 0.2 * ch, yb, x0 + 0.7 * cw, x0 + 0.92 * cw, p=DARK, i=i)
+            paint(CAR, yb - 0.6 * ch, yb - 0.15 * ch, x0, x0 + cw, i=i)  # body
+            paint(CAR, yb - ch, yb - 0.6 * ch, x0 + 0.15 * cw, x0 + 0.85 * cw, i=i)  # cabin
+            paint(CAR, yb - 0.9 * ch, yb - 0.62 * ch, x0 + 0.2 * cw, x0 + 0.8 * cw, p=GLASS, i=i)
+    classes = np.array(classes)
+    return obj, classes, part, np.take(classes.astype(np.uint8), obj)
+
+
+def _smooth_noise(rng, h, w, cell):
+    """Bilinearly upsampled Gaussian noise: blotches about `cell` pixels wide."""
+    g = rng.standard_normal((h // cell + 2, w // cell + 2), np.float32)
+    y, x = np.arange(h, dtype=np.float32) / cell, np.arange(w, dtype=np.float32) / cell
+    y0, x0 = y.astype(int), x.astype(int)
+    fy, fx = (y - y0)[:, None], x - x0
+    rows = np.take(g, y0, 0) * (1 - fy) + np.take(g, y0 + 1, 0) * fy  # interpolate rows, then columns
+    return np.take(rows, x0, 1) * (1 - fx) + np.take(rows, x0 + 1, 1) * fx
+
+
+def _blur(img):
+    """Separable [1, 2, 1] / 4 blur of a CxHxW image with edge replication, like a soft lens."""
+    p = np.concatenate([img[:, :1], img, img[:, -1:]], 1)
+    img = (p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]) / 4
+    p = np.concatenate([img[..., :1], img, img[..., -1:]], 2)
+    return (p[..., :-2] + 2 * p[..., 1:-1] + p[..., 2:]) / 4
+
+
+def toy_render(rng, layout, style):
+    """Colour a layout in 'source' (flat game look) or 'target' (textured, lit, noisy photo look)."""
+    obj, classes, part, lab = layout
+    H, W = lab.shape
+    jitter = 25 if style == 'target' else 12  # real objects vary more than game assets
+    colours = _BASE[style][classes] + rng.normal(0, jitter, (len(classes), 3))
+    cars = classes == CAR
+    colours[cars] = _CAR_PAINT[style][rng.integers(len(_CAR_PAINT[style]), size=cars.sum())]
+    mul, add = _PARTS[style]
+    table = (colours[:, None] * mul + add).reshape(-1, 3).T.astype(np.float32)  # (3, object*part)
+    # Channel-first with np.take: numpy broadcasts over a trailing axis of 3 very slowly.
+    img = np.take(table, obj * len(mul) + part, 1)
+    noise = rng.standard_normal((H, W), np.float32)  # luminance noise; cheaper than per channel
+    if style == 'target':
+        yy, xx, tiles, stripes, height, vignette = _grid(H, W)
+        patterns = (rng.standard_normal((H, W), np.float32), _smooth_noise(rng, H, W, 6), tiles, stripes, height)
+        img += sum(np.take(weight, lab) * pattern for weight, pattern in zip(_TEXTURE.T, patterns))
+        # Global lighting: colour cast, exposure and contrast, a top-to-bottom gradient, vignette.
+        cast = (rng.uniform(0.88, 1.12, 3) * rng.uniform(0.6, 1.1)).astype(np.float32)[:, None, None]
+        light = (1 + rng.uniform(-0.3, 0.3) * (height - 0.5)) * vignette
+        img = _blur(((img - 128) * rng.uniform(0.7, 1.1) + 128) * light * cast)
+    img += (6 if style == 'target' else 3) * noise
+    return np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0)), lab
+
+
+def make_toy_scene(rng, style, size=(64, 128)):
+    """One (image uint8 HxWx3 RGB, label uint8 HxW) scene in 'source' or 'target' style."""
+    if style not in _BASE:
+        raise ValueError(f"style must be 'source' or 'target', got {style!r}")
+    return toy_render(rng, toy_layout(rng, style, size), style)
+
+
+def toy_split(style, n, seed, size=(64, 128)):
+    """n scenes stacked as (N,H,W,3) uint8 images and (N,H,W) uint8 labels; deterministic in seed."""
+    rng = np.random.default_rng(seed)
+    images, labels = zip(*(make_toy_scene(rng, style, size) for _ in range(n)))
+    return np.stack(images), np.stack(labels)
+
+
+# ============================================================================= DeepLabV2: dilated ResNet-101 + ASPP (DACS)
+
+# -----------------------------------------------------------------------------
+# DeepLabV2: dilated ResNet (output stride 8) + ASPP classifier, as in DACS
+
+CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)  # 0-255 scale, BGR order
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    """Maps our RGB [0, 1] input to what the pretrained weights were trained on."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        if kind == 'caffe':
+            mean, std = CAFFE_MEAN_BGR, (1.0, 1.0, 1.0)
+        elif kind == 'imagenet':
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        else:
+            raise ValueError(f"unknown normalisation {kind!r} (expected 'caffe' or 'imagenet')")
+        self.kind = kind
+        # non-persistent: constants, so they stay out of the state dict
+        self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        if self.kind == 'caffe':
+            x = x.flip(1) * 255.0  # RGB -> BGR, 0-255
+        return (x - self.mean) / self.std
+
+
+def frozen_bn(channels):
+    # affine params stay at their pretrained values; running stats still update in train mode
+    bn = nn.BatchNorm2d(channels)
+    for p in bn.parameters():
+        p.requires_grad = False
+    return bn
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, stride_in_1x1=True):
+        super().__init__()
+        # caffe-style (DeepLab COCO init) strides in the first 1x1 conv, torchvision in the 3x3
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=s1, bias=False)
+        self.bn1 = frozen_bn(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=s3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = frozen_bn(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = frozen_bn(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ResNetDilated(nn.Module):
+    """ResNet with layer3/layer4 dilated (2, 4) instead of strided: output stride 8."""
+
+    def __init__(self, layers=(3, 4, 23, 3), width=64, stride_in_1x1=True):
+        super().__init__()
+        self.stride_in_1x1 = stride_in_1x1
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = frozen_bn(width)
+        self.relu = nn.ReLU(inplace=True)
+        # ceil_mode as in the caffe DeepLab: 512 -> 256 -> 129 (not 128)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        self.layer1 = self._make_layer(width, layers[0])
+        self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(width * 4, layers[2], dilation=2)
+        self.layer4 = self._make_layer(width * 8, layers[3], dilation=4)
+        self.out_channels = width * 8 * Bottleneck.expansion
+
+    def _make_layer(self, planes, blocks, stride=1, dilation=1):
+        out = planes * Bottleneck.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out or dilation in (2, 4):
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, 1, stride=stride, bias=False), frozen_bn(out))
+        block = [Bottleneck(self.inplanes, planes, stride, dilation, downsample, self.stride_in_1x1)]
+        self.inplanes = out
+        block += [Bottleneck(out, planes, 1, dilation, None, self.stride_in_1x1) for _ in range(1, blocks)]
+        return nn.Sequential(*block)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class DeepLabV2Encoder(nn.Module):
+
+    def __init__(self, layers=(3, 4, 23, 3), width=64, stride_in_1x1=True, norm_kind='caffe'):
+        super().__init__()
+        self.normalize = Normalize(norm_kind)
+        self.backbone = ResNetDilated(layers, width, stride_in_1x1)
+        self.out_channels = self.backbone.out_channels
+
+    def forward(self, x):
+        return self.backbone(self.normalize(x))
+
+
+class ASPPClassifier(nn.Module):
+    """DeepLabV2 'layer5': sum of parallel dilated 3x3 convs, each straight to class logits."""
+
+    def __init__(self, in_channels, num_classes, dilations=(6, 12, 18, 24)):
+        super().__init__()
+        self.conv2d_list = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d) for d in dilations)
+        for conv in self.conv2d_list:
+            nn.init.normal_(conv.weight, 0.0, 0.01)
+
+    def forward(self, f):
+        return sum(conv(f) for conv in self.conv2d_list)
+
+# -----------------------------------------------------------------------------
+# pretrained weights: DeepLab MS-COCO init (caffe style) or torchvision ImageNet
+
+TOP_LEVEL = {'conv1', 'bn1', 'layer1', 'layer2', 'layer3', 'layer4', 'layer5', 'fc'}
+CLASSIFIER_PREFIXES = ('layer5.', 'fc.')
+
+
+def read_pretrained(path):
+    """Loads a backbone file as a flat state dict with any wrapper prefix ('Scale.', 'module.') removed."""
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+    for wrapper in ('state_dict', 'model'):
+        if isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    # the official DeepLab loaders drop the first dotted component; do so only where there is one
+    return {(k if k.split('.')[0] in TOP_LEVEL else k.split('.', 1)[-1]): v for k, v in sd.items()}
+
+
+def detect_kind(sd, path):
+    """(stride_in_1x1, norm_kind) matching how the file's weights were trained."""
+    if 'fc.weight' in sd:
+        return False, 'imagenet'  # torchvision: stride in the 3x3 conv, RGB ImageNet statistics
+    if any(k.startswith('layer5.') for k in sd):
+        return True, 'caffe'  # DeepLab COCO init: stride in the 1x1 conv, BGR 0-255 minus mean
+    raise ValueError(f"{path}: cannot tell the weights' kind (no 'fc.*' nor 'layer5.*' keys)")
+
+
+def _fmt(keys, limit=10):
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"[{', '.join(keys[:limit])}]{more}"
+
+
+def _ignored(key):
+    return key.endswith('num_batches_tracked') or key.startswith(CLASSIFIER_PREFIXES)
+
+
+def _load_state(backbone, sd, path):
+    sd = {k: v for k, v in sd.items() if not _ignored(k)}
+    own = {k: v for k, v in backbone.state_dict().items() if not _ignored(k)}
+    missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
+    mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+                  for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    problems = [f"{name} {_fmt(keys)}" for name, keys in
+                (('missing', missing), ('unexpected', unexpected), ('shape mismatch (file vs model)', mismatched))
+                if keys]
+    if problems:
+        raise ValueError(f"{path} does not match the backbone: " + '; '.join(problems))
+    backbone.load_state_dict(sd, strict=False)  # strict=False only because num_batches_tracked was dropped
+
+
+def load_backbone_weights(backbone, path):
+    _load_state(backbone, read_pretrained(path), path)
+
+
+def build_deeplabv2_from_info(num_classes, info):
+    encoder = DeepLabV2Encoder(tuple(info['layers']), info['width'], info['stride_in_1x1'], info['norm'])
+    decoder = ASPPClassifier(encoder.out_channels, num_classes)
+    return encoder, decoder
+
+
+def build_deeplabv2(num_classes, pretrained=None, layers=(3, 4, 23, 3), width=64):
+    """Returns (encoder, decoder, info); info rebuilds the same architecture without the file."""
+    stride_in_1x1, norm, sd = True, 'caffe', None  # no file: DACS's default, caffe style
+    if pretrained is not None:
+        sd = read_pretrained(pretrained)
+        stride_in_1x1, norm = detect_kind(sd, pretrained)
+    info = {'arch': 'dlv2', 'layers': list(layers), 'width': width, 'stride_in_1x1': stride_in_1x1, 'norm': norm}
+    encoder, decoder = build_deeplabv2_from_info(num_classes, info)
+    if sd is not None:
+        _load_state(encoder.backbone, sd, pretrained)
+    return encoder, decoder, info
+
+
+# ============================================================================= MiT-B5 encoder and DAFormer head (DAFormer recipe)
+
+MIT_B5 = dict(embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3),
+              num_heads=(1, 2, 5, 8), sr_ratios=(8, 4, 2, 1))
+
+# -----------------------------------------------------------------------------
+# MiT encoder
+
+def tokens_to_map(x, H, W):
+    return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(keep)
+        return x * mask / keep
+
+class OverlapPatchEmbed(nn.Module):
+
+    def __init__(self, in_ch, dim, kernel, stride):
+        super().__init__()
+        self.proj = nn.Conv2d(in_ch, dim, kernel, stride, padding=kernel // 2)
+        self.norm = nn.LayerNorm(dim)  # eps 1e-5, unlike the block norms
+
+    def forward(self, x):
+        x = self.proj(x)
+        H, W = x.shape[2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), H, W
+
+class Attention(nn.Module):
+    """Efficient self-attention: keys/values come from a map shrunk by sr."""
+
+    def __init__(self, dim, num_heads, sr_ratio):
+        super().__init__()
+        self.num_heads = num_heads
+        self.sr_ratio = sr_ratio
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x, H, W):
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+        if self.sr_ratio > 1:
+            x = self.norm(self.sr(tokens_to_map(x, H, W)).flatten(2).transpose(1, 2))
+        # kv output channels are [K | V], each split into heads
+        k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # default scale = head_dim**-0.5, as SegFormer
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+class DWConv(nn.Module):
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x, H, W):
+        return self.dwconv(tokens_to_map(x, H, W)).flatten(2).transpose(1, 2)
+
+class MixFFN(nn.Module):
+    """MLP with a 3x3 depth-wise conv: gives positional information instead of a pos embedding."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = DWConv(hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x, H, W):
+        return self.fc2(F.gelu(self.dwconv(self.fc1(x), H, W)))
+
+class Block(nn.Module):
+
+    def __init__(self, dim, num_heads, sr_ratio, mlp_ratio, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, sr_ratio)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MixFFN(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, H, W):
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+
+class MixVisionTransformer(nn.Module):
+    """Takes ImageNet-normalised images, returns 4 NCHW maps at strides 4, 8, 16, 32."""
+
+    def __init__(self, embed_dims, depths, num_heads, sr_ratios, mlp_ratio=4,
+                 drop_path_rate=0.1, checkpoint_blocks=False):
+        super().__init__()
+        self.out_channels = list(embed_dims)
+        self.checkpoint_blocks = checkpoint_blocks
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()  # floats, even under a meta device
+        in_chs = [3] + list(embed_dims[:-1])
+        for i in range(4):
+            kernel, stride = (7, 4) if i == 0 else (3, 2)
+            setattr(self, f'patch_embed{i + 1}', OverlapPatchEmbed(in_chs[i], embed_dims[i], kernel, stride))
+            start = sum(depths[:i])
+            setattr(self, f'block{i + 1}', nn.ModuleList(
+                Block(embed_dims[i], num_heads[i], sr_ratios[i], mlp_ratio, dpr[start + j])
+                for j in range(depths[i])))
+            setattr(self, f'norm{i + 1}', nn.LayerNorm(embed_dims[i], eps=1e-6))
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        outs = []
+        for i in range(1, 5):
+            x, H, W = getattr(self, f'patch_embed{i}')(x)
+            for blk in getattr(self, f'block{i}'):
+                if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                    # recompute activations in backward; RNG state is replayed so DropPath matches
+                    x = checkpoint(blk, x, H, W, use_reentrant=False)
+                else:
+                    x = blk(x, H, W)
+            x = tokens_to_map(getattr(self, f'norm{i}')(x), H, W).contiguous()
+            outs.append(x)
+        return outs
+
+def load_mit_weights(encoder, path):
+    """Strictly load SegFormer's ImageNet mit_b*.pth (its classifier head.* is dropped)."""
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+    for wrapper in ('state_dict', 'model'):
+        if isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    sd = {k: v for k, v in sd.items() if not k.startswith('head.')}
+    own = encoder.state_dict()
+    missing = sorted(own.keys() - sd.keys())
+    unexpected = sorted(sd.keys() - own.keys())
+    shapes = sorted(f'{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}'
+                    for k in own.keys() & sd.keys() if sd[k].shape != own[k].shape)
+    problems = [(f'{len(items)} {name}: ' + ', '.join(items[:10]) + (' ...' if len(items) > 10 else ''))
+                for name, items in (('missing keys', missing), ('unexpected keys', unexpected),
+                                    ('shape mismatches', shapes)) if items]
+    if problems:
+        raise ValueError(f'cannot load MiT weights from {path}: ' + '; '.join(problems))
+    encoder.load_state_dict(sd, strict=True)
+
+# -----------------------------------------------------------------------------
+# DAFormer head
+
+def conv_bn_relu(in_ch, out_ch, kernel, dilation=1, groups=1):
+    conv = nn.Conv2d(in_ch, out_ch, kernel, padding=dilation * (kernel // 2), dilation=dilation,
+                     groups=groups, bias=False)  # BN supplies the bias
+    nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu')  # mmcv ConvModule default
+    return nn.Sequential(conv, nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+
+class DAFormerHead(nn.Module):
+    """Context-aware fusion: embed each level, upsample to stride 4, fuse with a separable ASPP."""
+
+    def __init__(self, in_channels, num_classes, embed_dim=256, fusion_dilations=(6, 12, 18), dropout=0.1):
+        super().__init__()
+        self.embed_layers = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
+        cat_ch = embed_dim * len(in_channels)
+        self.branches = nn.ModuleList([conv_bn_relu(cat_ch, embed_dim, 1)] + [
+            nn.Sequential(conv_bn_relu(cat_ch, cat_ch, 3, dilation=d, groups=cat_ch),
+                          conv_bn_relu(cat_ch, embed_dim, 1))
+            for d in fusion_dilations])
+        self.bottleneck = conv_bn_relu(embed_dim * len(self.branches), embed_dim, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(embed_dim, num_classes, 1)
+        nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def forward(self, feats):
+        size = feats[0].shape[2:]
+        embedded = []
+        for f, embed in zip(feats, self.embed_layers):
+            H, W = f.shape[2:]
+            e = tokens_to_map(embed(f.flatten(2).transpose(1, 2)), H, W)
+            if e.shape[2:] != size:
+                e = F.interpolate(e, size=size, mode='bilinear', align_corners=False)
+            embedded.append(e)
+        x = torch.cat(embedded, dim=1)
+        x = self.bottleneck(torch.cat([branch(x) for branch in self.branches], dim=1))
+        return self.conv_seg(self.dropout(x))
+
+# -----------------------------------------------------------------------------
+# Rare class sampling
+
+def rcs_class_probabilities(class_pixel_counts, temperature=0.01):
+    """p(c) = softmax((1 - f_c) / T), f_c = class pixel share (ignore 255 not counted by the caller).
+    Returns a float64 numpy array."""
+    counts = np.asarray(class_pixel_counts, dtype=np.float64)
+    logits = (1.0 - counts / counts.sum()) / temperature
+    p = np.exp(logits - logits.max())  # shift for numerical stability
+    return p / p.sum()
+
+def rcs_pick(rng, probs, images_per_class):
+    """Sample a class by probs, then uniformly one source image holding enough pixels of it."""
+    # our choice: a class without any qualifying image gets probability 0, the rest is renormalised
+    p = np.asarray(probs, dtype=np.float64) * np.array([len(imgs) > 0 for imgs in images_per_class])
+    if p.sum() == 0:
+        raise ValueError('rcs_pick: no class has a qualifying source image')
+    c = int(rng.choice(len(p), p=p / p.sum()))
+    return c, int(images_per_class[c][rng.integers(len(images_per_class[c]))])
+
+def crop_has_enough(label_crop, cls, min_pixels=1500):
+    """The data loader re-crops (up to 10 times) until this holds."""
+    return int((label_crop == cls).sum()) > min_pixels
+
+# -----------------------------------------------------------------------------
+# ImageNet feature distance
+
+def feature_distance(student, imagenet, labels, thing_classes=(6, 7, 11, 12, 13, 14, 15, 16, 17, 18),
+                     min_share=0.75):
+    """Mean L2 distance between student and frozen ImageNet features over cells showing a thing class.
+    labels (B,H,W) must be an exact multiple of the feature size (h,w), else ValueError. Each cell gets
+    the majority label of its block (255 counts as a label of its own, as in DAFormer) if that label
+    covers >= min_share of the block, else 255."""
+    B, _, h, w = student.shape
+    H, W = labels.shape[1:]
+    if H % h or W % w:
+        raise ValueError(f'feature_distance: labels {H}x{W} not a multiple of features {h}x{w}')
+    kh, kw = H // h, W // w
+    blocks = labels.long().reshape(B, h, kh, w, kw).permute(0, 1, 3, 2, 4).reshape(B, h, w, kh * kw)
+    major = blocks.mode(dim=-1).values
+    share = (blocks == major.unsqueeze(-1)).float().mean(dim=-1)
+    cell = torch.where(share >= min_share, major, torch.full_like(major, 255))
+    mask = torch.isin(cell, torch.tensor(thing_classes, device=cell.device))
+    dist = (student - imagenet.detach()).norm(dim=1)  # the ImageNet features are a fixed target
+    # sum / count instead of mean: an empty mask gives exactly 0 (not NaN) and keeps the graph
+    return dist[mask].sum() / mask.sum().clamp(min=1)
+
+
+# ============================================================================= architectures and tasks
+
+class MiTEncoder(nn.Module):
+    def __init__(self, config, checkpoint_blocks=False):
+        super().__init__()
+        self.normalize = Normalize("imagenet")
+        self.backbone = MixVisionTransformer(**config, checkpoint_blocks=checkpoint_blocks)
+        self.out_channels = self.backbone.out_channels
+
+    def forward(self, x):
+        return self.backbone(self.normalize(x))
+
+
+class SegModel(nn.Module):
+    """encoder -> decoder; takes RGB images in [0, 1], returns logits at the decoder's resolution."""
+
+    def __init__(self, encoder, decoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+MIT_TINY = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 2), sr_ratios=(8, 4, 2, 1))
+ARCHS = {
+    "dlv2": dict(recipe="dacs", layers=(3, 4, 23, 3), width=64),
+    "dlv2-tiny": dict(recipe="dacs", layers=(1, 1, 1, 1), width=16),
+    "mitb5": dict(recipe="daformer", mit=MIT_B5, head_dim=256),
+    "mit-tiny": dict(recipe="daformer", mit=MIT_TINY, head_dim=32),
+}
+TASKS = {
+    "gta2cs": dict(source="gta", target="cityscapes", arch="dlv2", class_names=CLASSES, palette=PALETTE,
+                   eval_classes={"19": tuple(range(19))}),
+    "syn2cs": dict(source="synthia", target="cityscapes", arch="dlv2", class_names=CLASSES, palette=PALETTE,
+                   eval_classes={"16": SYNTHIA_16, "13": SYNTHIA_13}),
+    "toy": dict(source="toy-source", target="toy-target", arch="dlv2-tiny", recipe="toy", class_names=TOY_CLASSES,
+                palette=TOY_PALETTE,
+                eval_classes={str(len(TOY_CLASSES)): tuple(range(len(TOY_CLASSES)))}),
+}
+
+
+def build_model(arch, num_classes, pretrained="", checkpoint_blocks=False, info=None):
+    """(SegModel, info). info records what the weights decided (DeepLab style and normalisation) so
+    that eval.py rebuilds the same network from a checkpoint without the pretrained file."""
+    spec = ARCHS[arch]
+    if pretrained and not os.path.isfile(pretrained):
+        raise DataError(f"{pretrained}: pretrained weights file not found")
+    try:
+        if "mit" in spec:
+            encoder = MiTEncoder(spec["mit"], checkpoint_blocks)
+            if pretrained:
+                load_mit_weights(encoder.backbone, pretrained)
+            decoder = DAFormerHead(encoder.out_channels, num_classes, embed_dim=spec["head_dim"])
+            info = dict(arch=arch)
+        elif info is not None:
+            encoder, decoder = build_deeplabv2_from_info(num_classes, info)
+        else:
+            encoder, decoder, info = build_deeplabv2(num_classes, pretrained or None, spec["layers"], spec["width"])
+            info["arch"] = arch
+    except ValueError as error:  # the loaders' one-line key/shape report
+        raise DataError(str(error)) from None
+    return SegModel(encoder, decoder), info
+
+
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, value in DEFAULTS.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, type=type(value), default=argparse.SUPPRESS)
+    given = vars(parser.parse_args(argv))
+    task = TASKS.get(given.get("task", DEFAULTS["task"]))
+    if task is None:
+        parser.error(f"--task must be one of {', '.join(TASKS)}")
+    arch = given.get("arch") or task["arch"]
+    if arch not in ARCHS:
+        parser.error(f"--arch must be one of {', '.join(ARCHS)}")
+    recipe = given.get("recipe") or task.get("recipe") or ARCHS[arch]["recipe"]
+    if recipe not in RECIPES:
+        parser.error(f"--recipe must be one of {', '.join(RECIPES)}")
+    cfg = {**DEFAULTS, **RECIPES[recipe], **given, "arch": arch, "recipe": recipe}
+    cfg.update({k: v for k, v in task.items() if k not in ("arch", "recipe", "palette")},
+               num_classes=len(task["class_names"]))
+    cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    for key, allowed in (("amp", ("off", "bf16", "fp16")), ("mrm_domain", ("target", "source", "both")),
+                         ("device", ("cpu", "cuda"))):
+        if cfg[key] not in allowed:
+            parser.error(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}")
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if cfg["iters"] <= 0 or cfg["batch_size"] <= 0:
+        parser.error("--iters and --batch-size must be positive")
+    if not cfg["work_dir"]:
+        method = "source-only" if cfg["source_only"] else "dacs-mrm" if cfg["mrm"] else "dacs"
+        cfg["work_dir"] = os.path.join("runs", f"{cfg['task']}-{arch}-{method}-seed{cfg['seed']}")
+    return SimpleNamespace(**cfg)
+
+
+# ============================================================================= DACS, batched on the device
+
+def class_mix_masks(labels):
+    """ClassMix: per source image, ceil(n/2) of its n classes at random (the ignore value counts as a
+    class, as in DACS); the mask is 1 on their pixels. Batched: random ranks among present classes."""
+    B = labels.shape[0]
+    flat = labels.reshape(B, -1).long()
+    present = torch.zeros(B, 256, dtype=torch.bool, device=labels.device).scatter_(1, flat, True)
+    scores = torch.rand(B, 256, device=labels.device).masked_fill(~present, 2.0)
+    rank = scores.argsort(dim=1).argsort(dim=1)
+    chosen = rank < (present.sum(dim=1, keepdim=True) + 1) // 2
+    return chosen.gather(1, flat).view(labels.shape)
+
+
+def pseudo_label(teacher_logits, threshold):
+    """Argmax pseudo-label and DACS's weight: the share of target pixels whose max prob >= threshold."""
+    prob, label = teacher_logits.float().softmax(dim=1).max(dim=1)
+    return label, (prob >= threshold).float().mean()
+
+
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def color_jitter(x, strength, p):
+    """Per-image brightness, contrast, saturation (factors in [1-s, 1+s]) and hue (a rotation of up
+    to s turns, done in YIQ space: one 3x3 matrix per image), applied with probability p."""
+    B = x.shape[0]
+
+    def factor():
+        return 1 + (torch.rand(B, 1, 1, 1, device=x.device) * 2 - 1) * strength
+
+    def gray(t):
+        return (0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3])
+
+    y = (x * factor()).clamp(0, 1)
+    mean = gray(y).mean(dim=(2, 3), keepdim=True)
+    y = (mean + factor() * (y - mean)).clamp(0, 1)
+    g = gray(y)
+    y = (g + factor() * (y - g)).clamp(0, 1)
+    angle = (torch.rand(B, device=x.device) * 2 - 1) * strength * 2 * math.pi
+    cos, sin, zero, one = angle.cos(), angle.sin(), torch.zeros_like(angle), torch.ones_like(angle)
+    rotation = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], dim=1).view(B, 3, 3)
+    yiq = _RGB_TO_YIQ.to(x.device)
+    matrix = torch.linalg.inv(yiq) @ rotation @ yiq
+    y = torch.einsum("bij,bjhw->bihw", matrix.to(y.dtype), y).clamp(0, 1)
+    apply = torch.rand(B, 1, 1, 1, device=x.device) < p
+    return torch.where(apply, y, x)
+
+
+def gaussian_blur(x, p, sigma_range=(0.15, 1.15)):
+    """DACS's blur: kernel about 10% of the image height, odd (51 at 512), sigma uniform in the range,
+    applied with probability p. Separable, one grouped convolution per direction for the batch."""
+    B, C, H, W = x.shape
+    k = int(math.floor(math.ceil(0.1 * H) - 0.5 + math.ceil(0.1 * H) % 2))
+    sigma = sigma_range[0] + torch.rand(B, 1, device=x.device) * (sigma_range[1] - sigma_range[0])
+    taps = torch.arange(k, device=x.device, dtype=torch.float32) - k // 2
+    kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0).to(x.dtype)
+    y = F.pad(x.reshape(1, B * C, H, W), (k // 2, k // 2, k // 2, k // 2), mode="reflect")
+    y = F.conv2d(y, kernel.view(B * C, 1, 1, k), groups=B * C)
+    y = F.conv2d(y, kernel.view(B * C, 1, k, 1), groups=B * C).view(B, C, H, W)
+    apply = torch.rand(B, 1, 1, 1, device=x.device) < p
+    return torch.where(apply, y, x)
+
+
+@torch.no_grad()
+def update_ema(teacher, student, iteration, max_alpha):
+    """DACS: alpha = min(1 - 1/(it+1), max_alpha); teacher = alpha * teacher + (1 - alpha) * student."""
+    alpha = min(1 - 1 / (iteration + 1), max_alpha)
+    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - alpha)
+
+
+def teacher_mode(teacher):
+    """The teacher stays in train mode (BatchNorm on batch statistics, as DACS), without dropout."""
+    teacher.train()
+    for m in teacher.modules():
+        if isinstance(m, (nn.Dropout, nn.Dropout2d, DropPath)):
+            m.eval()
+
+
+# ============================================================================= one training step
+
+def build_nets(cfg):
+    device = torch.device(cfg.device)
+    model, info = build_model(cfg.arch, cfg.num_classes, cfg.pretrained, cfg.checkpoint_blocks)
+    rebuilder = None
+    if cfg.mrm and not cfg.source_only:
+        rebuilder = Rebuilder(model.encoder.out_channels, embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth,
+                              num_heads=cfg.rebuilder_heads, grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio)
+    imagenet = copy.deepcopy(model.encoder).requires_grad_(False).eval() if cfg.fd_weight > 0 else None
+    teacher = None if cfg.source_only else copy.deepcopy(model).requires_grad_(False)
+    memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
+    nets = SimpleNamespace(model=model, teacher=teacher, rebuilder=rebuilder, imagenet=imagenet, info=info,
+                           device=device, memory_format=memory_format)
+    for name in ("model", "teacher", "rebuilder", "imagenet"):
+        if getattr(nets, name) is not None:
+            setattr(nets, name, getattr(nets, name).to(device, memory_format=memory_format))
+    nets.optimizer = build_optimizer(cfg, nets)
+    nets.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    nets.forward = torch.compile(model) if cfg.compile else model
+    return nets
+
+
+def build_optimizer(cfg, nets):
+    """Parameter groups: encoder at lr, decoder at lr * head_lr_mult, Rebuilder at its own lr; norms
+    without weight decay when the recipe says so. Frozen parameters (DeepLab's BN) are left out."""
+    groups = []
+
+    def add(module, lr):
+        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        norm_params = {id(p) for m in module.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+        no_decay = [p for _, p in params if cfg.norm_no_decay and id(p) in norm_params]
+        decay = [p for _, p in params if not (cfg.norm_no_decay and id(p) in norm_params)]
+        groups.extend(g for g in (dict(params=decay, initial_lr=lr),
+                                  dict(params=no_decay, initial_lr=lr, weight_decay=0.0)) if g["params"])
+
+    add(nets.model.encoder, cfg.lr)
+    add(nets.model.decoder, cfg.lr * cfg.head_lr_mult)
+    if nets.rebuilder is not None:
+        add(nets.rebuilder, cfg.rebuilder_lr)
+    fused = nets.device.type == "cuda"
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=fused)
+
+
+def lr_factor(cfg, iteration):
+    """Poly decay to 0 at cfg.iters, times a linear warm-up (mmcv's, ratio 1e-6) over warmup_iters."""
+    factor = (1 - iteration / cfg.iters) ** cfg.poly_power
+    if iteration < cfg.warmup_iters:
+        factor *= 1 - (1 - iteration / cfg.warmup_iters) * (1 - 1e-6)
+    return factor
+
+
+def to_device(batch, nets):
+    """uint8 images -> float RGB in [0, 1] on the device; labels -> int64."""
+    def image(t):
+        return t.to(nets.device, non_blocking=True).float().div_(255).contiguous(memory_format=nets.memory_format)
+    return (image(batch["source_image"]), batch["source_label"].to(nets.device, non_blocking=True).long(),
+            image(batch["target_image"]))
+
+
+def train_step(cfg, nets, batch, iteration):
+    """One DACS(+MRM) iteration. Returns the detached losses [L_s, L_u, L_mrm, L_fd, pseudo weight]
+    as one tensor (no host sync here). Source and mixed losses are backpropagated separately, which
+    frees the source graph before the mixed forward (same gradients, lower peak memory)."""
+    model, rebuilder, scaler = nets.model, nets.rebuilder, nets.scaler
+    x_s, y_s, x_t = to_device(batch, nets)
+    autocast = torch.autocast(nets.device.type, dtype=torch.float16 if cfg.amp == "fp16" else torch.bfloat16,
+                              enabled=cfg.amp != "off")
+    zero = torch.zeros((), device=nets.device)
+    loss_u = loss_mrm_s = loss_mrm_t = loss_fd = weight = zero
+    model.train()
+    for param_group in nets.optimizer.param_groups:
+        param_group["lr"] = param_group["initial_lr"] * lr_factor(cfg, iteration)
+
+    # (1) supervised source loss, Eq. 1 (+ DAFormer's ImageNet feature distance)
+    with autocast:
+        f_s = model.encoder(x_s)
+        loss_s = segmentation_ce(model.decoder(f_s), y_s, align_corners=cfg.align_corners)
+        if nets.imagenet is not None:
+            with torch.no_grad():
+                f_imagenet = nets.imagenet(x_s)[-1]
+            loss_fd = feature_distance(f_s[-1], f_imagenet, y_s)
+        if rebuilder is not None and cfg.mrm_domain in ("source", "both"):
+            loss_mrm_s = mrm_loss(model.decoder, rebuilder, f_s, y_s, align_corners=cfg.align_corners)
+    scaler.scale(loss_s + cfg.fd_weight * loss_fd + cfg.mrm_weight * loss_mrm_s).backward()
+    del f_s
+
+    if not cfg.source_only:
+        # (2) pseudo-labels from the EMA teacher on the un-augmented target batch
+        with torch.inference_mode(), autocast:
+            teacher_logits = F.interpolate(nets.teacher(x_t), size=x_t.shape[-2:], mode="bilinear",
+                                           align_corners=cfg.align_corners)
+            pseudo, weight = pseudo_label(teacher_logits, cfg.pseudo_threshold)
+        pseudo, weight = pseudo.clone(), weight.clone()  # inference tensors -> ordinary tensors
+        pixel_weight = weight.expand_as(pseudo).clone()
+        if cfg.pl_crop:  # DAFormer: the top and bottom rows (sky border, ego car) are unreliable
+            pixel_weight[:, :15] = 0
+            pixel_weight[:, -120:] = 0
+        # (3) ClassMix source onto target; pasted source pixels keep their label, weight 1
+        mix = class_mix_masks(y_s)
+        x_m = torch.where(mix[:, None], x_s, x_t)
+        y_m = torch.where(mix, y_s, pseudo)
+        w_m = torch.where(mix, torch.ones_like(pixel_weight), pixel_weight)
+        # (4) colour jitter and blur on the mixed images
+        x_m = gaussian_blur(color_jitter(x_m, cfg.jitter, cfg.jitter_p), cfg.blur_p)
+        # (5) L_u on the mixed batch, and MRM on the same encoder features (Algorithm 1, Eq. 5)
+        with autocast:
+            f_m = model.encoder(x_m.contiguous(memory_format=nets.memory_format))
+            loss_u = segmentation_ce(model.decoder(f_m), y_m, w_m, align_corners=cfg.align_corners)
+            if rebuilder is not None and cfg.mrm_domain in ("target", "both"):
+                loss_mrm_t = mrm_loss(model.decoder, rebuilder, f_m, y_m, w_m, align_corners=cfg.align_corners)
+        scaler.scale(loss_u + cfg.mrm_weight * loss_mrm_t).backward()
+
+    scaler.step(nets.optimizer)
+    scaler.update()
+    nets.optimizer.zero_grad(set_to_none=True)
+    if nets.teacher is not None:
+        update_ema(nets.teacher, model, iteration, cfg.ema)
+    return torch.stack([loss_s, loss_u, loss_mrm_s + loss_mrm_t, loss_fd, weight]).detach().float()
+
+
+# ============================================================================= data streams
+
+class Domain:
+    """One dataset, indexable: load(i) -> (uint8 HxWx3 RGB image, uint8 HxW train-id label), already
+    resized to the training size. Folder datasets read files; the toy domains draw scene i."""
+
+    def __init__(self, name, root="data", split="train", seed=0):
+        self.name = name
+        if name.startswith("toy-"):
+            self.style = name[4:]
+            self.count = TOY_SIZES[split]
+            self.seed = (seed, 0 if split == "train" else 1, 0 if self.style == "source" else 1)
+        else:
+            self.pairs = find_pairs(name, root, split)
+            self.count = len(self.pairs)
+            self.resize = DATASETS[name]["resize"]
+
+    def __len__(self):
+        return self.count
+
+    def load(self, i, full_label=False):
+        """full_label: keep the label at its original size (the mmseg evaluation protocol)."""
+        if self.name.startswith("toy-"):
+            return make_toy_scene(np.random.default_rng([*self.seed, i]), self.style)
+        image, label = read_image(self.pairs[i][0]), self.full_label(i)
+        resized_image, resized_label = resize_pair(image, label, self.resize)
+        return resized_image, label if full_label else resized_label
+
+    def full_label(self, i):
+        return self.load(i)[1] if self.name.startswith("toy-") else read_label(self.pairs[i][1], self.name)
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Item `it` is the whole batch of iteration `it`, a pure function of (seed, it): loader workers
+    need no shared state, and a resumed run reads exactly the batches it would have read."""
+
+    def __init__(self, cfg, source, target, rcs=None):
+        self.cfg, self.source, self.target, self.rcs = cfg, source, target, rcs
+
+    def __len__(self):
+        return self.cfg.iters
+
+    def __getitem__(self, iteration):
+        rng = np.random.default_rng([self.cfg.seed, iteration])
+        skipped = []
+        source = [self.sample(self.source, rng, skipped, is_source=True) for _ in range(self.cfg.batch_size)]
+        target = [self.sample(self.target, rng, skipped) for _ in range(self.cfg.batch_size)]
+        return dict(source_image=torch.from_numpy(np.stack([s[0] for s in source])).permute(0, 3, 1, 2),
+                    source_label=torch.from_numpy(np.stack([s[1] for s in source])),
+                    target_image=torch.from_numpy(np.stack([t[0] for t in target])).permute(0, 3, 1, 2),
+                    skipped=skipped)
+
+    def sample(self, domain, rng, skipped, is_source=False):
+        """Pick an image (rare-class sampling on the source when on), crop, flip. A corrupt file is
+        recorded and replaced by another draw; the training loop decides when that is too many."""
+        for _ in range(self.cfg.max_skips + 1):
+            rare_class, index = (rcs_pick(rng, *self.rcs) if is_source and self.rcs
+                                 else (None, int(rng.integers(len(domain)))))
+            try:
+                image, label = domain.load(index)
+            except CorruptFile as error:
+                skipped.append(str(error))
+                continue
+            image, label = self.crop(image, label, rng, rare_class if is_source else None, is_source)
+            if self.cfg.flip and rng.random() < 0.5:
+                image, label = image[:, ::-1], label[:, ::-1]
+            return np.ascontiguousarray(image), np.ascontiguousarray(label)
+        raise DataError(f"{len(skipped)} corrupt files in a row, last: {skipped[-1]}")
+
+    def crop(self, image, label, rng, rare_class, is_source):
+        """Random crop; DAFormer retries up to 10 crops until no class covers more than cat_max_ratio
+        (source only: target labels are never read) and, with RCS, the sampled class is present."""
+        if not self.cfg.crop:
+            return image, label
+        size = (self.cfg.crop, self.cfg.crop)
+        for _ in range(10):
+            image_crop, label_crop = random_crop(image, label, size, rng)
+            if not is_source:
+                break
+            counts = np.bincount(label_crop[label_crop != 255], minlength=256)
+            balanced = self.cfg.cat_max_ratio >= 1 or counts.max(initial=0) < self.cfg.cat_max_ratio * counts.sum()
+            if balanced and (rare_class is None or crop_has_enough(label_crop, rare_class)):
+                break
+        return image_crop, label_crop
+
+
+def make_loader(cfg, dataset, start_iteration):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(start_iteration, cfg.iters), num_workers=cfg.workers,
+        pin_memory=cfg.device == "cuda", persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers else None)
+
+
+def rcs_statistics(cfg, source):
+    """Per-class pixel counts of every source label, computed once and cached beside the data (or in
+    the work dir when the data folder is read-only). Returns (class probabilities, images per class)."""
+    cache_name = f"rcs_stats_{source.name}_{len(source)}.json"
+    candidates = [os.path.join(cfg.data_root, source.name, cache_name), os.path.join(cfg.work_dir, cache_name)]
+    counts = next((json.load(open(p)) for p in candidates if os.path.exists(p)), None)
+    if counts is None:
+        print(f"rare class sampling: counting classes in {len(source)} source labels (once)...", flush=True)
+        counts = [np.bincount(source.full_label(i).ravel(), minlength=256)[:cfg.num_classes].tolist()
+                  for i in range(len(source))]
+        for path in candidates:
+            try:
+                atomic_write(path, lambda f: f.write(json.dumps(counts).encode()))
+                break
+            except OSError:
+                continue
+    counts = np.array(counts)
+    images_per_class = [np.flatnonzero(counts[:, c] > 3000).tolist() for c in range(cfg.num_classes)]
+    return rcs_class_probabilities(counts.sum(axis=0), cfg.rcs_temperature), images_per_class
+
+
+# ============================================================================= checkpoints and evaluation
+
+def atomic_write(path, write):
+    """Write to a temporary file, fsync, rename: a crash at any moment leaves the old file or the new."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(cfg, nets, iteration):
+    state = dict(iteration=iteration, config=vars(cfg), arch=nets.info, model=nets.model.state_dict(),
+                 teacher=nets.teacher.state_dict() if nets.teacher is not None else None,
+                 rebuilder=nets.rebuilder.state_dict() if nets.rebuilder is not None else None,
+                 optimizer=nets.optimizer.state_dict(), scaler=nets.scaler.state_dict(),
+                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
+                          cuda=torch.cuda.get_rng_state_all() if nets.device.type == "cuda" else []))
+    atomic_write(os.path.join(cfg.work_dir, "checkpoint.pth"), lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path):
+    """Checkpoints are untrusted input: tensors and plain containers only (weights_only)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise DataError(f"{path}: not a readable checkpoint ({type(error).__name__}: {str(error)[:200]})")
+
+
+def load_model_state(model, state, path):
+    """Strict load with one readable line when the checkpoint is of another architecture or class count."""
+    missing, unexpected = [], []
+    own = model.state_dict()
+    for key, value in state.items():
+        if key not in own:
+            unexpected.append(key)
+        elif own[key].shape != value.shape:
+            raise DataError(f"{path}: {key} has shape {tuple(value.shape)}, this model expects {tuple(own[key].shape)} "
+                            f"(another architecture or number of classes?)")
+    missing = [k for k in own if k not in state]
+    if missing or unexpected:
+        raise DataError(f"{path}: does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state)
+
+
+def resume(cfg, nets):
+    path = os.path.join(cfg.work_dir, "checkpoint.pth")
+    state = load_checkpoint(path)
+    if state["arch"] != nets.info:
+        raise DataError(f"{path}: checkpoint is {state['arch']}, this run builds {nets.info}")
+    load_model_state(nets.model, state["model"], path)
+    if nets.teacher is not None:
+        nets.teacher.load_state_dict(state["teacher"])
+    if nets.rebuilder is not None:
+        nets.rebuilder.load_state_dict(state["rebuilder"])
+    nets.optimizer.load_state_dict(state["optimizer"])
+    nets.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if nets.device.type == "cuda" and state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["iteration"]
+
+
+def export_model(path, model, info, num_classes):
+    """Inference-only file: the segmentation model and how to build it; no Rebuilder, no optimiser."""
+    state = dict(arch=info, num_classes=num_classes, model=model.state_dict())
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+@torch.no_grad()
+def evaluate(model, domain, num_classes, device, amp="off", protocol="mmseg", on_prediction=None, workers=0):
+    """Confusion matrix over a labelled domain: the whole image at the training input size, logits
+    resized bilinearly to the label (mmseg protocol: the full-resolution label; dacs: the label resized
+    to the input size), argmax. on_prediction(i, image, prediction) sees every prediction."""
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    items = torch.utils.data.DataLoader(EvalImages(domain, protocol == "mmseg"), batch_size=None,
+                                        num_workers=workers)
+    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                              enabled=amp != "off")
+    for i, (image, label) in enumerate(items):
+        x = image.to(device).permute(2, 0, 1)[None].float() / 255
+        with autocast:
+            logits = model(x)
+        prediction = F.interpolate(logits.float(), size=label.shape, mode="bilinear",
+                                   align_corners=False).argmax(dim=1)[0]
+        conf += confusion_matrix(prediction, label.to(device), num_classes)
+        if on_prediction is not None:
+            on_prediction(i, image.numpy(), prediction.to(torch.uint8).cpu().numpy())
+    return conf
+
+
+class EvalImages(torch.utils.data.Dataset):
+    def __init__(self, domain, full_label):
+        self.domain, self.full_label = domain, full_label
+
+    def __len__(self):
+        return len(self.domain)
+
+    def __getitem__(self, i):
+        image, label = self.domain.load(i, full_label=self.full_label)
+        return torch.from_numpy(image), torch.from_numpy(label)
+
+
+def miou_report(conf, eval_classes, class_names):
+    """The per-class table (paper Table 1 order) for each class subset, and the first subset's mIoU."""
+    ious = iou_per_class(conf.cpu())
+    tables = [f"mIoU over {name} classes:\n{format_table(ious, ids, class_names)}" for name, ids in eval_classes.items()]
+    first = next(iter(eval_classes.values()))
+    return "\n".join(tables), float(np.nanmean(np.asarray(ious)[list(first)]) * 100)
+
+
+# ============================================================================= training
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def format_eta(seconds):
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def train(cfg):
+    os.makedirs(cfg.work_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if cfg.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    source = Domain(cfg.source, cfg.data_root, "train", cfg.seed)
+    target = Domain(cfg.target, cfg.data_root, "train", cfg.seed)
+    val = Domain(cfg.target, cfg.data_root, "val", cfg.seed)
+    nets = build_nets(cfg)
+    start = resume(cfg, nets) if cfg.resume else 0
+    rcs = rcs_statistics(cfg, source) if cfg.rcs_temperature > 0 else None
+    loader = make_loader(cfg, TrainBatches(cfg, source, target, rcs), start)
+    stop = min(cfg.iters, start + cfg.stop_after) if cfg.stop_after else cfg.iters
+    print(f"{cfg.task}: {cfg.arch} ({cfg.recipe} recipe), {'source only' if cfg.source_only else 'DACS'}"
+          f"{' + MRM' if nets.rebuilder is not None else ''}, iterations {start}..{stop} of {cfg.iters}, "
+          f"{len(source)} source / {len(target)} target images, work dir {cfg.work_dir}", flush=True)
+
+    log = open(os.path.join(cfg.work_dir, "log.jsonl"), "a")
+    sums, count, skipped_total = torch.zeros(5, device=nets.device), 0, 0
+    clock, clock_iteration = time.time(), start
+    for iteration, batch in zip(range(start, stop), loader):
+        skipped = batch.pop("skipped")
+        if skipped:
+            skipped_total += len(skipped)
+            for message in skipped:
+                print(f"skipped: {message}", flush=True)
+            if skipped_total > cfg.max_skips:
+                raise DataError(f"{skipped_total} corrupt files skipped (more than --max-skips {cfg.max_skips}), "
+                                f"last: {skipped[-1]}")
+        sums += train_step(cfg, nets, batch, iteration)
+        count += 1
+        done = iteration + 1
+        if done % cfg.log_every == 0 or done == stop or done % cfg.checkpoint_every == 0:
+            means = (sums / count).tolist()  # the one host sync, every log_every iterations
+            if not all(map(math.isfinite, means)):
+                raise NonFiniteLoss(f"non-finite loss between iterations {done - count} and {done}: {means}; "
+                                    f"the last checkpoint in {cfg.work_dir} is untouched")
+            speed = (done - clock_iteration) / (time.time() - clock)
+            clock, clock_iteration = time.time(), done
+            record = dict(iteration=done, loss_source=means[0], loss_uda=means[1], loss_mrm=means[2],
+                          loss_fd=means[3], pseudo_weight=means[4],
+                          lr=nets.optimizer.param_groups[0]["lr"], it_per_s=speed, time=time.time())
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(f"[{done}/{cfg.iters}] L_s {means[0]:.4f}  L_u {means[1]:.4f}  L_mrm {means[2]:.4f}"
+                  f"{f'  L_fd {means[3]:.4f}' if cfg.fd_weight else ''}  weight {means[4]:.3f}  "
+                  f"{speed:.2f} it/s  ETA {format_eta((cfg.iters - done) / speed)}", flush=True)
+            sums.zero_()
+            count = 0
+        if done % cfg.val_every == 0 and done != cfg.iters:
+            validate(cfg, nets, val, done, log)
+        if done % cfg.checkpoint_every == 0 or done == stop:
+            save_checkpoint(cfg, nets, done)
+    if stop == cfg.iters:
+        export_model(os.path.join(cfg.work_dir, "model.pth"), nets.model, nets.info, cfg.num_classes)
+        return validate(cfg, nets, val, cfg.iters, log)
+    print(f"stopped after iteration {stop} (--stop-after); continue with --resume", flush=True)
+    return None
+
+
+def validate(cfg, nets, val, iteration, log):
+    conf = evaluate(nets.model, val, cfg.num_classes, nets.device, cfg.amp, workers=min(cfg.workers, 4))
+    table, miou = miou_report(conf, cfg.eval_classes, cfg.class_names)
+    print(f"validation at iteration {iteration} on {len(val)} {cfg.target} images:\n{table}", flush=True)
+    log.write(json.dumps(dict(iteration=iteration, val_miou=miou)) + "\n")
+    log.flush()
+    return miou
+
+
+# ============================================================================= other modes
+
+def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None):
+    """Forward multiply-accumulates of D(E(x)) and of the extra D(R(f)) for one image, counted by
+    torch.utils.flop_counter on the meta device (shapes only: instant, no memory)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model, _ = build_model(arch, num_classes)
+        rebuilder = Rebuilder(model.encoder.out_channels, **(rebuilder_kw or {}))
+        x = torch.empty(1, 3, *size)
+        with FlopCounterMode(display=False) as base:
+            features = model.encoder(x)
+            model.decoder(features)
+        with FlopCounterMode(display=False) as extra:
+            model.decoder(rebuilder(features))
+    trainable = sum(p.numel() for p in rebuilder.parameters() if p.requires_grad)
+    return dict(model_gmac=base.get_total_flops() / 2e9, extra_gmac=extra.get_total_flops() / 2e9,
+                rebuilder_params=trainable, ratio=1 + extra.get_total_flops() / base.get_total_flops())
+
+
+def print_flops(cfg):
+    crop = cfg.crop or 512
+    kw = dict(embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth, num_heads=cfg.rebuilder_heads,
+              grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio)
+    r = count_flops(cfg.arch, (crop, crop), cfg.num_classes, kw)
+    print(f"{cfg.arch} at {crop}x{crop}: encoder+decoder {r['model_gmac']:.2f} GMAC; "
+          f"decoder(rebuilder(f)) adds {r['extra_gmac']:.2f} GMAC ({r['ratio']:.3f}x); "
+          f"Rebuilder {r['rebuilder_params']:,} trainable parameters")
+
+
+def check_data(cfg):
+    """List and pair every split the task reads (no decoding) and print the counts."""
+    for name, split in ((cfg.source, "train"), (cfg.target, "train"), (cfg.target, "val")):
+        print(f"{name} {split}: {len(Domain(name, cfg.data_root, split, cfg.seed))} image/label pairs")
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    try:
+        if cfg.count_flops:
+            print_flops(cfg)
+        elif cfg.check_data:
+            check_data(cfg)
+        else:
+            train(cfg)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    except torch.OutOfMemoryError:
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
+        print(f"error: out of GPU memory (peak {peak:.1f} GiB allocated). Reduce it with --amp bf16, "
+              f"a smaller --crop, --checkpoint-blocks (MiT) or --batch-size 1", file=sys.stderr)
+        return 4
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
