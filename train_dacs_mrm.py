@@ -366,7 +366,9 @@ def write_fake_dataset(root, dataset, n, size_wh, seed=0):
         label_width = width + 2 if dataset == 'gta' and n > 1 and k == n - 1 else width
         blocks = rng.integers(0, num_ids, size=(-(-height // 8), -(-label_width // 8)))
         ids = blocks.repeat(8, axis=0).repeat(8, axis=1)[:height, :label_width]
-        image = _COLORS[table[ids[:, :width]]] + rng.integers(-20, 21, size=(height, width, 3))
+        train_ids = table[ids[:, :width]]
+        colours = np.where(train_ids[..., None] < len(PALETTE), PALETTE[np.minimum(train_ids, len(PALETTE) - 1)], 0)
+        image = colours + rng.integers(-20, 21, size=(height, width, 3))
         Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(image_path)
         if dataset != 'synthia':
             Image.fromarray(ids.astype(np.uint8)).save(label_path)
