@@ -1,13 +1,24 @@
 """Tests for mrm.py, train_dacs_mrm.py and eval.py. CPU only, tiny models, data made on the fly."""
 import math
+import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+from PIL import Image
 
 from mrm import Rebuilder, mrm_loss, segmentation_ce, sincos_pos_embed_2d
+from train_dacs_mrm import (CITYSCAPES_ID_TO_TRAIN, CLASSES, MIT_B5, PALETTE, SYNTHIA_13, SYNTHIA_16,
+                            SYNTHIA_ID_TO_TRAIN, ASPPClassifier, Attention, CorruptFile, DAFormerHead, DataError,
+                            MixVisionTransformer, Normalize, ResNetDilated, build_deeplabv2, build_deeplabv2_from_info,
+                            confusion_matrix, crop_has_enough, feature_distance, find_pairs, format_table,
+                            iou_per_class, load_backbone_weights, load_mit_weights, random_crop,
+                            rcs_class_probabilities, rcs_pick, read_image, read_label, resize_pair, write_fake_dataset)
 
 torch.set_num_threads(2)
 
@@ -235,12 +246,12 @@ def test_mrm_loss_against_independent_recomputation():
 
     total, count = reference_weighted_ce(logits, target, weight, 255)
     loss = mrm_loss(decoder, rebuilder, f, target, weight=weight, mask=mask)
-    assert float(loss) == pytest.approx(total / count, rel=1e-5)  # DACS: mean over all pixels
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)  # DACS: mean over all pixels
 
     total, _ = reference_weighted_ce(logits, target, None, 255)
     valid = int((target != 255).sum())
     loss = mrm_loss(decoder, rebuilder, f, target, mask=mask)
-    assert float(loss) == pytest.approx(total / valid, rel=1e-5)  # no weight: mean over valid pixels
+    assert loss.item() == pytest.approx(total / valid, rel=1e-5)  # no weight: mean over valid pixels
 
 
 def test_all_ignored_gives_zero_not_nan():
@@ -283,3 +294,667 @@ def test_wraps_a_torchvision_segmentation_model():
     model.eval()
     with torch.no_grad():
         assert model(x)["out"].shape == (2, 5, 96, 128)  # inference is untouched
+
+
+# ---------------------------------------------------------------- DeepLabV2
+
+DLV2_TINY = dict(layers=(1, 1, 1, 1), width=8)
+
+
+def expected_size(n):
+    n = (n + 2 * 3 - 7) // 2 + 1  # 7x7 stem conv, stride 2, pad 3
+    n = math.ceil((n + 2 * 1 - 3) / 2) + 1  # 3x3 max-pool, stride 2, pad 1, ceil_mode
+    return (n - 1) // 2 + 1  # layer2 stride 2; layer3/4 are dilated, not strided
+
+
+def dlv2_bn_keys(prefix):
+    return [f'{prefix}.{n}' for n in ('weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked')]
+
+
+def dlv2_block_keys(prefix):
+    keys = []
+    for i in (1, 2, 3):
+        keys += [f'{prefix}.conv{i}.weight'] + dlv2_bn_keys(f'{prefix}.bn{i}')
+    return keys + [f'{prefix}.downsample.0.weight'] + dlv2_bn_keys(f'{prefix}.downsample.1')
+
+
+def randomized_dlv2(model):
+    # non-default BN statistics too, so that a load is visible in every tensor
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5)
+    return model
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        if not k.endswith('num_batches_tracked'):
+            assert torch.equal(sa[k], sb[k]), k
+
+
+def test_expected_size_formula():
+    assert expected_size(512) == 65  # the real DeepLabV2 case (outS in DACS)
+    assert (expected_size(129), expected_size(97), expected_size(161)) == (17, 13, 21)
+
+
+@pytest.mark.parametrize('stride_in_1x1', [True, False])
+@pytest.mark.parametrize('hw', [(129, 129), (97, 161)])
+def test_output_shape_tiny(stride_in_1x1, hw):
+    model = ResNetDilated(**DLV2_TINY, stride_in_1x1=stride_in_1x1).eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, *hw))
+    assert model.out_channels == 8 * 8 * 4
+    assert out.shape == (1, model.out_channels, expected_size(hw[0]), expected_size(hw[1]))
+
+
+def test_full_size_structure_on_meta():
+    # meta tensors carry shapes only: the real ResNet-101 at 512x512 costs nothing here
+    with torch.device('meta'):
+        model = ResNetDilated().eval()
+        out = model(torch.empty(1, 3, 512, 512))
+    assert model.out_channels == 2048
+    assert out.shape == (1, 2048, 65, 65)
+
+    keys = list(model.state_dict().keys())
+    assert keys[:6] == ['conv1.weight'] + dlv2_bn_keys('bn1')
+    assert keys[6:30] == dlv2_block_keys('layer1.0')
+    start = keys.index('layer3.0.conv1.weight')
+    assert keys[start:start + 24] == dlv2_block_keys('layer3.0')
+    # 33 blocks x 3 (conv + 5 bn keys), 4 downsamples x 6, stem 6
+    assert len(keys) == 33 * 18 + 4 * 6 + 6 == 624
+    # torchvision resnet101 has 44,549,160 parameters, fc 2048*1000+1000 of them
+    assert sum(p.numel() for p in model.parameters()) == 44_549_160 - 2_049_000 == 42_500_160
+
+
+def test_bn_affine_frozen_but_running_stats_update():
+    model = ResNetDilated(**DLV2_TINY).train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 1 + 4 * 4  # stem + (3 in block + downsample) per layer
+    assert all(not p.requires_grad for bn in bns for p in bn.parameters())
+    assert all(m.weight.requires_grad for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    before = model.layer3[0].bn2.running_mean.clone()
+    model(torch.rand(2, 3, 33, 33))
+    assert not torch.equal(before, model.layer3[0].bn2.running_mean)
+
+
+def test_load_coco_init_layout(tmp_path):
+    src = randomized_dlv2(ResNetDilated(**DLV2_TINY, stride_in_1x1=True))
+    sd = {f'Scale.{k}': v for k, v in src.state_dict().items() if not k.endswith('num_batches_tracked')}
+    sd.update({f'Scale.layer5.conv2d_list.{i}.{n}': torch.zeros(1) for i in range(4) for n in ('weight', 'bias')})
+    path = tmp_path / 'DeepLab_resnet_pretrained_init-f81d91e8.pth'
+    torch.save(sd, path, _use_new_zipfile_serialization=False)  # the 2017 file predates the zip format
+
+    encoder, decoder, info = build_deeplabv2(19, pretrained=str(path), **DLV2_TINY)
+    assert info == {'arch': 'dlv2', 'layers': [1, 1, 1, 1], 'width': 8, 'stride_in_1x1': True, 'norm': 'caffe'}
+    assert encoder.normalize.kind == 'caffe'
+    assert encoder.backbone.layer2[0].conv1.stride == (2, 2)
+    assert_same_state(src, encoder.backbone)
+
+    fresh = ResNetDilated(**DLV2_TINY)
+    load_backbone_weights(fresh, path)
+    assert_same_state(src, fresh)
+
+
+def test_load_torchvision_layout_wrapped(tmp_path):
+    src = randomized_dlv2(ResNetDilated(**DLV2_TINY, stride_in_1x1=False))
+    sd = dict(src.state_dict(), **{'fc.weight': torch.zeros(10, 256), 'fc.bias': torch.zeros(10)})
+    path = tmp_path / 'resnet101-63fe2227.pth'
+    torch.save({'state_dict': sd}, path)
+
+    encoder, decoder, info = build_deeplabv2(19, pretrained=path, **DLV2_TINY)
+    assert (info['stride_in_1x1'], info['norm']) == (False, 'imagenet')
+    assert encoder.normalize.kind == 'imagenet'
+    assert encoder.backbone.layer2[0].conv1.stride == (1, 1)
+    assert encoder.backbone.layer2[0].conv2.stride == (2, 2)
+    assert_same_state(src, encoder.backbone)
+
+
+def test_load_mismatch_raises_readable_error(tmp_path):
+    sd = ResNetDilated(**DLV2_TINY).state_dict()
+    del sd['layer1.0.conv1.weight']
+    sd['layer2.0.extra.weight'] = torch.zeros(1)
+    sd['layer4.0.conv3.weight'] = torch.zeros(1)
+    path = tmp_path / 'broken.pth'
+    torch.save(sd, path)
+    with pytest.raises(ValueError) as err:
+        load_backbone_weights(ResNetDilated(**DLV2_TINY), path)
+    msg = str(err.value)
+    assert str(path) in msg and 'layer1.0.conv1.weight' in msg and 'layer2.0.extra.weight' in msg
+    assert 'layer4.0.conv3.weight' in msg  # shape mismatch
+
+
+def test_unknown_file_kind_raises(tmp_path):
+    path = tmp_path / 'bare.pth'
+    torch.save(ResNetDilated(**DLV2_TINY).state_dict(), path)  # neither fc.* nor layer5.*
+    with pytest.raises(ValueError, match='kind'):
+        build_deeplabv2(19, pretrained=path, **DLV2_TINY)
+
+
+def test_real_torchvision_resnet101_keys_load(tmp_path):
+    tv = torchvision.models.resnet101(weights=None)
+    path = tmp_path / 'resnet101-cd907fc2.pth'
+    torch.save(tv.state_dict(), path)
+    model = ResNetDilated(stride_in_1x1=False)
+    load_backbone_weights(model, path)
+    assert torch.equal(model.layer3[22].conv2.weight, tv.layer3[22].conv2.weight)
+    assert torch.equal(model.layer4[0].downsample[1].running_var, tv.layer4[0].downsample[1].running_var)
+
+
+def test_build_default_and_from_info():
+    encoder, decoder, info = build_deeplabv2(5, **DLV2_TINY)
+    assert (info['stride_in_1x1'], info['norm']) == (True, 'caffe')
+    enc2, dec2 = build_deeplabv2_from_info(5, info)
+    enc2.load_state_dict(encoder.state_dict())  # strict: identical architecture
+    dec2.load_state_dict(decoder.state_dict())
+    assert list(decoder.state_dict()) == [f'conv2d_list.{i}.{n}' for i in range(4) for n in ('weight', 'bias')]
+    assert not any('normalize' in k for k in encoder.state_dict())
+    x = torch.rand(1, 3, 41, 41)
+    encoder.eval()
+    assert decoder(encoder(x)).shape == (1, 5, expected_size(41), expected_size(41))
+
+
+def test_normalize():
+    x = torch.zeros(1, 3, 2, 2)
+    x[0, :, 1, 0] = torch.tensor([0.2, 0.4, 0.6])  # R, G, B
+    caffe = Normalize('caffe')(x)[0, :, 1, 0]
+    assert torch.allclose(caffe, torch.tensor([0.6 * 255 - 104.00698793, 0.4 * 255 - 116.66876762,
+                                               0.2 * 255 - 122.67891434]))
+    imnet = Normalize('imagenet')(x)[0, :, 1, 0]
+    assert torch.allclose(imnet, torch.tensor([(0.2 - 0.485) / 0.229, (0.4 - 0.456) / 0.224,
+                                               (0.6 - 0.406) / 0.225]))
+    assert len(Normalize('caffe').state_dict()) == 0
+    with pytest.raises(ValueError):
+        Normalize('bgr')
+
+
+def test_aspp_is_sum_of_four_dilated_convs():
+    head = ASPPClassifier(8, 3)
+    f = torch.randn(2, 8, 9, 11)
+    expected = sum(F.conv2d(f, c.weight, c.bias, padding=d, dilation=d)
+                   for c, d in zip(head.conv2d_list, (6, 12, 18, 24)))
+    out = head(f)
+    assert out.shape == (2, 3, 9, 11)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert all(c.weight.std() < 0.02 for c in head.conv2d_list)  # normal(0, 0.01) init
+
+
+# ---------------------------------------------------------------- MiT-B5 and DAFormer head
+
+MIT_TINY_CFG = dict(embed_dims=(8, 16, 24, 32), depths=(1, 1, 2, 1), num_heads=(1, 1, 1, 2), sr_ratios=(8, 4, 2, 1))
+MIT_B5_PARAMS = 81_443_008
+
+
+@pytest.fixture(scope='module')
+def b5():
+    with torch.device('meta'):  # same constructor, no memory or init cost: only names, shapes, counts
+        return MixVisionTransformer(**MIT_B5)
+
+
+def tiny_mit(**kw):
+    torch.manual_seed(0)
+    return MixVisionTransformer(**MIT_TINY_CFG, **kw)
+
+# -----------------------------------------------------------------------------
+# MiT-B5 layout
+
+def mit_block_keys(prefix, with_sr):
+    mods = ['norm1', 'attn.q', 'attn.kv', 'attn.proj']
+    mods += ['attn.sr', 'attn.norm'] if with_sr else []
+    mods += ['norm2', 'mlp.fc1', 'mlp.dwconv.dwconv', 'mlp.fc2']
+    return [f'{prefix}.{m}.{p}' for m in mods for p in ('weight', 'bias')]
+
+
+def test_b5_key_names(b5):
+    sd = b5.state_dict()
+    for stage, depth in zip(range(1, 5), MIT_B5['depths']):
+        for j in (0, depth - 1):
+            prefix = f'block{stage}.{j}'
+            assert [k for k in sd if k.startswith(prefix + '.')] == mit_block_keys(prefix, with_sr=stage < 4)
+        assert f'block{stage}.{depth}.norm1.weight' not in sd
+    top = [k for k in sd if not k.startswith('block')]
+    assert sorted(top) == sorted(f'{m}{i}.{p}' for i in range(1, 5) for m in ('patch_embed', 'norm')
+                                 for p in (['proj.weight', 'proj.bias', 'norm.weight', 'norm.bias']
+                                           if m == 'patch_embed' else ['weight', 'bias']))
+    assert sd['patch_embed1.proj.weight'].shape == (64, 3, 7, 7)
+    assert sd['patch_embed2.proj.weight'].shape == (128, 64, 3, 3)
+    assert sd['block1.0.attn.sr.weight'].shape == (64, 64, 8, 8)
+    assert sd['block3.0.attn.kv.weight'].shape == (640, 320)
+    assert sd['block4.0.mlp.dwconv.dwconv.weight'].shape == (2048, 1, 3, 3)
+
+
+def test_b5_param_count(b5):
+    n = sum(p.numel() for p in b5.parameters())
+    print(f'MiT-B5 encoder parameters: {n:,}')
+    # independent count from the architecture description
+    expected = 0
+    for i, (d, depth, sr) in enumerate(zip(MIT_B5['embed_dims'], MIT_B5['depths'], MIT_B5['sr_ratios'])):
+        in_ch, k = ((3, 7) if i == 0 else (MIT_B5['embed_dims'][i - 1], 3))
+        expected += in_ch * d * k * k + d + 2 * d + 2 * d  # patch embed conv + norm, stage-end norm
+        hid = 4 * d
+        block = 4 * d + 4 * (d * d + d)  # norm1, norm2; q, kv, proj
+        block += (d * hid + hid) + hid * 10 + (hid * d + d)  # fc1, 3x3 depth-wise conv, fc2
+        block += (d * d * sr * sr + d + 2 * d) if sr > 1 else 0  # sr conv + its norm
+        expected += depth * block
+    assert n == expected == MIT_B5_PARAMS
+    assert abs(n - 81.4e6) < 0.3e6
+
+
+def test_drop_path_schedule(b5):
+    rates = [blk.drop_path.p for s in range(1, 5) for blk in getattr(b5, f'block{s}')]
+    assert len(rates) == 52 and rates[0] == 0.0 and rates[-1] == pytest.approx(0.1)
+    assert rates == pytest.approx(torch.linspace(0, 0.1, 52).tolist())
+    assert b5.block1[0].norm1.eps == 1e-6 and b5.norm4.eps == 1e-6
+    assert b5.patch_embed1.norm.eps == 1e-5 and b5.block1[0].attn.norm.eps == 1e-5
+
+# -----------------------------------------------------------------------------
+# weight loading
+
+def official_layout(model):
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd['head.weight'], sd['head.bias'] = torch.randn(1000, 32), torch.randn(1000)
+    return sd
+
+
+@pytest.mark.parametrize('wrapper', [None, 'state_dict', 'model'])
+def test_load_official_layout(tmp_path, wrapper):
+    src = tiny_mit()
+    sd = official_layout(src)
+    path = tmp_path / 'mit_tiny.pth'
+    torch.save(sd if wrapper is None else {wrapper: sd}, path)
+    torch.manual_seed(1)
+    dst = MixVisionTransformer(**MIT_TINY_CFG)
+    load_mit_weights(dst, path)
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+
+
+def test_load_mismatch_message(tmp_path):
+    sd = official_layout(tiny_mit())
+    del sd['norm4.weight']
+    sd['block9.0.extra.weight'] = torch.zeros(1)
+    sd['block1.0.attn.q.weight'] = torch.zeros(3, 3)
+    path = tmp_path / 'broken.pth'
+    torch.save(sd, path)
+    with pytest.raises(ValueError) as err:
+        load_mit_weights(tiny_mit(), path)
+    msg = str(err.value)
+    for part in ('broken.pth', 'norm4.weight', 'block9.0.extra.weight', 'block1.0.attn.q.weight', '(3, 3)'):
+        assert part in msg
+    assert 'head.' not in msg
+
+# -----------------------------------------------------------------------------
+# forward
+
+def conv_out(n, k, s, p):
+    return (n + 2 * p - k) // s + 1
+
+
+@pytest.mark.parametrize('size', [(512, 512), (512, 1024), (65, 97)])
+def test_forward_shapes(size):
+    model = tiny_mit().eval()
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, *size))
+    h, w = conv_out(size[0], 7, 4, 3), conv_out(size[1], 7, 4, 3)
+    assert len(outs) == 4 and model.out_channels == list(MIT_TINY_CFG['embed_dims'])
+    for i, (o, c) in enumerate(zip(outs, MIT_TINY_CFG['embed_dims'])):
+        if i > 0:
+            h, w = conv_out(h, 3, 2, 1), conv_out(w, 3, 2, 1)
+        assert o.shape == (1, c, h, w)
+        if size[0] % 32 == 0:
+            assert (h, w) == (size[0] // 2 ** (i + 2), size[1] // 2 ** (i + 2))
+
+
+@pytest.mark.parametrize('drop_path_rate', [0.0, 0.5])
+def test_checkpointing_matches(drop_path_rate):
+    plain, ckpt = tiny_mit(drop_path_rate=drop_path_rate), tiny_mit(drop_path_rate=drop_path_rate, checkpoint_blocks=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    calls, block_forward = [], ckpt.block1[0].forward
+    ckpt.block1[0].forward = lambda *a: calls.append(1) or block_forward(*a)
+    results = []
+    for model in (plain, ckpt):
+        torch.manual_seed(123)  # same DropPath masks in both runs
+        outs = model(x)
+        sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in outs).backward()
+        results.append((outs, {n: p.grad for n, p in model.named_parameters()}))
+    assert len(calls) == 2  # forward + recomputation in backward: checkpointing is really on
+    (o1, g1), (o2, g2) = results
+    for a, b in zip(o1, o2):
+        torch.testing.assert_close(a, b)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], msg=n)
+
+def test_attention_matches_explicit_formula():
+    torch.manual_seed(0)
+    attn = Attention(dim=8, num_heads=2, sr_ratio=2)
+    H, W = 4, 6
+    x = torch.randn(3, H * W, 8)
+    xs = attn.norm(attn.sr(x.transpose(1, 2).reshape(3, 8, H, W)).flatten(2).transpose(1, 2))
+    kv = attn.kv(xs)
+    k, v = kv[..., :8], kv[..., 8:]  # first d outputs are K, the next d are V
+    q = attn.q(x)
+    heads = []
+    for h in range(2):
+        s = slice(4 * h, 4 * h + 4)
+        a = (q[..., s] @ k[..., s].transpose(1, 2) / 2.0).softmax(-1)  # scale 1/sqrt(head_dim=4)
+        heads.append(a @ v[..., s])
+    torch.testing.assert_close(attn(x, H, W), attn.proj(torch.cat(heads, -1)))
+
+# -----------------------------------------------------------------------------
+# DAFormer head
+
+def test_head_shape_and_backward():
+    torch.manual_seed(0)
+    head = DAFormerHead(MIT_TINY_CFG['embed_dims'], num_classes=5, embed_dim=16)
+    feats = [torch.randn(2, c, 16 // 2 ** i, 24 // 2 ** i, requires_grad=True)
+             for i, c in enumerate(MIT_TINY_CFG['embed_dims'])]
+    out = head(feats)
+    assert out.shape == (2, 5, 16, 24)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in head.parameters())
+    assert all(f.grad is not None for f in feats)
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 + 3 * 2 + 1 + 1  # 1x1 branch, 3 separable branches, bottleneck, classifier
+    assert all(c.bias is None for c in convs if c is not head.conv_seg)
+    assert [c.dilation[0] for c in convs if c.groups > 1] == [6, 12, 18]
+    assert all(c.groups == 64 and c.padding == c.dilation for c in convs if c.groups > 1)
+    assert head.bottleneck[0].kernel_size == (3, 3) and head.bottleneck[0].in_channels == 64
+
+# -----------------------------------------------------------------------------
+# rare class sampling
+
+def test_rcs_probabilities_by_hand():
+    p = rcs_class_probabilities([900, 90, 10])
+    e = [math.exp((1 - f) / 0.01) for f in (0.9, 0.09, 0.01)]
+    assert p.dtype == np.float64
+    np.testing.assert_allclose(p, [v / sum(e) for v in e], rtol=1e-12)
+
+
+def test_rcs_pick_skips_classes_without_images():
+    rng = np.random.default_rng(0)
+    probs = rcs_class_probabilities([1000, 50, 0, 20])  # class 2 is the most likely but has no image
+    images = [[0, 1], [2], [], [3, 4, 5]]
+    picks = [rcs_pick(rng, probs, images) for _ in range(500)]
+    assert all(c != 2 and i in images[c] for c, i in picks)
+    assert {c for c, _ in picks} >= {1, 3}
+
+
+def test_crop_has_enough():
+    crop = np.zeros((64, 64), dtype=np.uint8)
+    crop.flat[:1500] = 7
+    assert not crop_has_enough(crop, 7)
+    crop.flat[1500] = 7
+    assert crop_has_enough(crop, 7) and crop_has_enough(torch.from_numpy(crop), 7)
+
+# -----------------------------------------------------------------------------
+# ImageNet feature distance
+
+def test_fd_identical_is_zero():
+    f = torch.randn(2, 8, 4, 4)
+    labels = torch.full((2, 16, 16), 13)
+    assert feature_distance(f, f.clone(), labels).item() == 0.0
+
+
+def test_fd_by_hand():
+    # 2x2 blocks -> 2x3 cells
+    labels = torch.tensor([[13, 13, 6, 6, 0, 0],
+                           [13, 0, 7, 7, 0, 0],
+                           [11, 11, 255, 255, 17, 17],
+                           [11, 11, 255, 11, 17, 255]])[None]
+    # cells: bus 75% (in), 6/7 50% (out), road (out) / person 100% (in), ignore 75% (out), bicycle 75% (in)
+    imagenet = torch.zeros(1, 2, 2, 3)
+    student = torch.full((1, 2, 2, 3), 100.0)
+    student[0, :, 0, 0] = torch.tensor([3.0, 4.0])  # norm 5
+    student[0, :, 1, 0] = torch.tensor([0.0, 1.0])  # norm 1
+    student[0, :, 1, 2] = torch.tensor([6.0, 0.0])  # norm 6
+    assert feature_distance(student, imagenet, labels).item() == pytest.approx((5 + 1 + 6) / 3)
+
+
+def test_fd_no_thing_cells_is_zero_and_backprops():
+    student = torch.randn(1, 4, 2, 2, requires_grad=True)
+    labels = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    labels[0, :4, :4] = 13
+    labels[0, 1:4, 1:4] = 0  # only 7/16 bus in that cell -> below 0.75
+    loss = feature_distance(student, torch.randn(1, 4, 2, 2), labels)
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    loss.backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
+
+
+def test_fd_rejects_non_divisible_labels():
+    with pytest.raises(ValueError):
+        feature_distance(torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3), torch.zeros(1, 10, 10))
+
+
+# ---------------------------------------------------------------- labels, data and metric
+
+# official cityscapesscripts labels.py: label id -> train id (255 = ignore); -1 (license plate) is not stored
+CITYSCAPES_EXPECTED = {0: 255, 1: 255, 2: 255, 3: 255, 4: 255, 5: 255, 6: 255, 7: 0, 8: 1, 9: 255, 10: 255,
+                       11: 2, 12: 3, 13: 4, 14: 255, 15: 255, 16: 255, 17: 5, 18: 255, 19: 6, 20: 7, 21: 8,
+                       22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 29: 255, 30: 255, 31: 16, 32: 17,
+                       33: 18}
+# SYNTHIA RAND_CITYSCAPES README ids -> Cityscapes train ids (terrain 16, truck 18, train 20 absent)
+SYNTHIA_EXPECTED = {0: 255, 1: 10, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 13, 9: 7, 10: 11, 11: 18, 12: 17,
+                    13: 255, 14: 255, 15: 6, 16: 255, 17: 12, 18: 255, 19: 15, 20: 255, 21: 3, 22: 255}
+
+
+def write_png16(path, pixels, color_type):
+    """16-bit PNG written by hand, row r using PNG filter type (4 - r) % 5 so all five filters are decoded."""
+    height, width, channels = pixels.shape
+    raw = pixels.astype('>u2').view(np.uint8).reshape(height, -1).astype(np.int64)
+    step = 2 * channels  # bytes per pixel: filters look at the same byte of the previous pixel
+    left = np.pad(raw, ((0, 0), (step, 0)))[:, :-step]
+    up = np.pad(raw, ((1, 0), (0, 0)))[:-1]
+    up_left = np.pad(raw, ((1, 0), (step, 0)))[:-1, :-step]
+    p = left + up - up_left
+    pa, pb, pc = abs(p - left), abs(p - up), abs(p - up_left)
+    paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, up_left))
+    predictors = [np.zeros_like(raw), left, up, (left + up) // 2, paeth]
+    filters = [(4 - r) % 5 for r in range(height)]
+    scanlines = b''.join(bytes([f]) + ((raw[r] - predictors[f][r]) % 256).astype(np.uint8).tobytes()
+                         for r, f in enumerate(filters))
+
+    def chunk(tag, body):
+        return struct.pack('>I', len(body)) + tag + body + struct.pack('>I', zlib.crc32(tag + body))
+    with open(path, 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 16, color_type, 0, 0, 0))
+                + chunk(b'IDAT', zlib.compress(scanlines)) + chunk(b'IEND', b''))
+
+
+# -----------------------------------------------------------------------------
+# label tables and reading
+
+
+def test_cityscapes_table_and_gta_cityscapes_labels(tmp_path):
+    assert CITYSCAPES_ID_TO_TRAIN.dtype == np.uint8 and CITYSCAPES_ID_TO_TRAIN.shape == (256,)
+    assert {i: int(CITYSCAPES_ID_TO_TRAIN[i]) for i in range(34)} == CITYSCAPES_EXPECTED
+    assert (CITYSCAPES_ID_TO_TRAIN[34:] == 255).all()
+    ids = np.array([list(range(34)) + [34, 255]], dtype=np.uint8)
+    expected = np.array([[CITYSCAPES_EXPECTED[i] for i in range(34)] + [255, 255]], dtype=np.uint8)
+    Image.fromarray(ids).save(tmp_path / 'grey.png')
+    palettized = Image.frombytes('P', (36, 1), ids.tobytes())  # original GTA labels are palette PNGs
+    palettized.putpalette(np.arange(256).repeat(3).astype(np.uint8).tobytes())
+    palettized.save(tmp_path / 'palette.png')
+    for dataset, name in (('cityscapes', 'grey.png'), ('gta', 'palette.png')):
+        label = read_label(str(tmp_path / name), dataset)
+        assert label.dtype == np.uint8 and (label == expected).all()
+
+
+def test_synthia_table():
+    assert SYNTHIA_ID_TO_TRAIN.dtype == np.uint8 and SYNTHIA_ID_TO_TRAIN.shape == (65536,)
+    assert {i: int(SYNTHIA_ID_TO_TRAIN[i]) for i in range(23)} == SYNTHIA_EXPECTED
+    assert (SYNTHIA_ID_TO_TRAIN[23:] == 255).all()
+    present = sorted(set(SYNTHIA_EXPECTED.values()) - {255})
+    assert tuple(present) == SYNTHIA_16 and set(SYNTHIA_13) == set(SYNTHIA_16) - {3, 4, 5}
+
+
+@pytest.mark.parametrize('color_type,channels', [(2, 3), (6, 4), (4, 2), (0, 1)])
+def test_synthia_16bit_label_uses_full_first_channel(tmp_path, color_type, channels):
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 23, size=(11, 9))
+    first[0, :3] = [3 + 256, 21 + 512, 65535]  # road/wall in the low byte only: must map to 255
+    pixels = np.stack([first] + [rng.integers(256, 65536, size=first.shape) for _ in range(channels - 1)], -1)
+    if channels > 1:
+        pixels[1, :, 1] = 3  # 'road' in channel 1 must not leak into the result
+    path = str(tmp_path / '0000000.png')
+    write_png16(path, pixels, color_type)
+    label = read_label(path, 'synthia')
+    assert label.dtype == np.uint8 and label.shape == (11, 9)
+    assert (label == np.vectorize(lambda i: SYNTHIA_EXPECTED.get(i, 255))(first)).all()
+    assert (label[0, :3] == 255).all()
+
+
+def test_synthia_8bit_label_via_pil(tmp_path):
+    ids = np.array([[3, 21, 16], [1, 0, 22]], dtype=np.uint8)
+    Image.fromarray(np.stack([ids, ids + 1, ids + 2], -1)).save(tmp_path / 'rgb.png')
+    assert (read_label(str(tmp_path / 'rgb.png'), 'synthia') == [[0, 3, 255], [10, 255, 255]]).all()
+
+
+@pytest.mark.parametrize('dataset', ['gta', 'synthia'])
+def test_corrupt_png_raises_corrupt_file(tmp_path, dataset):
+    write_fake_dataset(str(tmp_path), dataset, 1, (64, 48))
+    (image, label), = find_pairs(dataset, str(tmp_path), 'train')
+    for path in (image, label):
+        with open(path, 'rb') as f:
+            data = f.read()
+        with open(path, 'wb') as f:
+            f.write(data[:len(data) // 2])
+    for read in (lambda: read_image(image), lambda: read_label(label, dataset)):
+        with pytest.raises(CorruptFile) as err:
+            read()
+        assert isinstance(err.value, DataError) and '\n' not in str(err.value)
+    assert label in str(err.value)
+    (tmp_path / 'junk.png').write_bytes(b'not a png at all')
+    with pytest.raises(CorruptFile, match='junk.png'):
+        read_label(str(tmp_path / 'junk.png'), 'synthia')
+    with pytest.raises(CorruptFile, match='missing.png'):
+        read_image(str(tmp_path / 'missing.png'))
+
+
+# -----------------------------------------------------------------------------
+# folder discovery
+
+
+def test_find_pairs_on_fake_layouts(tmp_path):
+    root = str(tmp_path)
+    for dataset in ('gta', 'synthia', 'cityscapes'):
+        write_fake_dataset(root, dataset, 4, (32, 16))
+    gta = find_pairs('gta', root, 'train')
+    assert [os.path.relpath(p, root) for p in gta[0]] == ['gta/images/00001.png', 'gta/labels/00001.png']
+    assert len(gta) == 4 and gta == sorted(gta)
+    synthia = find_pairs('synthia', root, 'train')
+    assert [os.path.relpath(p, root) for p in synthia[-1]] == ['synthia/RGB/0000003.png',
+                                                              'synthia/GT/LABELS/0000003.png']
+    # siblings that real Cityscapes (or DAFormer's converter) put next to the labels are ignored
+    (tmp_path / 'cityscapes/gtFine/train/aachen/aachen_000000_000019_gtFine_color.png').write_bytes(b'')
+    (tmp_path / 'cityscapes/gtFine/train/aachen/aachen_000000_000019_gtFine_polygons.json').write_bytes(b'')
+    for split, cities in (('train', {'aachen', 'bochum'}), ('val', {'frankfurt', 'lindau'})):
+        pairs = find_pairs('cityscapes', root, split)
+        assert len(pairs) == 4 and pairs == sorted(pairs)
+        assert {os.path.basename(os.path.dirname(image)) for image, _ in pairs} == cities
+        for image, label in pairs:
+            assert label == image.replace('leftImg8bit', 'gtFine', 1).replace('_leftImg8bit.png',
+                                                                              '_gtFine_labelIds.png')
+    for dataset, pairs in (('gta', gta), ('synthia', synthia)):
+        for image, label in pairs:
+            assert read_image(image).shape == (16, 32, 3)
+            assert set(np.unique(read_label(label, dataset))) <= set(range(19)) | {255}
+
+
+@pytest.mark.parametrize('case', ['missing folder', 'empty split', 'image without label', 'label without image',
+                                  'bad naming'])
+def test_find_pairs_errors(tmp_path, case):
+    root = str(tmp_path)
+    write_fake_dataset(root, 'gta', 3, (8, 8))
+    write_fake_dataset(root, 'cityscapes', 2, (8, 8))
+    dataset, split = 'gta', 'train'
+    if case == 'missing folder':
+        expected = os.path.join(root, 'gta/labels')
+        for name in os.listdir(expected):
+            os.remove(os.path.join(expected, name))
+        os.rmdir(expected)
+    elif case == 'empty split':
+        dataset, split, expected = 'cityscapes', 'val', os.path.join(root, 'cityscapes/leftImg8bit/val')
+        for city in ('frankfurt', 'lindau'):
+            for name in os.listdir(os.path.join(expected, city)):
+                os.remove(os.path.join(expected, city, name))
+    elif case == 'image without label':
+        os.remove(os.path.join(root, 'gta/labels/00002.png'))
+        expected = os.path.join(root, 'gta/images/00002.png')
+    elif case == 'label without image':
+        os.remove(os.path.join(root, 'gta/images/00003.png'))
+        expected = os.path.join(root, 'gta/labels/00003.png')
+    else:
+        expected = os.path.join(root, 'gta/images/00004 copy.png')
+        open(expected, 'wb').close()
+    with pytest.raises(DataError) as err:
+        find_pairs(dataset, root, split)
+    assert expected in str(err.value) and '\n' not in str(err.value)
+
+
+# -----------------------------------------------------------------------------
+# geometry
+
+
+def test_resize_pair_fixes_gta_size_mismatch():
+    image = np.random.default_rng(0).integers(0, 256, size=(10, 20, 3), dtype=np.uint8)
+    label = np.tile(np.array([0, 13, 255], dtype=np.uint8), (10, 7))  # 21 wide: one column more than image
+    out_image, out_label = resize_pair(image, label, (40, 16))
+    assert out_image.shape == (16, 40, 3) and out_label.shape == (16, 40)
+    assert set(np.unique(out_label)) == {0, 13, 255}  # nearest: no blended ids
+    out_image, full_label = resize_pair(image, label, (40, 16), resize_label=False)
+    assert out_image.shape == (16, 40, 3) and full_label is label
+
+
+def test_random_crop_shape_and_padding():
+    rng = np.random.default_rng(0)
+    image = rng.integers(1, 256, size=(6, 10, 3), dtype=np.uint8)
+    label = rng.integers(0, 19, size=(6, 10), dtype=np.uint8)
+    crop_image, crop_label = random_crop(image, label, (4, 5), rng)
+    assert crop_image.shape == (4, 5, 3) and crop_label.shape == (4, 5)
+    ys, xs = np.nonzero((np.lib.stride_tricks.sliding_window_view(label, (4, 5)) == crop_label).all((-2, -1)))
+    assert any((image[y:y + 4, x:x + 5] == crop_image).all() for y, x in zip(ys, xs))
+    padded_image, padded_label = random_crop(image, label, (8, 12), rng)
+    assert padded_image.shape == (8, 12, 3) and padded_label.shape == (8, 12)
+    assert (padded_image[:6, :10] == image).all() and (padded_label[:6, :10] == label).all()
+    assert (padded_image[6:] == 0).all() and (padded_label[6:] == 255).all() and (padded_label[:, 10:] == 255).all()
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def test_confusion_matrix_and_iou_by_hand():
+    label = torch.tensor([[0, 0, 0, 1], [1, 255, 255, 0]], dtype=torch.uint8)
+    pred = torch.tensor([[0, 0, 1, 1], [0, 2, 1, 0]])  # predictions on ignored pixels do not count
+    conf = confusion_matrix(pred, label, 3)
+    assert conf.dtype == torch.int64
+    assert conf.tolist() == [[3, 1, 0], [1, 1, 0], [0, 0, 0]]
+    iou = iou_per_class(conf)
+    assert iou.dtype == torch.float64
+    assert iou[0] == pytest.approx(3 / 5) and iou[1] == pytest.approx(1 / 3) and torch.isnan(iou[2])
+    assert (confusion_matrix(pred.numpy(), label.numpy(), 3) == conf).all()
+    assert iou_per_class(confusion_matrix(torch.tensor([2, 0]), torch.tensor([0, 0]), 3))[2] == 0  # pred only
+    with pytest.raises(ValueError):
+        confusion_matrix(torch.tensor([0]), torch.tensor([3]), 3)
+
+
+def test_format_table_numbers_in_order():
+    ious = np.full(19, np.nan)
+    ious[list(SYNTHIA_16)] = np.linspace(0.1, 0.85, 16)
+    table = format_table(torch.tensor(ious), SYNTHIA_13)
+    header, values = ([cell.strip() for cell in line.split('|')] for line in table.splitlines())
+    assert header == [CLASSES[i] for i in SYNTHIA_13] + ['mIoU']
+    assert values == [f'{ious[i] * 100:.1f}' for i in SYNTHIA_13] + [f'{np.mean(ious[list(SYNTHIA_13)]) * 100:.1f}']
+    assert values[:2] == ['10.0', '15.0']
+    header, values = ([cell.strip() for cell in line.split('|')] for line in format_table(ious, range(19))
+                      .splitlines())
+    assert header[-1] == 'mIoU' and values[9] == 'nan' and values[-1] == f'{np.nanmean(ious) * 100:.1f}'
+
+
+def test_palette():
+    assert PALETTE.dtype == np.uint8 and PALETTE.shape == (19, 3)
+    assert PALETTE[0].tolist() == [128, 64, 128] and PALETTE[10].tolist() == [70, 130, 180]
+    assert PALETTE[13].tolist() == [0, 0, 142] and PALETTE[18].tolist() == [119, 11, 32]
