@@ -1,4 +1,5 @@
 """Tests for mrm.py, train_dacs_mrm.py and eval.py. CPU only, tiny models, data made on the fly."""
+import json
 import math
 import os
 import struct
@@ -11,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from types import SimpleNamespace
 
 from mrm import Rebuilder, mrm_loss, segmentation_ce, sincos_pos_embed_2d
 from train_dacs_mrm import (CITYSCAPES_ID_TO_TRAIN, CLASSES, MIT_B5, PALETTE, SYNTHIA_13, SYNTHIA_16,
@@ -958,3 +960,174 @@ def test_palette():
     assert PALETTE.dtype == np.uint8 and PALETTE.shape == (19, 3)
     assert PALETTE[0].tolist() == [128, 64, 128] and PALETTE[10].tolist() == [70, 130, 180]
     assert PALETTE[13].tolist() == [0, 0, 142] and PALETTE[18].tolist() == [119, 11, 32]
+
+
+# ---------------------------------------------------------------- DACS operations
+
+import train_dacs_mrm as T  # noqa: E402  (the training script, for its pipeline-level functions)
+
+
+def test_class_mix_takes_half_the_classes_of_each_image():
+    torch.manual_seed(0)
+    labels = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 255]],     # 4 classes (255 counts) -> 2 pasted
+                           [[5, 5, 5, 5], [7, 7, 7, 9]]])        # 3 classes -> ceil(3/2) = 2 pasted
+    for _ in range(20):
+        mask = T.class_mix_masks(labels)
+        for b, expected in ((0, 2), (1, 2)):
+            pasted = set(labels[b][mask[b]].tolist())
+            kept = set(labels[b][~mask[b]].tolist())
+            assert len(pasted) == expected and not pasted & kept  # whole classes only
+    single = torch.full((1, 3, 3), 4)
+    assert T.class_mix_masks(single).all()  # one class: ceil(1/2) = 1, pasted
+
+
+def test_class_mix_chooses_every_subset_eventually():
+    torch.manual_seed(0)
+    labels = torch.tensor([[[0, 1, 2, 3]]])
+    seen = {tuple(sorted(labels[0][T.class_mix_masks(labels)[0]].tolist())) for _ in range(200)}
+    assert len(seen) == 6  # C(4, 2)
+
+
+def test_pseudo_label_and_confidence_weight_by_hand():
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 1, 0, 0] = 10.0   # p = 0.99995 >= 0.968
+    logits[0, 0, 0, 1] = 4.0    # p = 0.982 >= 0.968
+    logits[0, 1, 1, 0] = 3.0    # p = 0.953 < 0.968
+    label, weight = T.pseudo_label(logits, 0.968)                 # (1, 1) ties: argmax takes class 0
+    assert label.tolist() == [[[1, 0], [1, 0]]]
+    assert weight.item() == pytest.approx(2 / 4)
+
+
+def test_color_jitter_and_blur_keep_range_and_respect_probability():
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 40, 40)
+    assert torch.equal(T.color_jitter(x, 0.25, p=0.0), x) and torch.equal(T.gaussian_blur(x, p=0.0), x)
+    jittered, blurred = T.color_jitter(x, 0.25, p=1.0), T.gaussian_blur(x, p=1.0)
+    assert jittered.min() >= 0 and jittered.max() <= 1 and not torch.equal(jittered, x)
+    assert blurred.std() < x.std()  # a low-pass filter of white noise
+    flat = torch.full((1, 3, 40, 40), 0.3)
+    torch.testing.assert_close(T.gaussian_blur(flat, p=1.0), flat)  # kernel sums to 1, reflect padding
+
+
+def test_ema_follows_dacs_formula():
+    student, teacher = nn.Linear(2, 2), nn.Linear(2, 2)
+    before = teacher.weight.detach().clone()
+    T.update_ema(teacher, student, iteration=9, max_alpha=0.99)  # alpha = min(1 - 1/10, 0.99) = 0.9
+    torch.testing.assert_close(teacher.weight, 0.9 * before + 0.1 * student.weight)
+    T.update_ema(teacher, student, iteration=0, max_alpha=0.99)  # alpha 0: a copy of the student
+    torch.testing.assert_close(teacher.weight, student.weight)
+
+
+def test_lr_schedules():
+    dacs = SimpleNamespace(iters=100, poly_power=0.9, warmup_iters=0)
+    assert T.lr_factor(dacs, 0) == 1.0 and T.lr_factor(dacs, 50) == pytest.approx(0.5 ** 0.9)
+    daformer = SimpleNamespace(iters=40000, poly_power=1.0, warmup_iters=1500)
+    assert T.lr_factor(daformer, 0) == pytest.approx(1e-6)
+    assert T.lr_factor(daformer, 750) == pytest.approx((1 - 750 / 40000) * (1 - 0.5 * (1 - 1e-6)))
+    assert T.lr_factor(daformer, 20000) == pytest.approx(0.5)
+
+
+def test_mrm_adds_at_most_14_percent_forward_flops_for_deeplabv2():
+    """Paper Table 6: 1.13x. Counted on the meta device: the full ResNet-101 at 512x512, instantly."""
+    r = T.count_flops("dlv2", (512, 512))
+    assert 170 < r["model_gmac"] < 200
+    assert r["ratio"] <= 1.14
+    assert r["rebuilder_params"] == 10_246_016
+
+
+# ---------------------------------------------------------------- training runs (tiny, CPU)
+
+TOY_FAST = ["--task", "toy", "--batch-size", "2", "--log-every", "2", "--checkpoint-every", "2", "--workers", "0"]
+
+
+@pytest.fixture
+def small_toy(monkeypatch):
+    monkeypatch.setitem(T.TOY_SIZES, "val", 4)
+
+
+def state_of(work_dir):
+    return torch.load(os.path.join(work_dir, "checkpoint.pth"), weights_only=True)
+
+
+def assert_states_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_is_bit_exact(tmp_path, small_toy):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    assert T.main(TOY_FAST + ["--iters", "6", "--work-dir", straight]) == 0
+    assert T.main(TOY_FAST + ["--iters", "6", "--stop-after", "3", "--work-dir", split]) == 0
+    assert state_of(split)["iteration"] == 3 and not os.path.exists(os.path.join(split, "model.pth"))
+    assert T.main(TOY_FAST + ["--iters", "6", "--resume", "--work-dir", split]) == 0
+    a, b = state_of(straight), state_of(split)
+    for part in ("model", "teacher", "rebuilder"):
+        assert_states_equal(a[part], b[part])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    lines = [json.loads(line) for line in open(os.path.join(split, "log.jsonl"))]
+    assert [r["iteration"] for r in lines if "loss_source" in r] == [2, 3, 4, 6]
+
+
+def test_toy_training_logs_and_exports_without_rebuilder(tmp_path, small_toy, capsys):
+    work = str(tmp_path / "run")
+    assert T.main(TOY_FAST + ["--iters", "4", "--work-dir", work]) == 0
+    out = capsys.readouterr().out
+    assert "it/s" in out and "ETA" in out and "mIoU" in out
+    records = [json.loads(line) for line in open(os.path.join(work, "log.jsonl"))]
+    assert {"iteration", "loss_source", "loss_uda", "loss_mrm", "lr", "time"} <= records[0].keys()
+    assert records[-1]["val_miou"] >= 0
+    exported = torch.load(os.path.join(work, "model.pth"), weights_only=True)
+    assert not any("rebuild" in key for key in exported["model"])
+    assert exported["model"].keys() == state_of(work)["model"].keys()
+
+
+@pytest.mark.parametrize("extra", [["--source-only"], ["--no-mrm"], ["--mrm-domain", "both", "--mask-ratio", "0.6"],
+                                   ["--arch", "mit-tiny", "--checkpoint-blocks"]])
+def test_toy_variants_run(tmp_path, small_toy, extra):
+    assert T.main(TOY_FAST + ["--iters", "2", "--work-dir", str(tmp_path)] + extra) == 0
+    state = state_of(str(tmp_path))
+    assert (state["rebuilder"] is None) == ("--source-only" in extra or "--no-mrm" in extra)
+    assert (state["teacher"] is None) == ("--source-only" in extra)
+
+
+def test_gta2cs_starts_on_fake_data_in_the_real_layout(tmp_path, capsys):
+    root = str(tmp_path / "data")
+    write_fake_dataset(root, "gta", 3, (96, 64))
+    write_fake_dataset(root, "cityscapes", 2, (128, 64))
+    work = str(tmp_path / "run")
+    args = ["--task", "gta2cs", "--data-root", root, "--arch", "dlv2-tiny", "--iters", "2", "--crop", "48",
+            "--workers", "0", "--work-dir", work, "--log-every", "1"]
+    assert T.main(args) == 0
+    out = capsys.readouterr().out
+    assert "3 source / 2 target images" in out and "mIoU over 19 classes" in out
+    assert eval_main([os.path.join(work, "model.pth"), "--task", "gta2cs", "--data-root", root,
+                      "--workers", "0", "--save-dir", str(tmp_path / "pred")]) == 0
+    assert len(os.listdir(tmp_path / "pred")) == 2
+
+
+def test_daformer_recipe_on_fake_data_with_rare_class_sampling(tmp_path):
+    root = str(tmp_path / "data")
+    write_fake_dataset(root, "synthia", 3, (96, 64))
+    write_fake_dataset(root, "cityscapes", 2, (128, 64))
+    args = ["--task", "syn2cs", "--data-root", root, "--arch", "mit-tiny", "--iters", "2", "--crop", "64",
+            "--rcs-min-pixels", "64",
+            "--workers", "0", "--work-dir", str(tmp_path / "run"), "--log-every", "1"]
+    assert T.main(args) == 0
+    assert os.path.exists(os.path.join(root, "synthia", "rcs_stats_synthia_3.json"))
+
+
+from eval import main as eval_main  # noqa: E402
+
+
+def test_eval_refuses_wrong_class_count_and_non_empty_save_dir(tmp_path, small_toy, capsys):
+    work = str(tmp_path / "run")
+    assert T.main(TOY_FAST + ["--iters", "2", "--work-dir", work]) == 0
+    model = os.path.join(work, "model.pth")
+    assert eval_main([model, "--task", "gta2cs", "--data-root", str(tmp_path)]) == 2
+    assert "predicts 7 classes" in capsys.readouterr().err
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "pred" / "keep.txt").write_text("x")
+    assert eval_main([model, "--task", "toy", "--save-dir", str(tmp_path / "pred"), "--workers", "0"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert eval_main([model, "--task", "toy", "--workers", "0"]) == 0

@@ -65,7 +65,7 @@ DEFAULTS = dict(
     source_only=False,      # the baseline: source loss only, no target, no MRM
     ema=0.99, pseudo_threshold=0.968, jitter=0.25, jitter_p=0.8, blur_p=0.5, align_corners=True,
     # DAFormer recipe parts (0 / False = off)
-    flip=False, cat_max_ratio=1.0, rcs_temperature=0.0, fd_weight=0.0, pl_crop=False,
+    flip=False, cat_max_ratio=1.0, rcs_temperature=0.0, rcs_min_pixels=3000, fd_weight=0.0, pl_crop=False,
     # MRM
     mrm=True, mrm_weight=1.0, mask_ratio=0.4, rebuilder_dim=512, rebuilder_depth=2, rebuilder_heads=16,
     rebuilder_grid=16, rebuilder_lr=2e-4, mrm_domain="target",
@@ -1392,16 +1392,18 @@ class TrainBatches(torch.utils.data.Dataset):
                 break
             counts = np.bincount(label_crop[label_crop != 255], minlength=256)
             balanced = self.cfg.cat_max_ratio >= 1 or counts.max(initial=0) < self.cfg.cat_max_ratio * counts.sum()
-            if balanced and (rare_class is None or crop_has_enough(label_crop, rare_class)):
+            if balanced and (rare_class is None or crop_has_enough(label_crop, rare_class, self.cfg.rcs_min_pixels // 2)):
                 break
         return image_crop, label_crop
 
 
 def make_loader(cfg, dataset, start_iteration):
+    # Its own generator: creating the loader must not draw from the global RNG, or a resumed run
+    # (which creates it at another point of the RNG stream) would diverge from a straight one.
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(start_iteration, cfg.iters), num_workers=cfg.workers,
         pin_memory=cfg.device == "cuda", persistent_workers=cfg.workers > 0,
-        prefetch_factor=4 if cfg.workers else None)
+        prefetch_factor=4 if cfg.workers else None, generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def rcs_statistics(cfg, source):
@@ -1421,7 +1423,10 @@ def rcs_statistics(cfg, source):
             except OSError:
                 continue
     counts = np.array(counts)
-    images_per_class = [np.flatnonzero(counts[:, c] > 3000).tolist() for c in range(cfg.num_classes)]
+    images_per_class = [np.flatnonzero(counts[:, c] > cfg.rcs_min_pixels).tolist() for c in range(cfg.num_classes)]
+    if not any(images_per_class):
+        raise DataError(f"rare class sampling: no {source.name} image has more than --rcs-min-pixels "
+                        f"{cfg.rcs_min_pixels} pixels of any class")
     return rcs_class_probabilities(counts.sum(axis=0), cfg.rcs_temperature), images_per_class
 
 
