@@ -1131,3 +1131,102 @@ def test_eval_refuses_wrong_class_count_and_non_empty_save_dir(tmp_path, small_t
     assert eval_main([model, "--task", "toy", "--save-dir", str(tmp_path / "pred"), "--workers", "0"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert eval_main([model, "--task", "toy", "--workers", "0"]) == 0
+
+
+# ---------------------------------------------------------------- hardening: bad input and faults
+
+def test_missing_data_folder_is_one_line_exit_2(tmp_path, capsys):
+    assert T.main(["--task", "gta2cs", "--data-root", str(tmp_path), "--check-data"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "gta" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_check_data_prints_counts(tmp_path, capsys):
+    write_fake_dataset(str(tmp_path), "gta", 3, (32, 16))
+    write_fake_dataset(str(tmp_path), "cityscapes", 2, (32, 16))
+    assert T.main(["--task", "gta2cs", "--data-root", str(tmp_path), "--check-data"]) == 0
+    out = capsys.readouterr().out
+    assert "gta train: 3 image/label pairs" in out and "cityscapes val: 2 image/label pairs" in out
+
+
+def truncate(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("max_skips,code", [(50, 0), (0, 2)])
+def test_corrupt_image_is_named_and_skipped_at_most_k_times(tmp_path, capsys, max_skips, code):
+    root = str(tmp_path / "data")
+    write_fake_dataset(root, "gta", 2, (64, 48))
+    write_fake_dataset(root, "cityscapes", 1, (64, 32))
+    truncate(os.path.join(root, "gta", "images", "00001.png"))
+    args = ["--task", "gta2cs", "--data-root", root, "--arch", "dlv2-tiny", "--iters", "3", "--crop", "32",
+            "--workers", "0", "--work-dir", str(tmp_path / "run"), "--max-skips", str(max_skips)]
+    assert T.main(args) == code
+    captured = capsys.readouterr()
+    assert "00001.png" in captured.out + captured.err
+    if code:
+        assert "--max-skips" in captured.err
+
+
+def test_crash_during_checkpoint_write_keeps_the_last_checkpoint(tmp_path, small_toy, monkeypatch):
+    work = str(tmp_path / "run")
+    assert T.main(TOY_FAST + ["--iters", "4", "--stop-after", "2", "--work-dir", work]) == 0
+    before = open(os.path.join(work, "checkpoint.pth"), "rb").read()
+
+    def crash_midway(state, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # as if the process died between write and rename
+
+    monkeypatch.setattr(T.torch, "save", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        T.main(TOY_FAST + ["--iters", "4", "--resume", "--work-dir", work])
+    monkeypatch.undo()
+    assert open(os.path.join(work, "checkpoint.pth"), "rb").read() == before
+    assert state_of(work)["iteration"] == 2
+    assert T.main(TOY_FAST + ["--iters", "4", "--resume", "--work-dir", work]) == 0
+    assert state_of(work)["iteration"] == 4
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_toy, monkeypatch, capsys):
+    work = str(tmp_path / "run")
+    real_step = T.train_step
+
+    def step(cfg, nets, batch, iteration):
+        losses = real_step(cfg, nets, batch, iteration)
+        return losses * float("nan") if iteration == 2 else losses
+
+    monkeypatch.setattr(T, "train_step", step)
+    assert T.main(TOY_FAST + ["--iters", "6", "--work-dir", work]) == 3
+    assert "non-finite loss" in capsys.readouterr().err
+    assert state_of(work)["iteration"] == 2
+
+
+def test_out_of_memory_names_the_switches_that_help(tmp_path, small_toy, monkeypatch, capsys):
+    def step(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(T, "train_step", step)
+    assert T.main(TOY_FAST + ["--iters", "2", "--work-dir", str(tmp_path)]) == 4
+    err = capsys.readouterr().err
+    assert "out of GPU memory" in err and "--amp bf16" in err and "--checkpoint-blocks" in err
+
+
+class NotATensor:
+    pass
+
+
+def test_untrusted_or_foreign_checkpoints_are_refused_in_one_line(tmp_path, small_toy, capsys):
+    pickled = str(tmp_path / "evil.pth")
+    torch.save({"model": NotATensor()}, pickled)
+    assert eval_main([pickled, "--task", "toy"]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    foreign = str(tmp_path / "foreign.pth")
+    torch.save({"weight": torch.zeros(2)}, foreign)
+    assert eval_main([foreign, "--task", "toy"]) == 2
+    assert "not a checkpoint of train_dacs_mrm.py" in capsys.readouterr().err
+    work = str(tmp_path / "run")
+    assert T.main(TOY_FAST + ["--iters", "2", "--stop-after", "1", "--work-dir", work]) == 0
+    assert T.main(TOY_FAST + ["--iters", "2", "--resume", "--arch", "mit-tiny", "--work-dir", work]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint is" in err and "mit-tiny" in err

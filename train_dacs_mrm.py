@@ -1378,7 +1378,8 @@ class TrainBatches(torch.utils.data.Dataset):
             if self.cfg.flip and rng.random() < 0.5:
                 image, label = image[:, ::-1], label[:, ::-1]
             return np.ascontiguousarray(image), np.ascontiguousarray(label)
-        raise DataError(f"{len(skipped)} corrupt files in a row, last: {skipped[-1]}")
+        raise DataError(f"{len(skipped)} corrupt files in a row (more than --max-skips {self.cfg.max_skips}), "
+                        f"last: {skipped[-1]}")
 
     def crop(self, image, label, rng, rare_class, is_source):
         """Random crop; DAFormer retries up to 10 crops until no class covers more than cat_max_ratio
@@ -1657,6 +1658,80 @@ def print_flops(cfg):
           f"Rebuilder {r['rebuilder_params']:,} trainable parameters")
 
 
+def bench(cfg):
+    """--bench N: median time of N training steps (after a warm-up) on random batches shaped like
+    gta2cs (1280x720 source, 1024x512 target, cropped), data loading excluded, with and without MRM
+    in one run. On the CPU it swaps in the tiny model of the same family so that a test can run it."""
+    if cfg.device == "cpu":
+        cfg = SimpleNamespace(**{**vars(cfg), "arch": cfg.arch if cfg.arch.endswith("tiny") else
+                                 ("mit-tiny" if "mit" in cfg.arch else "dlv2-tiny"), "crop": min(cfg.crop or 64, 64)})
+        print(f"bench on the CPU: tiny model {cfg.arch}, {cfg.crop}x{cfg.crop} crops", flush=True)
+    rng = np.random.default_rng(cfg.seed)
+    crop = (cfg.crop, cfg.crop)
+
+    def random_pair(width, height):
+        label = rng.integers(0, cfg.num_classes, size=(height // 64 + 1, width // 64 + 1)).repeat(64, 0).repeat(64, 1)
+        image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        return random_crop(image, label[:height, :width].astype(np.uint8), crop, rng)
+
+    source = [random_pair(1280, 720) for _ in range(cfg.batch_size)]
+    target = [random_pair(1024, 512) for _ in range(cfg.batch_size)]
+    batch = dict(source_image=torch.from_numpy(np.stack([s[0] for s in source])).permute(0, 3, 1, 2),
+                 source_label=torch.from_numpy(np.stack([s[1] for s in source])),
+                 target_image=torch.from_numpy(np.stack([t[0] for t in target])).permute(0, 3, 1, 2))
+    cuda = cfg.device == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    results = {}
+    for mrm in (True, False):
+        run = SimpleNamespace(**{**vars(cfg), "mrm": mrm, "iters": 10 ** 9})
+        nets = build_nets(run)
+        warmup, times = max(3, cfg.bench // 10), []
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(warmup + cfg.bench):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            train_step(run, nets, batch, i)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        milliseconds = 1000 * float(np.median(times[warmup:]))
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+        results[mrm] = (milliseconds, peak)
+        print(f"{cfg.arch} amp={cfg.amp} {'DACS+MRM' if mrm else 'DACS    '}: {milliseconds:.1f} ms/iteration, "
+              f"{2 * cfg.batch_size * 1000 / milliseconds:.1f} images/s, peak memory {peak:.2f} GiB, "
+              f"projected {milliseconds * RECIPES[cfg.recipe]['iters'] / 3.6e6:.1f} h for "
+              f"{RECIPES[cfg.recipe]['iters']} iterations", flush=True)
+        del nets
+        if cuda:
+            torch.cuda.empty_cache()
+    print(f"MRM step-time overhead: {results[True][0] / results[False][0]:.3f}x", flush=True)
+    return results
+
+
+def bench_data(cfg):
+    """--bench-data N: decode + resize + crop speed of one loader worker on GTA-sized PNGs (1914x1052)
+    written to a temporary folder, so you know how many workers keep the GPU busy."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as root:
+        write_fake_dataset(root, "gta", 4, (1914, 1052), seed=cfg.seed)
+        write_fake_dataset(root, "cityscapes", 2, (2048, 1024), seed=cfg.seed)
+        run = SimpleNamespace(**{**vars(cfg), "source": "gta", "target": "cityscapes", "data_root": root})
+        batches = TrainBatches(run, Domain("gta", root), Domain("cityscapes", root))
+        batches[0]
+        start = time.perf_counter()
+        for i in range(1, cfg.bench_data + 1):
+            batches[i]
+        seconds = time.perf_counter() - start
+    pairs = cfg.bench_data * 2 * cfg.batch_size
+    print(f"one worker: {pairs / seconds:.1f} image pairs/s ({cfg.bench_data / seconds:.2f} batches of "
+          f"{cfg.batch_size}+{cfg.batch_size}/s); a GPU step of T ms needs about {1000 / (cfg.bench_data / seconds):.0f}/T "
+          f"workers", flush=True)
+    return pairs / seconds
+
+
 def check_data(cfg):
     """List and pair every split the task reads (no decoding) and print the counts."""
     for name, split in ((cfg.source, "train"), (cfg.target, "train"), (cfg.target, "val")):
@@ -1670,6 +1745,10 @@ def main(argv=None):
             print_flops(cfg)
         elif cfg.check_data:
             check_data(cfg)
+        elif cfg.bench:
+            bench(cfg)
+        elif cfg.bench_data:
+            bench_data(cfg)
         else:
             train(cfg)
     except DataError as error:
