@@ -3,6 +3,9 @@ import json
 import math
 import os
 import struct
+import subprocess
+import sys
+import time
 import zlib
 
 import numpy as np
@@ -19,8 +22,9 @@ from train_dacs_mrm import (CITYSCAPES_ID_TO_TRAIN, CLASSES, MIT_B5, PALETTE, SY
                             SYNTHIA_ID_TO_TRAIN, ASPPClassifier, Attention, CorruptFile, DAFormerHead, DataError,
                             MixVisionTransformer, Normalize, ResNetDilated, build_deeplabv2, build_deeplabv2_from_info,
                             confusion_matrix, crop_has_enough, feature_distance, find_pairs, format_table,
-                            iou_per_class, load_backbone_weights, load_mit_weights, random_crop,
-                            rcs_class_probabilities, rcs_pick, read_image, read_label, resize_pair, write_fake_dataset)
+                            iou_per_class, load_backbone_state, load_mit_weights, random_crop,
+                            rcs_class_probabilities, rcs_pick, read_image, read_label, read_pretrained, resize_pair,
+                            write_fake_dataset)
 
 torch.set_num_threads(2)
 
@@ -141,8 +145,8 @@ def test_embedding_equals_linear_then_resize_in_float64(size):
 
 def test_projector_structure_follows_official_widths():
     rebuilder = Rebuilder([64, 128, 320, 512])
-    convs = [[(m.in_channels, m.out_channels, type(m).__name__) for m in p if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
-             for p in rebuilder.projectors]
+    convs = [[(m.in_channels, m.out_channels, type(m).__name__)
+              for m in p if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))] for p in rebuilder.projectors]
     assert convs[3] == [(512, 512, "Conv2d")]
     assert convs[2] == [(512, 256, "ConvTranspose2d"), (256, 320, "Conv2d")]
     assert convs[1] == [(512, 256, "ConvTranspose2d"), (256, 128, "ConvTranspose2d"), (128, 128, "Conv2d")]
@@ -262,7 +266,7 @@ def test_all_ignored_gives_zero_not_nan():
     target = torch.full((1, 12, 12), 255)
     for weight in (None, torch.rand(1, 12, 12)):
         loss = mrm_loss(decoder, rebuilder, f, target, weight=weight)
-        assert float(loss) == 0.0
+        assert loss.item() == 0.0
         loss.backward()
         assert torch.isfinite(f.grad).all()
 
@@ -395,7 +399,7 @@ def test_load_coco_init_layout(tmp_path):
     assert_same_state(src, encoder.backbone)
 
     fresh = ResNetDilated(**DLV2_TINY)
-    load_backbone_weights(fresh, path)
+    load_backbone_state(fresh, read_pretrained(path), path)
     assert_same_state(src, fresh)
 
 
@@ -421,7 +425,7 @@ def test_load_mismatch_raises_readable_error(tmp_path):
     path = tmp_path / 'broken.pth'
     torch.save(sd, path)
     with pytest.raises(ValueError) as err:
-        load_backbone_weights(ResNetDilated(**DLV2_TINY), path)
+        load_backbone_state(ResNetDilated(**DLV2_TINY), read_pretrained(path), path)
     msg = str(err.value)
     assert str(path) in msg and 'layer1.0.conv1.weight' in msg and 'layer2.0.extra.weight' in msg
     assert 'layer4.0.conv3.weight' in msg  # shape mismatch
@@ -439,7 +443,7 @@ def test_real_torchvision_resnet101_keys_load(tmp_path):
     path = tmp_path / 'resnet101-cd907fc2.pth'
     torch.save(tv.state_dict(), path)
     model = ResNetDilated(stride_in_1x1=False)
-    load_backbone_weights(model, path)
+    load_backbone_state(model, read_pretrained(path), path)
     assert torch.equal(model.layer3[22].conv2.weight, tv.layer3[22].conv2.weight)
     assert torch.equal(model.layer4[0].downsample[1].running_var, tv.layer4[0].downsample[1].running_var)
 
@@ -610,7 +614,8 @@ def test_forward_shapes(size):
 
 @pytest.mark.parametrize('drop_path_rate', [0.0, 0.5])
 def test_checkpointing_matches(drop_path_rate):
-    plain, ckpt = tiny_mit(drop_path_rate=drop_path_rate), tiny_mit(drop_path_rate=drop_path_rate, checkpoint_blocks=True)
+    plain = tiny_mit(drop_path_rate=drop_path_rate)
+    ckpt = tiny_mit(drop_path_rate=drop_path_rate, checkpoint_blocks=True)
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(1, 3, 64, 64)
     calls, block_forward = [], ckpt.block1[0].forward
@@ -962,9 +967,90 @@ def test_palette():
     assert PALETTE[13].tolist() == [0, 0, 142] and PALETTE[18].tolist() == [119, 11, 32]
 
 
-# ---------------------------------------------------------------- DACS operations
-
 import train_dacs_mrm as T  # noqa: E402  (the training script, for its pipeline-level functions)
+
+
+# ---------------------------------------------------------------- toy scenes
+
+STYLES = ('source', 'target')
+
+
+def _toy_split(style, n, seed, size=(64, 128)):
+    rng = np.random.default_rng(seed)
+    images, labels = zip(*(T.make_toy_scene(rng, style, size) for _ in range(n)))
+    return np.stack(images), np.stack(labels)
+
+
+def test_toy_classes_are_cityscapes_subset():
+    assert 5 <= len(T.TOY_CLASSES) <= 8 and set(T.TOY_CLASSES) <= set(CLASSES)
+    assert T.TOY_PALETTE.shape == (len(T.TOY_CLASSES), 3) and T.TOY_PALETTE.dtype == np.uint8
+
+
+@pytest.mark.parametrize('style', STYLES)
+def test_toy_deterministic_for_seed(style):
+    a, b, c = _toy_split(style, 5, seed=3), _toy_split(style, 5, seed=3), _toy_split(style, 5, seed=4)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+@pytest.mark.parametrize('style', STYLES)
+@pytest.mark.parametrize('size', [(64, 128), (32, 48), (97, 201), (128, 256)])
+def test_toy_shapes_and_dtypes(style, size):
+    img, lab = T.make_toy_scene(np.random.default_rng(0), style, size)
+    assert img.shape == (*size, 3) and img.dtype == np.uint8
+    assert lab.shape == size and lab.dtype == np.uint8
+    imgs, labs = _toy_split(style, 3, seed=0, size=size)
+    assert imgs.shape == (3, *size, 3) and labs.shape == (3, *size)
+    assert imgs.dtype == np.uint8 and labs.dtype == np.uint8
+
+
+def test_toy_default_size():
+    img, lab = T.make_toy_scene(np.random.default_rng(0), 'source')
+    assert img.shape == (64, 128, 3) and lab.shape == (64, 128)
+
+
+def test_toy_unknown_style_rejected():
+    with pytest.raises(ValueError):
+        T.make_toy_scene(np.random.default_rng(0), 'night')
+
+
+@pytest.mark.parametrize('style', STYLES)
+def test_toy_every_class_appears_and_labels_in_range(style):
+    _, labs = _toy_split(style, 50, seed=0)
+    assert labs.max() < len(T.TOY_CLASSES)
+    assert set(np.unique(labs)) == set(range(len(T.TOY_CLASSES)))
+
+
+def _toy_class_stats(style, n=30):
+    """Per-class mean colour and fine texture (median |horizontal step| inside the class),
+    rendering the same layouts in the given style."""
+    rng = np.random.default_rng(0)
+    means, steps = [[] for _ in T.TOY_CLASSES], [[] for _ in T.TOY_CLASSES]
+    for k in range(n):
+        layout = T.toy_layout(np.random.default_rng(k), 'source')
+        img, lab = T.toy_render(rng, layout, style)
+        assert np.array_equal(lab, layout[-1])  # rendering never changes the geometry
+        img = img.astype(float)
+        step = np.abs(img[:, 1:] - img[:, :-1]).mean(-1)
+        inside = lab[:, 1:] == lab[:, :-1]
+        for c in range(len(T.TOY_CLASSES)):
+            means[c].append(img[lab == c])
+            steps[c].append(step[inside & (lab[:, 1:] == c)])
+    return (np.array([np.concatenate(m).mean(0) for m in means]),
+            np.array([np.median(np.concatenate(s)) for s in steps]))
+
+
+def test_toy_styles_differ_in_colour_statistics_for_same_geometry():
+    src_mean, src_texture = _toy_class_stats('source')
+    tgt_mean, tgt_texture = _toy_class_stats('target')
+    shift = np.linalg.norm(src_mean - tgt_mean, axis=1)
+    # Road keeps roughly its grey on purpose; every other class moves its mean colour.
+    assert (np.delete(shift, T.TOY_CLASSES.index('road')) > 20).all()
+    # Target is textured and noisy where source is flat.
+    assert (tgt_texture > src_texture + 2).all()
+
+
+# ---------------------------------------------------------------- DACS operations
 
 
 def test_class_mix_takes_half_the_classes_of_each_image():
@@ -1018,6 +1104,17 @@ def test_ema_follows_dacs_formula():
     torch.testing.assert_close(teacher.weight, student.weight)
 
 
+def test_teacher_is_deterministic_but_stays_in_train_mode():
+    """DAFormer switches off the teacher's DropPath and dropout only (BatchNorm stays in train mode)."""
+    nets = T.build_nets(T.parse_config(["--task", "toy", "--arch", "mit-tiny", "--device", "cpu"]))
+    assert nets.teacher.training
+    assert any(isinstance(m, T.DropPath) and m.p > 0 for m in nets.teacher.modules())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(nets.teacher(x), nets.teacher(x), rtol=0, atol=0)
+        assert not torch.equal(nets.model(x), nets.model(x))  # the student's DropPath is on
+
+
 def test_lr_schedules():
     dacs = SimpleNamespace(iters=100, poly_power=0.9, warmup_iters=0)
     assert T.lr_factor(dacs, 0) == 1.0 and T.lr_factor(dacs, 50) == pytest.approx(0.5 ** 0.9)
@@ -1033,6 +1130,46 @@ def test_mrm_adds_at_most_14_percent_forward_flops_for_deeplabv2():
     assert 170 < r["model_gmac"] < 200
     assert r["ratio"] <= 1.14
     assert r["rebuilder_params"] == 10_246_016
+
+
+def test_reference_step_computes_what_train_step_computes():
+    """The per-image fp32 reference that --bench compares against is the same iteration: with
+    single-class source images (ClassMix then pastes the whole image, no randomness) and no
+    augmentation, both give the same loss and the same weights after two steps."""
+    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--no-mrm", "--device", "cpu",
+                          "--jitter-p", "0", "--blur-p", "0", "--iters", "10"])
+    generator = torch.Generator().manual_seed(0)
+    batch = dict(source_image=torch.randint(0, 256, (2, 3, 32, 32), generator=generator, dtype=torch.uint8),
+                 source_label=torch.tensor([3, 7], dtype=torch.uint8)[:, None, None].expand(2, 32, 32),
+                 target_image=torch.randint(0, 256, (2, 3, 32, 32), generator=generator, dtype=torch.uint8))
+    torch.manual_seed(0)
+    fast = T.build_nets(cfg)
+    torch.manual_seed(0)
+    reference = T.build_nets(cfg)
+    for iteration in range(2):
+        losses = T.train_step(cfg, fast, batch, iteration)
+        reference_loss = T.reference_step(cfg, reference, batch, iteration)
+        torch.testing.assert_close(reference_loss, losses[0] + losses[1])
+    for a, b in zip(fast.model.state_dict().values(), reference.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(fast.teacher.parameters(), reference.teacher.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("arch,reference", [("dlv2", True), ("mitb5", False)])
+def test_bench_runs_on_cpu_with_the_tiny_model(capsys, arch, reference):
+    assert T.main(["--arch", arch, "--bench", "2", "--device", "cpu"]) == 0  # --task gta2cs by default
+    out = capsys.readouterr().out
+    tiny = "dlv2-tiny" if arch == "dlv2" else "mit-tiny"
+    assert f"tiny model {tiny}" in out and f"{tiny} amp=off DACS+MRM: " in out and f"{tiny} amp=off DACS: " in out
+    assert "ms/iteration" in out and "images/s" in out and "MRM step-time overhead: " in out
+    assert ("fp32 per-image reference" in out) == reference
+
+
+def test_bench_data_reports_pairs_per_second(capsys):
+    assert T.main(["--bench-data", "1", "--batch-size", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "one worker: " in out and "image pairs/s" in out and "batches of 1+1/s" in out
 
 
 # ---------------------------------------------------------------- training runs (tiny, CPU)
@@ -1080,6 +1217,12 @@ def test_toy_training_logs_and_exports_without_rebuilder(tmp_path, small_toy, ca
     exported = torch.load(os.path.join(work, "model.pth"), weights_only=True)
     assert not any("rebuild" in key for key in exported["model"])
     assert exported["model"].keys() == state_of(work)["model"].keys()
+    # zero inference cost: the exported network is the same graph as one trained without MRM
+    baseline = str(tmp_path / "no-mrm")
+    assert T.main(TOY_FAST + ["--iters", "2", "--no-mrm", "--work-dir", baseline]) == 0
+    without = torch.load(os.path.join(baseline, "model.pth"), weights_only=True)
+    assert {k: v.shape for k, v in exported["model"].items()} == {k: v.shape for k, v in without["model"].items()}
+    assert exported["arch"] == without["arch"] and exported["num_classes"] == without["num_classes"]
 
 
 @pytest.mark.parametrize("extra", [["--source-only"], ["--no-mrm"], ["--mrm-domain", "both", "--mask-ratio", "0.6"],
@@ -1104,6 +1247,36 @@ def test_gta2cs_starts_on_fake_data_in_the_real_layout(tmp_path, capsys):
     assert eval_main([os.path.join(work, "model.pth"), "--task", "gta2cs", "--data-root", root,
                       "--workers", "0", "--save-dir", str(tmp_path / "pred")]) == 0
     assert len(os.listdir(tmp_path / "pred")) == 2
+
+
+@pytest.mark.parametrize("arch", ["dlv2", "mitb5"])
+def test_documented_paper_command_starts_on_fake_data(tmp_path, monkeypatch, capsys, arch):
+    """`--task gta2cs --data-root data [--arch mitb5 --pretrained mit_b5.pth]` with the full-size
+    networks, cut to one iteration on 64x64 crops; checkpoint writing and validation are recorded,
+    not run (a MiT-B5 checkpoint with AdamW states is over 1 GB)."""
+    root = str(tmp_path / "data")
+    write_fake_dataset(root, "gta", 2, (1280, 720))
+    write_fake_dataset(root, "cityscapes", 1, (1024, 512))
+    args = ["--task", "gta2cs", "--data-root", root]
+    if arch == "mitb5":  # SegFormer's file layout: the backbone's keys plus its ImageNet classifier
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in MixVisionTransformer(**MIT_B5).state_dict().items()}
+        generator = torch.Generator().manual_seed(0)
+        weights = {k: (0.02 * torch.randn(shape, generator=generator)).half() for k, shape in shapes.items()}
+        weights.update({"head.weight": torch.zeros(1000, 512), "head.bias": torch.zeros(1000)})
+        torch.save(weights, str(tmp_path / "mit_b5.pth"))
+        args += ["--arch", "mitb5", "--pretrained", str(tmp_path / "mit_b5.pth")]
+    losses, calls = [], []
+    real_step = T.train_step
+    monkeypatch.setattr(T, "train_step", lambda *a: losses.append(real_step(*a)) or losses[-1])
+    for name in ("save_checkpoint", "export_model", "validate"):
+        monkeypatch.setattr(T, name, lambda *a, name=name: calls.append(name))
+    small = ["--iters", "1", "--crop", "64", "--batch-size", "1", "--workers", "0", "--work-dir", str(tmp_path / "run")]
+    assert T.main(args + small) == 0
+    recipe = "daformer" if arch == "mitb5" else "dacs"
+    assert f"gta2cs: {arch} ({recipe} recipe), DACS + MRM" in capsys.readouterr().out
+    assert len(losses) == 1 and torch.isfinite(losses[0]).all() and losses[0][0] > 0
+    assert calls == ["save_checkpoint", "export_model", "validate"]
 
 
 def test_daformer_recipe_on_fake_data_with_rare_class_sampling(tmp_path):
@@ -1186,6 +1359,41 @@ def test_crash_during_checkpoint_write_keeps_the_last_checkpoint(tmp_path, small
     assert state_of(work)["iteration"] == 2
     assert T.main(TOY_FAST + ["--iters", "4", "--resume", "--work-dir", work]) == 0
     assert state_of(work)["iteration"] == 4
+
+
+def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path):
+    """A real SIGKILL, twice, while a subprocess checkpoints every iteration (so some kills land
+    inside a checkpoint write); each resume continues from a loadable checkpoint, and the final
+    weights equal an uninterrupted run's."""
+    root = str(tmp_path / "data")
+    write_fake_dataset(root, "gta", 4, (64, 48))
+    write_fake_dataset(root, "cityscapes", 2, (64, 32))
+    args = ["--task", "gta2cs", "--data-root", root, "--arch", "dlv2-tiny", "--crop", "32", "--iters", "20",
+            "--rebuilder-dim", "32", "--rebuilder-heads", "4", "--rebuilder-grid", "4",
+            "--checkpoint-every", "1", "--log-every", "1", "--workers", "0", "--device", "cpu"]
+    killed, rng = str(tmp_path / "killed"), np.random.default_rng(0)
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    for attempt in range(2):
+        command = [sys.executable, "train_dacs_mrm.py", *args, "--work-dir", killed] + (["--resume"] if attempt else [])
+        process = subprocess.Popen(command, cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log = os.path.join(killed, "log.jsonl")
+        start_lines = sum(1 for _ in open(log)) if os.path.exists(log) else 0
+        deadline = time.time() + 120
+        while process.poll() is None and time.time() < deadline and (
+                not os.path.exists(log) or sum(1 for _ in open(log)) < start_lines + 3):
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.2))
+        process.kill()
+        process.wait()
+        assert process.returncode == -9, process.stderr.read().decode()[-2000:]
+        assert 0 < state_of(killed)["iteration"] < 20
+    straight = str(tmp_path / "straight")
+    assert T.main(args + ["--work-dir", straight]) == 0
+    assert T.main(args + ["--work-dir", killed, "--resume"]) == 0
+    a, b = state_of(straight), state_of(killed)
+    for part in ("model", "teacher", "rebuilder"):
+        assert_states_equal(a[part], b[part])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, small_toy, monkeypatch, capsys):
