@@ -1004,10 +1004,10 @@ def feature_distance(student, imagenet, labels, thing_classes=(6, 7, 11, 12, 13,
     major = blocks.mode(dim=-1).values
     share = (blocks == major.unsqueeze(-1)).float().mean(dim=-1)
     cell = torch.where(share >= min_share, major, torch.full_like(major, 255))
-    mask = torch.isin(cell, torch.tensor(thing_classes, device=cell.device))
+    mask = torch.stack([cell == c for c in thing_classes]).any(dim=0)  # no class tensor to copy to the GPU
     dist = (student - imagenet.detach()).norm(dim=1)  # the ImageNet features are a fixed target
-    # sum / count instead of mean: an empty mask gives exactly 0 (not NaN) and keeps the graph
-    return dist[mask].sum() / mask.sum().clamp(min=1)
+    # masked sum / count: no boolean indexing (a host sync), and an empty mask gives 0, not NaN
+    return (dist * mask).sum() / mask.sum().clamp(min=1)
 
 
 # ============================================================================= architectures and tasks
@@ -1134,6 +1134,14 @@ def pseudo_label(teacher_logits, threshold):
 
 
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+
+@lru_cache(maxsize=None)
+def on_device(constant, device):
+    """A module-level constant tensor on `device`, copied once: a copy in every step would make
+    the host wait for the GPU."""
+    return constant.to(device)
 
 
 def color_jitter(x, strength, p):
@@ -1155,8 +1163,7 @@ def color_jitter(x, strength, p):
     angle = (torch.rand(B, device=x.device) * 2 - 1) * strength * 2 * math.pi
     cos, sin, zero, one = angle.cos(), angle.sin(), torch.zeros_like(angle), torch.ones_like(angle)
     rotation = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], dim=1).view(B, 3, 3)
-    yiq = _RGB_TO_YIQ.to(x.device)
-    matrix = torch.linalg.inv(yiq) @ rotation @ yiq
+    matrix = on_device(_YIQ_TO_RGB, x.device) @ rotation @ on_device(_RGB_TO_YIQ, x.device)
     y = torch.einsum("bij,bjhw->bihw", matrix.to(y.dtype), y).clamp(0, 1)
     apply = torch.rand(B, 1, 1, 1, device=x.device) < p
     return torch.where(apply, y, x)
