@@ -1362,9 +1362,9 @@ def test_crash_during_checkpoint_write_keeps_the_last_checkpoint(tmp_path, small
 
 
 def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path):
-    """A real SIGKILL, twice, while a subprocess checkpoints every iteration (so some kills land
-    inside a checkpoint write); each resume continues from a loadable checkpoint, and the final
-    weights equal an uninterrupted run's."""
+    """A real SIGKILL, twice, at a random moment while a subprocess checkpoints every iteration
+    (so a kill may land inside a checkpoint write); each resume continues from a loadable
+    checkpoint, and the final weights equal an uninterrupted run's."""
     root = str(tmp_path / "data")
     write_fake_dataset(root, "gta", 4, (64, 48))
     write_fake_dataset(root, "cityscapes", 2, (64, 32))
@@ -1381,9 +1381,9 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path):
         start_lines = sum(1 for _ in open(log)) if os.path.exists(log) else 0
         deadline = time.time() + 120
         while process.poll() is None and time.time() < deadline and (
-                not os.path.exists(log) or sum(1 for _ in open(log)) < start_lines + 3):
+                not os.path.exists(log) or sum(1 for _ in open(log)) < start_lines + 2):
             time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.2))
+        time.sleep(rng.uniform(0, 0.05))  # far from the end (iteration 20) even on a fast machine
         process.kill()
         process.wait()
         assert process.returncode == -9, process.stderr.read().decode()[-2000:]
