@@ -1132,6 +1132,12 @@ def test_mrm_adds_at_most_14_percent_forward_flops_for_deeplabv2():
     assert r["rebuilder_params"] == 10_246_016
 
 
+def test_count_flops_prints_the_mitb5_encoder_size(capsys):
+    assert T.main(["--task", "gta2cs", "--arch", "mitb5", "--count-flops"]) == 0
+    out = capsys.readouterr().out
+    assert f"mitb5: encoder {MIT_B5_PARAMS:,} + decoder 3,712,275 parameters" in out and "GMAC" in out
+
+
 def test_reference_step_computes_what_train_step_computes():
     """The per-image fp32 reference that --bench compares against is the same iteration: with
     single-class source images (ClassMix then pastes the whole image, no randomness) and no

@@ -1662,7 +1662,9 @@ def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None)
             model.decoder(rebuilder(features))
     trainable = sum(p.numel() for p in rebuilder.parameters() if p.requires_grad)
     return dict(model_gmac=base.get_total_flops() / 2e9, extra_gmac=extra.get_total_flops() / 2e9,
-                rebuilder_params=trainable, ratio=1 + extra.get_total_flops() / base.get_total_flops())
+                rebuilder_params=trainable, ratio=1 + extra.get_total_flops() / base.get_total_flops(),
+                encoder_params=sum(p.numel() for p in model.encoder.parameters()),
+                decoder_params=sum(p.numel() for p in model.decoder.parameters()))
 
 
 def print_flops(cfg):
@@ -1670,9 +1672,10 @@ def print_flops(cfg):
     kw = dict(embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth, num_heads=cfg.rebuilder_heads,
               grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio)
     r = count_flops(cfg.arch, (crop, crop), cfg.num_classes, kw)
-    print(f"{cfg.arch} at {crop}x{crop}: encoder+decoder {r['model_gmac']:.2f} GMAC; "
-          f"decoder(rebuilder(f)) adds {r['extra_gmac']:.2f} GMAC ({r['ratio']:.3f}x); "
-          f"Rebuilder {r['rebuilder_params']:,} trainable parameters")
+    print(f"{cfg.arch}: encoder {r['encoder_params']:,} + decoder {r['decoder_params']:,} parameters; "
+          f"Rebuilder {r['rebuilder_params']:,} trainable parameters\n"
+          f"at {crop}x{crop}: encoder+decoder {r['model_gmac']:.2f} GMAC; "
+          f"decoder(rebuilder(f)) adds {r['extra_gmac']:.2f} GMAC ({r['ratio']:.3f}x)")
 
 
 def reference_step(cfg, nets, batch, iteration):
