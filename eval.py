@@ -83,7 +83,7 @@ def main(argv=None):
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    table, miou = miou_report(conf, task["eval_classes"], task["class_names"])
+    table, _ = miou_report(conf, task["eval_classes"], task["class_names"])
     print(f"{args.checkpoint} on {len(val)} {task['target']} val images ({args.protocol} protocol):\n{table}")
     return 0
 

@@ -1298,16 +1298,16 @@ def train_step(cfg, nets, batch, iteration):
             teacher_logits = F.interpolate(nets.teacher(x_t), size=x_t.shape[-2:], mode="bilinear",
                                            align_corners=cfg.align_corners)
             pseudo, weight = pseudo_label(teacher_logits, cfg.pseudo_threshold)
-        pseudo, weight = pseudo.clone(), weight.clone()  # inference tensors -> ordinary tensors
-        pixel_weight = weight.expand_as(pseudo).clone()
+        pixel_weight = weight.expand_as(pseudo)  # inference tensors: read below, never saved for backward
         if cfg.pl_crop:  # DAFormer: the top and bottom rows (sky border, ego car) are unreliable
+            pixel_weight = pixel_weight.clone()
             pixel_weight[:, :15] = 0
             pixel_weight[:, -120:] = 0
         # (3) ClassMix source onto target; pasted source pixels keep their label, weight 1
         mix = class_mix_masks(y_s)
         x_m = torch.where(mix[:, None], x_s, x_t)
         y_m = torch.where(mix, y_s, pseudo)
-        w_m = torch.where(mix, torch.ones_like(pixel_weight), pixel_weight)
+        w_m = torch.where(mix, 1.0, pixel_weight)
         # (4) colour jitter and blur on the mixed images
         x_m = gaussian_blur(color_jitter(x_m, cfg.jitter, cfg.jitter_p), cfg.blur_p)
         # (5) L_u on the mixed batch, and MRM on the same encoder features (Algorithm 1, Eq. 5)
@@ -1481,7 +1481,7 @@ def load_checkpoint(path):
 
 def load_model_state(model, state, path):
     """Strict load with one readable line when the checkpoint is of another architecture or class count."""
-    missing, unexpected = [], []
+    unexpected = []
     own = model.state_dict()
     for key, value in state.items():
         if key not in own:
