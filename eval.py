@@ -13,6 +13,7 @@ segmentation model is loaded: a checkpoint's Rebuilder, teacher and optimiser ar
 import argparse
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -78,13 +79,16 @@ def main(argv=None):
                 raise DataError(f"{args.save_dir}: not empty; pass --overwrite to write into it")
             os.makedirs(args.save_dir, exist_ok=True)
             writer = prediction_writer(args.save_dir, val, task["palette"])
+        start = time.perf_counter()
         conf = evaluate(model, val, num_classes, torch.device(args.device), args.amp, args.protocol, writer,
                         args.workers)
+        seconds = time.perf_counter() - start
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     table, _ = miou_report(conf, task["eval_classes"], task["class_names"])
-    print(f"{args.checkpoint} on {len(val)} {task['target']} val images ({args.protocol} protocol):\n{table}")
+    print(f"{args.checkpoint} on {len(val)} {task['target']} val images ({args.protocol} protocol), "
+          f"{seconds:.1f} s on {args.device} ({1000 * seconds / len(val):.1f} ms/image, loading included):\n{table}")
     return 0
 
 

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -1173,9 +1174,10 @@ def test_bench_runs_on_cpu_with_the_tiny_model(capsys, arch, reference):
 
 
 def test_bench_data_reports_pairs_per_second(capsys):
-    assert T.main(["--bench-data", "1", "--batch-size", "1"]) == 0
+    assert T.main(["--bench-data", "1", "--batch-size", "1", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "one worker: " in out and "image pairs/s" in out and "batches of 1+1/s" in out
+    assert "the training loader with --workers 1: " in out and "batches/s" in out
 
 
 # ---------------------------------------------------------------- training runs (tiny, CPU)
@@ -1310,6 +1312,8 @@ def test_eval_refuses_wrong_class_count_and_non_empty_save_dir(tmp_path, small_t
     assert eval_main([model, "--task", "toy", "--save-dir", str(tmp_path / "pred"), "--workers", "0"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert eval_main([model, "--task", "toy", "--workers", "0"]) == 0
+    assert re.search(r"on 4 toy-target val images \(mmseg protocol\), [0-9.]+ s on cpu \([0-9.]+ ms/image",
+                     capsys.readouterr().out)
 
 
 # ---------------------------------------------------------------- hardening: bad input and faults

@@ -1780,22 +1780,32 @@ def bench(cfg):
 
 def bench_data(cfg):
     """--bench-data N: decode + resize + crop speed of one loader worker on GTA-sized PNGs (1914x1052)
-    written to a temporary folder, so you know how many workers keep the GPU busy."""
+    written to a temporary folder, then of the training DataLoader with --workers workers, so you know
+    how many workers keep the GPU busy."""
     with tempfile.TemporaryDirectory() as root:
         write_fake_dataset(root, "gta", 4, (1914, 1052), seed=cfg.seed)
         write_fake_dataset(root, "cityscapes", 2, (2048, 1024), seed=cfg.seed)
-        run = SimpleNamespace(**{**vars(cfg), "source": "gta", "target": "cityscapes", "data_root": root})
+        run = SimpleNamespace(**{**vars(cfg), "source": "gta", "target": "cityscapes", "data_root": root,
+                                 "iters": cfg.bench_data + cfg.workers})
         batches = TrainBatches(run, Domain("gta", root), Domain("cityscapes", root))
         batches[0]
         start = time.perf_counter()
         for i in range(1, cfg.bench_data + 1):
             batches[i]
         seconds = time.perf_counter() - start
-    pairs = cfg.bench_data * 2 * cfg.batch_size
-    batches_per_s = cfg.bench_data / seconds
-    print(f"one worker: {pairs / seconds:.1f} image pairs/s ({batches_per_s:.2f} batches of "
-          f"{cfg.batch_size}+{cfg.batch_size}/s); a GPU step of T ms needs about {1000 / batches_per_s:.0f}/T "
-          f"workers", flush=True)
+        pairs = cfg.bench_data * 2 * cfg.batch_size
+        batches_per_s = cfg.bench_data / seconds
+        print(f"one worker: {pairs / seconds:.1f} image pairs/s ({batches_per_s:.2f} batches of "
+              f"{cfg.batch_size}+{cfg.batch_size}/s); a GPU step of T ms needs about {1000 / batches_per_s:.0f}/T "
+              f"workers", flush=True)
+        if cfg.workers:
+            # Timed from the batch at which every worker has delivered its first one: steady state.
+            for i, _ in enumerate(make_loader(run, batches, 0), start=1):
+                if i == cfg.workers:
+                    start = time.perf_counter()
+            loader_batches_per_s = cfg.bench_data / (time.perf_counter() - start)
+            print(f"the training loader with --workers {cfg.workers}: {loader_batches_per_s:.2f} batches/s "
+                  f"({1000 / loader_batches_per_s:.0f} ms per batch)", flush=True)
     return pairs / seconds
 
 
