@@ -5,8 +5,10 @@
     python eval.py runs/.../checkpoint.pth --export model.pth           # inference-only weights
 
 Whole-image inference at the training input size (Cityscapes: 1024x512), logits resized bilinearly
-to the full-resolution label (2048x1024) before the argmax: the mmseg protocol of DAFormer, MIC and
-MRM. `--protocol dacs` resizes the labels to 1024x512 instead, as DACS's own code does. The mIoU
+(with the align_corners the model was trained with, recorded in the checkpoint) to the full-resolution
+label (2048x1024) before the argmax: the mmseg protocol of DAFormer, MIC and MRM (images resized as
+OpenCV does, without antialiasing). `--protocol dacs` resizes the images with PIL and the labels to
+1024x512 instead, as DACS's own code does. The mIoU
 sums intersections and unions over all images (one confusion matrix), ignoring label 255. Only the
 segmentation model is loaded: a checkpoint's Rebuilder, teacher and optimiser are never read into it.
 """
@@ -29,6 +31,9 @@ def load_segmentation_model(path, device="cpu"):
     if not isinstance(state, dict) or "model" not in state or "arch" not in state:
         raise DataError(f"{path}: not a checkpoint of train_dacs_mrm.py (no 'model' and 'arch' entries)")
     info = state["arch"]
+    if not isinstance(info, dict) or "align_corners" not in info:
+        raise DataError(f"{path}: written by an older train_dacs_mrm.py (no align_corners in its architecture "
+                        f"record); retrain or add it to state['arch']")
     num_classes = state["num_classes"] if "num_classes" in state else state["config"]["num_classes"]
     model, _ = build_model(info["arch"], num_classes, info=info)
     load_model_state(model, state["model"], path)
@@ -72,7 +77,7 @@ def main(argv=None):
         if num_classes != len(task["class_names"]):
             raise DataError(f"{args.checkpoint}: model predicts {num_classes} classes, "
                             f"task {args.task} has {len(task['class_names'])}")
-        val = Domain(task["target"], args.data_root, "val", args.seed)
+        val = Domain(task["target"], args.data_root, "val", args.seed, framework=args.protocol)
         writer = None
         if args.save_dir:
             if os.path.isdir(args.save_dir) and os.listdir(args.save_dir) and not args.overwrite:
@@ -80,8 +85,8 @@ def main(argv=None):
             os.makedirs(args.save_dir, exist_ok=True)
             writer = prediction_writer(args.save_dir, val, task["palette"])
         start = time.perf_counter()
-        conf = evaluate(model, val, num_classes, torch.device(args.device), args.amp, args.protocol, writer,
-                        args.workers)
+        conf = evaluate(model, val, num_classes, torch.device(args.device), info["align_corners"], args.amp,
+                        args.protocol, writer, args.workers)
         seconds = time.perf_counter() - start
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,4 +1,6 @@
 """Tests for mrm.py, train_dacs_mrm.py and eval.py. CPU only, tiny models, data made on the fly."""
+import collections
+import copy
 import json
 import math
 import os
@@ -346,10 +348,10 @@ def test_expected_size_formula():
     assert (expected_size(129), expected_size(97), expected_size(161)) == (17, 13, 21)
 
 
-@pytest.mark.parametrize('stride_in_1x1', [True, False])
+@pytest.mark.parametrize('style', ['caffe', 'torchvision'])
 @pytest.mark.parametrize('hw', [(129, 129), (97, 161)])
-def test_output_shape_tiny(stride_in_1x1, hw):
-    model = ResNetDilated(**DLV2_TINY, stride_in_1x1=stride_in_1x1).eval()
+def test_output_shape_tiny(style, hw):
+    model = ResNetDilated(**DLV2_TINY, style=style).eval()
     with torch.no_grad():
         out = model(torch.rand(1, 3, *hw))
     assert model.out_channels == 8 * 8 * 4
@@ -387,14 +389,14 @@ def test_bn_affine_frozen_but_running_stats_update():
 
 
 def test_load_coco_init_layout(tmp_path):
-    src = randomized_dlv2(ResNetDilated(**DLV2_TINY, stride_in_1x1=True))
+    src = randomized_dlv2(ResNetDilated(**DLV2_TINY, style='caffe'))
     sd = {f'Scale.{k}': v for k, v in src.state_dict().items() if not k.endswith('num_batches_tracked')}
     sd.update({f'Scale.layer5.conv2d_list.{i}.{n}': torch.zeros(1) for i in range(4) for n in ('weight', 'bias')})
     path = tmp_path / 'DeepLab_resnet_pretrained_init-f81d91e8.pth'
     torch.save(sd, path, _use_new_zipfile_serialization=False)  # the 2017 file predates the zip format
 
     encoder, decoder, info = build_deeplabv2(19, pretrained=str(path), **DLV2_TINY)
-    assert info == {'arch': 'dlv2', 'layers': [1, 1, 1, 1], 'width': 8, 'stride_in_1x1': True, 'norm': 'caffe'}
+    assert info == {'arch': 'dlv2', 'layers': [1, 1, 1, 1], 'width': 8, 'style': 'caffe', 'aspp_dilations': [6, 12]}
     assert encoder.normalize.kind == 'caffe'
     assert encoder.backbone.layer2[0].conv1.stride == (2, 2)
     assert_same_state(src, encoder.backbone)
@@ -405,13 +407,13 @@ def test_load_coco_init_layout(tmp_path):
 
 
 def test_load_torchvision_layout_wrapped(tmp_path):
-    src = randomized_dlv2(ResNetDilated(**DLV2_TINY, stride_in_1x1=False))
+    src = randomized_dlv2(ResNetDilated(**DLV2_TINY, style='torchvision'))
     sd = dict(src.state_dict(), **{'fc.weight': torch.zeros(10, 256), 'fc.bias': torch.zeros(10)})
     path = tmp_path / 'resnet101-63fe2227.pth'
     torch.save({'state_dict': sd}, path)
 
     encoder, decoder, info = build_deeplabv2(19, pretrained=path, **DLV2_TINY)
-    assert (info['stride_in_1x1'], info['norm']) == (False, 'imagenet')
+    assert info['style'] == 'torchvision'
     assert encoder.normalize.kind == 'imagenet'
     assert encoder.backbone.layer2[0].conv1.stride == (1, 1)
     assert encoder.backbone.layer2[0].conv2.stride == (2, 2)
@@ -443,7 +445,7 @@ def test_real_torchvision_resnet101_keys_load(tmp_path):
     tv = torchvision.models.resnet101(weights=None)
     path = tmp_path / 'resnet101-cd907fc2.pth'
     torch.save(tv.state_dict(), path)
-    model = ResNetDilated(stride_in_1x1=False)
+    model = ResNetDilated(style='torchvision')
     load_backbone_state(model, read_pretrained(path), path)
     assert torch.equal(model.layer3[22].conv2.weight, tv.layer3[22].conv2.weight)
     assert torch.equal(model.layer4[0].downsample[1].running_var, tv.layer4[0].downsample[1].running_var)
@@ -451,11 +453,11 @@ def test_real_torchvision_resnet101_keys_load(tmp_path):
 
 def test_build_default_and_from_info():
     encoder, decoder, info = build_deeplabv2(5, **DLV2_TINY)
-    assert (info['stride_in_1x1'], info['norm']) == (True, 'caffe')
+    assert info['style'] == 'caffe'
     enc2, dec2 = build_deeplabv2_from_info(5, info)
     enc2.load_state_dict(encoder.state_dict())  # strict: identical architecture
     dec2.load_state_dict(decoder.state_dict())
-    assert list(decoder.state_dict()) == [f'conv2d_list.{i}.{n}' for i in range(4) for n in ('weight', 'bias')]
+    assert list(decoder.state_dict()) == [f'conv2d_list.{i}.{n}' for i in range(2) for n in ('weight', 'bias')]
     assert not any('normalize' in k for k in encoder.state_dict())
     x = torch.rand(1, 3, 41, 41)
     encoder.eval()
@@ -476,15 +478,74 @@ def test_normalize():
         Normalize('bgr')
 
 
-def test_aspp_is_sum_of_four_dilated_convs():
-    head = ASPPClassifier(8, 3)
+@pytest.mark.parametrize('dilations', [(6, 12), (6, 12, 18, 24)])
+def test_aspp_is_sum_of_dilated_convs(dilations):
+    head = ASPPClassifier(8, 3, dilations)
     f = torch.randn(2, 8, 9, 11)
-    expected = sum(F.conv2d(f, c.weight, c.bias, padding=d, dilation=d)
-                   for c, d in zip(head.conv2d_list, (6, 12, 18, 24)))
+    expected = sum(F.conv2d(f, c.weight, c.bias, padding=d, dilation=d) for c, d in zip(head.conv2d_list, dilations))
     out = head(f)
-    assert out.shape == (2, 3, 9, 11)
+    assert out.shape == (2, 3, 9, 11) and len(head.conv2d_list) == len(dilations)
     assert torch.allclose(out, expected, atol=1e-6)
     assert all(c.weight.std() < 0.02 for c in head.conv2d_list)  # normal(0, 0.01) init
+
+
+def test_deeplabv2_classifier_defaults_to_the_two_branches_uda_code_ran(capsys):
+    """AdaptSegNet/DACS return inside the loop over four branches and DAFormer's deeplabv2red sets (6, 12):
+    two branches by default in every DeepLabV2 setting, four on request, anything else refused."""
+    assert [c.dilation for c in ASPPClassifier(8, 3).conv2d_list] == [(6, 6), (12, 12)]
+    for arch in ('dlv2-tiny', 'dlv2-v1c-tiny'):
+        model, info = T.build_model(arch, 5)
+        assert len(model.decoder.conv2d_list) == 2 and info['aspp_dilations'] == [6, 12]
+    nets = T.build_nets(T.parse_config(['--task', 'toy', '--device', 'cpu', '--aspp-dilations', '6,12,18,24']))
+    assert [c.dilation[0] for c in nets.model.decoder.conv2d_list] == [6, 12, 18, 24]
+    assert nets.info['aspp_dilations'] == [6, 12, 18, 24]
+    assert T.main(['--task', 'toy', '--aspp-dilations', '6,12,18']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and '--aspp-dilations 6,12,18: must be one of 6,12 | 6,12,18,24' in err
+
+
+V1C_TINY = dict(layers=(1, 2, 2, 2), width=8, style='v1c')
+
+
+def test_resnet_v1c_structure_like_mmseg():
+    """mmseg's ResNetV1c (DAFormer's DeepLabV2): deep 3x3 stem, floor-mode max-pool (64x64 at 512), stride in
+    the 3x3 conv, contract dilation (first block of layer3/4 at dilation 1/2), trainable BatchNorm."""
+    with torch.device('meta'):
+        full = ResNetDilated(style='v1c')
+        assert full(torch.empty(1, 3, 512, 512)).shape == (1, 2048, 64, 64)
+    # torchvision's resnet101 minus fc, with the 7x7 stem (9408 + bn 128) swapped for the deep stem
+    stem = 3 * 32 * 9 + 32 * 32 * 9 + 32 * 64 * 9 + 2 * (32 + 32 + 64)
+    assert sum(p.numel() for p in full.parameters()) == 42_500_160 - 9408 - 128 + stem == 42_519_392
+    keys = list(full.state_dict())
+    assert keys[:2] == ['stem.0.weight', 'stem.1.weight'] and 'stem.7.running_var' in keys and 'conv1.weight' not in keys
+    assert [full.layer3[i].conv2.dilation[0] for i in range(3)] == [1, 2, 2]
+    assert [full.layer4[i].conv2.dilation[0] for i in range(3)] == [2, 4, 4]
+    assert full.layer2[0].conv1.stride == (1, 1) and full.layer2[0].conv2.stride == (2, 2)
+    tiny = ResNetDilated(**V1C_TINY)
+    assert all(p.requires_grad for p in tiny.parameters())
+    x = torch.rand(1, 3, 97, 161)
+    assert tiny.eval()(x).shape[-2:] == ((97 + 1) // 2 // 2 // 2 + 1, 161 // 2 // 2 // 2 + 1) == (13, 21)
+    assert T.build_model('dlv2-v1c-tiny', 3)[0].encoder.normalize.kind == 'imagenet'
+
+
+def test_load_mmcv_resnet_v1c_layout(tmp_path):
+    """mmcv's resnet101_v1c file (open-mmlab://resnet101_v1c): stem.*, layerX.*, maybe fc.*; loads strictly."""
+    src = randomized_dlv2(ResNetDilated(**V1C_TINY))
+    sd = dict(src.state_dict(), **{'fc.weight': torch.zeros(10, 256), 'fc.bias': torch.zeros(10)})
+    path = tmp_path / 'resnet101_v1c-e67eebb6.pth'
+    torch.save({'meta': {'epoch': 100}, 'state_dict': sd}, path)
+    encoder, decoder, info = build_deeplabv2(19, pretrained=str(path), layers=(1, 2, 2, 2), width=8, styles=('v1c',))
+    assert info['style'] == 'v1c' and encoder.normalize.kind == 'imagenet'
+    assert_same_state(src, encoder.backbone)
+    assert all(c.bias.abs().sum() == 0 for c in decoder.conv2d_list)  # mmcv's NormalInit: bias 0
+    del sd['stem.3.weight']
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r'missing \[stem.3.weight\]'):
+        build_deeplabv2(19, pretrained=str(path), layers=(1, 2, 2, 2), width=8, styles=('v1c',))
+    caffe = tmp_path / 'coco.pth'
+    torch.save(dict(ResNetDilated(**DLV2_TINY).state_dict(), **{'layer5.conv2d_list.0.weight': torch.zeros(1)}), caffe)
+    with pytest.raises(ValueError, match='caffe-style ResNet weights; this architecture takes v1c'):
+        build_deeplabv2(19, pretrained=str(caffe), **DLV2_TINY, styles=('v1c',))
 
 
 # ---------------------------------------------------------------- MiT-B5 and DAFormer head
@@ -906,14 +967,15 @@ def test_find_pairs_errors(tmp_path, case):
 # geometry
 
 
-def test_resize_pair_fixes_gta_size_mismatch():
+@pytest.mark.parametrize('dacs_filter,size', [(Image.Resampling.BICUBIC, (16, 40)), (None, (16, 32))])
+def test_resize_pair_fixes_gta_size_mismatch(dacs_filter, size):
     image = np.random.default_rng(0).integers(0, 256, size=(10, 20, 3), dtype=np.uint8)
     label = np.tile(np.array([0, 13, 255], dtype=np.uint8), (10, 7))  # 21 wide: one column more than image
-    out_image, out_label = resize_pair(image, label, (40, 16))
-    assert out_image.shape == (16, 40, 3) and out_label.shape == (16, 40)
+    out_image, out_label = resize_pair(image, label, (40, 16), dacs_filter)  # mmseg: keep 2:1 -> 32x16
+    assert out_image.shape == size + (3,) and out_label.shape == size
     assert set(np.unique(out_label)) == {0, 13, 255}  # nearest: no blended ids
-    out_image, full_label = resize_pair(image, label, (40, 16), resize_label=False)
-    assert out_image.shape == (16, 40, 3) and full_label is label
+    out_image, full_label = resize_pair(image, label, (40, 16), dacs_filter, resize_label=False)
+    assert out_image.shape == size + (3,) and full_label is label
 
 
 def test_random_crop_shape_and_padding():
@@ -1096,6 +1158,339 @@ def test_color_jitter_and_blur_keep_range_and_respect_probability():
     torch.testing.assert_close(T.gaussian_blur(flat, p=1.0), flat)  # kernel sums to 1, reflect padding
 
 
+# a 2x2 RGB image: blue-ish, red, grey, orange
+JITTER_PIXELS = torch.tensor([[0.2, 0.4, 0.6], [0.9, 0.1, 0.1], [0.5, 0.5, 0.5], [1.0, 0.8, 0.0]])
+
+
+def jitter_by_hand(op, factor):
+    """kornia 0.5.8's four operations on JITTER_PIXELS, written per pixel by hand."""
+    out = []
+    for r, g, b in JITTER_PIXELS.tolist():
+        if op == 'brightness':  # additive: x + (factor - 1), clamped
+            out.append([min(max(c + factor - 1, 0.0), 1.0) for c in (r, g, b)])
+        elif op == 'contrast':  # kornia 0.5.8 multiplies, no mean
+            out.append([min(max(c * factor, 0.0), 1.0) for c in (r, g, b)])
+        elif op == 'saturation':  # HSV saturation s = (max - min) / max times factor, at most 1: each
+            v, m = max(r, g, b), min(r, g, b)  # channel moves towards/away from the max by s' / s
+            scale = min(factor * (v - m) / v, 1.0) / ((v - m) / v) if v > m else 1.0
+            out.append([v - scale * (v - c) for c in (r, g, b)])
+        else:  # hue + factor turns, through the HSV hexagon
+            v, m = max(r, g, b), min(r, g, b)
+            if v == m:
+                out.append([r, g, b])
+                continue
+            d = v - m
+            h6 = {0: (g - b) / d, 1: 2 + (b - r) / d, 2: 4 + (r - g) / d}[[r, g, b].index(v)]
+            h6 = (h6 + 6 * factor) % 6
+            sector, f = int(h6), h6 - int(h6)
+            p, q, t = m, v - f * d, m + f * d
+            out.append([(v, q, p, p, t, v)[sector], (t, v, v, q, p, p)[sector], (p, p, t, v, v, q)[sector]])
+    return torch.tensor(out).T.reshape(1, 3, 2, 2)
+
+
+@pytest.mark.parametrize('op,index,factor', [('brightness', 0, 1.25), ('brightness', 0, 0.8), ('contrast', 1, 1.25),
+                                             ('contrast', 1, 0.75), ('saturation', 2, 0.5), ('saturation', 2, 1.2),
+                                             ('hue', 3, 1 / 6), ('hue', 3, -0.2)])
+def test_color_jitter_operations_match_kornia_by_hand(op, index, factor):
+    """Each of kornia 0.5.8's ColorJitter operations alone (the others at identity) on a 2x2 image."""
+    x = JITTER_PIXELS.T.reshape(1, 3, 2, 2)
+    factors = [torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([0.0])]
+    factors[index] = torch.tensor([factor])
+    order = torch.tensor([[index] + [i for i in range(4) if i != index]])
+    # the identity HSV steps round-trip through kornia's eps = 1e-6 saturation, hence the tolerance
+    torch.testing.assert_close(T.jitter_images(x, *factors, order), jitter_by_hand(op, factor), atol=1e-5, rtol=0)
+
+
+def test_color_jitter_order_and_per_image_factors():
+    x = JITTER_PIXELS.T.reshape(1, 3, 2, 2)
+    one, zero = torch.tensor([1.0]), torch.tensor([0.0])
+    bright_then_contrast = T.jitter_images(x, torch.tensor([1.25]), torch.tensor([1.25]), one, zero,
+                                           torch.tensor([[0, 1, 2, 3]]))
+    contrast_then_bright = T.jitter_images(x, torch.tensor([1.25]), torch.tensor([1.25]), one, zero,
+                                           torch.tensor([[1, 0, 2, 3]]))
+    torch.testing.assert_close(bright_then_contrast[0, :, 0, 0], torch.tensor([0.5625, 0.8125, 1.0]))
+    torch.testing.assert_close(contrast_then_bright[0, :, 0, 0], torch.tensor([0.5, 0.75, 1.0]))
+    # a batch: each image with its own factors and order equals that image jittered alone
+    torch.manual_seed(0)
+    batch = torch.rand(3, 3, 5, 7)
+    factors = [torch.rand(3) + 0.5, torch.rand(3) + 0.5, torch.rand(3) + 0.5, torch.rand(3) - 0.5]
+    order = torch.rand(3, 4).argsort(dim=1)
+    together = T.jitter_images(batch, *factors, order)
+    for i in range(3):
+        alone = T.jitter_images(batch[i:i + 1], *(f[i:i + 1] for f in factors), order[i:i + 1])
+        torch.testing.assert_close(together[i:i + 1], alone, rtol=0, atol=0)
+
+
+def test_jitter_and_blur_decide_once_per_batch_and_draw_per_image():
+    """As DACS and DAFormer: one draw decides jitter (blur) for the whole batch; factors and sigma per image."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 20, 30)
+    for augment in (lambda t: T.color_jitter(t, 0.25, 0.5), lambda t: T.gaussian_blur(t, 0.5)):
+        changed = [tuple(not torch.equal(a, b) for a, b in zip(augment(x), x)) for _ in range(40)]
+        assert set(changed) == {(True,) * 4, (False,) * 4}
+    twins = x[:1].expand(4, -1, -1, -1)
+    jittered, blurred = T.color_jitter(twins, 0.25, 1.0), T.gaussian_blur(twins, 1.0)
+    assert len({tuple(img.flatten()[:5].tolist()) for img in jittered}) == 4
+    assert len({tuple(img.flatten()[:5].tolist()) for img in blurred}) == 4
+
+
+def test_blur_kernel_is_ten_percent_of_each_side_as_kornia():
+    assert [T.blur_kernel_size(n) for n in (512, 1024, 64, 128, 20, 30)] == [51, 103, 7, 13, 1, 3]
+    impulse = torch.zeros(1, 3, 64, 128)
+    impulse[:, :, 32, 64] = 1
+    out = T.gaussian_blur(impulse, 1.0, sigma_range=(0.8, 0.8))[0, 0]
+    rows, cols = out.nonzero().unbind(1)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (32 - 3, 32 + 3, 64 - 6, 64 + 6)  # 7 x 13 taps
+
+    def gaussian(size):  # kornia.filters.kernels.gaussian
+        taps = torch.arange(size, dtype=torch.float64) - size // 2
+        g = torch.exp(-taps ** 2 / (2 * 0.8 ** 2))
+        return g / g.sum()
+    expected = torch.outer(gaussian(7), gaussian(13))
+    torch.testing.assert_close(out[29:36, 58:71].double(), expected.flip(0).flip(1), atol=1e-7, rtol=1e-5)
+
+
+def test_class_mix_takes_half_of_the_batch_classes_in_daformer():
+    """DAFormer's get_class_masks draws from torch.unique of the WHOLE source batch: an image may paste
+    none of its own pixels; DACS draws from each image's own classes."""
+    torch.manual_seed(0)
+    labels = torch.tensor([[[0, 0], [1, 1]], [[2, 2], [3, 3]]])
+    per_image = {len(set(labels[0][T.class_mix_masks(labels)[0]].tolist())) for _ in range(100)}
+    batch = [T.class_mix_masks(labels, batch_classes=True) for _ in range(300)]
+    assert per_image == {1}
+    assert {len(set(labels[0][m[0]].tolist())) for m in batch} == {0, 1, 2}
+    pasted = np.mean([len(set(labels[0][m[0]].tolist())) for m in batch])
+    assert abs(pasted - 1.0) < 0.15  # 2 of the 4 batch classes, each one of image 0's with probability 1/2
+
+
+def dacs_1x_lr_params(backbone):
+    """DACS's model/deeplabv2.py get_1x_lr_params_NOscale, walked over our module tree (same names and nesting)."""
+    for top in (backbone.conv1, backbone.bn1, backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
+        for module in top.modules():
+            for p in module.parameters():
+                if p.requires_grad:
+                    yield p
+
+
+def torch1x_sgd_step(groups, state, momentum, weight_decay):
+    """torch 1.x SGD.step written out: every listed occurrence of a tensor is one update; the momentum
+    buffer lives in state[tensor], created as a copy of the first d_p."""
+    with torch.no_grad():
+        for group in groups:
+            for p in group["params"]:
+                d_p = p.grad.add(p, alpha=weight_decay)
+                if id(p) not in state:
+                    state[id(p)] = d_p.clone()
+                else:
+                    state[id(p)].mul_(momentum).add_(d_p)
+                p.add_(state[id(p)], alpha=-group["lr"])
+
+
+def test_dacs_parameter_slots_count_like_the_official_generator():
+    with torch.device("meta"):
+        model, _ = T.build_model("dlv2", 19, aspp_dilations=(6, 12, 18, 24))
+    slots = T.dacs_parameter_slots(model.encoder.backbone)
+    assert sum(slots.values()) == len(list(dacs_1x_lr_params(model.encoder.backbone))) == 314
+    # with DACS's four-conv classifier (8 tensors, once each): SPEC's 322 slots for 112 tensors
+    assert sum(slots.values()) + 8 == 322 and len(slots) + 8 == 112
+    assert sorted(collections.Counter(slots.values()).items()) == [(1, 1), (3, 99), (4, 4)]
+
+
+@pytest.mark.parametrize("slots", ["official", "unique"])
+def test_dacs_sgd_matches_a_torch_1x_per_slot_loop_over_three_steps(slots):
+    """Our optimizer against torch 1.x's SGD loop over DACS's duplicated list (official) or a de-duplicated
+    one (unique), on a tiny caffe ResNet; the two listings end far apart, so the test tells them apart."""
+    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--no-mrm", "--iters", "10",
+                          "--lr", "0.05", "--dacs-param-slots", slots])
+    torch.manual_seed(0)
+    nets = T.build_nets(cfg)
+    references = {name: copy.deepcopy(nets.model) for name in ("official", "unique")}
+    listings = {"official": lambda b: list(dacs_1x_lr_params(b)),
+                "unique": lambda b: list(dict.fromkeys(dacs_1x_lr_params(b)))}
+    groups = {name: [dict(params=listings[name](m.encoder.backbone)), dict(params=list(m.decoder.parameters()))]
+              for name, m in references.items()}
+    states, x = {"official": {}, "unique": {}}, torch.rand(2, 3, 33, 33)
+    for iteration in range(3):
+        for model in (nets.model, *references.values()):
+            model.eval()  # BatchNorm on its running statistics: the same forward for every copy
+            model.zero_grad()
+            model(x).square().mean().backward()
+        T.set_learning_rates(cfg, nets, iteration)
+        nets.optimizers[0].step()
+        for name in references:
+            for group, lr in zip(groups[name], (0.05, 0.5)):
+                group["lr"] = lr * T.lr_factor(cfg, iteration)
+            torch1x_sgd_step(groups[name], states[name], momentum=0.9, weight_decay=5e-4)
+    for (name, a), b in zip(nets.model.named_parameters(), references[slots].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    def conv(model):
+        return model.encoder.backbone.layer1[0].conv2.weight
+
+    listings_apart = (conv(references["official"]) - conv(references["unique"])).abs().max()
+    assert listings_apart > 1e-3 and listings_apart > 100 * (conv(nets.model) - conv(references[slots])).abs().max()
+    assert isinstance(nets.optimizers[0], T.SlotSGD if slots == "official" else torch.optim.SGD)
+
+
+def test_slot_sgd_with_one_slot_is_torch_sgd_bit_for_bit():
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    ours = T.SlotSGD([dict(params=list(a.parameters()))], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    torchs = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for _ in range(3):
+        x = torch.randn(5, 4)
+        for model, optimizer in ((a, ours), (b, torchs)):
+            optimizer.zero_grad()
+            model(x).square().sum().backward()
+            optimizer.step()
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_rebuilder_trains_with_adamw_in_every_recipe():
+    dacs = T.build_nets(T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu"]))
+    sgd, adamw = dacs.optimizers
+    assert isinstance(sgd, T.SlotSGD) and isinstance(adamw, torch.optim.AdamW)
+    assert {id(p) for g in adamw.param_groups for p in g["params"]} == {id(p) for p in dacs.rebuilder.parameters()}
+    assert {g["initial_lr"] for g in adamw.param_groups} == {2e-4} and adamw.param_groups[0]["weight_decay"] == 0.01
+    assert not any(p is q for g in sgd.param_groups for p in g["params"] for q in dacs.rebuilder.parameters())
+    daformer = T.build_nets(T.parse_config(["--task", "gta2cs", "--arch", "mit-tiny", "--device", "cpu"]))
+    (shared,) = daformer.optimizers
+    rebuilder_groups = [g for g in shared.param_groups
+                        if any(p is q for p in g["params"] for q in daformer.rebuilder.parameters())]
+    assert rebuilder_groups and all(g["initial_lr"] == 2e-4 for g in rebuilder_groups)
+    assert len(T.build_nets(T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu",
+                                            "--no-mrm"])).optimizers) == 1
+
+
+def test_dacs_param_slots_refused_outside_the_dacs_recipe(capsys):
+    assert T.main(["--task", "gta2cs", "--arch", "mit-tiny", "--dacs-param-slots", "unique"]) == 2
+    assert T.main(["--task", "gta2cs", "--dacs-param-slots", "twice"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "applies to DACS's SGD only" in err[0] and "must be one of official | unique" in err[1]
+
+
+def test_recipe_and_arch_that_make_no_sense_together_are_one_line(capsys):
+    for args in (["--recipe", "dacs", "--arch", "mitb5"], ["--recipe", "daformer", "--arch", "dlv2"],
+                 ["--recipe", "mmseg-dacs", "--arch", "dlv2-tiny"], ["--recipe", "sgd"], ["--arch", "resnet"]):
+        assert T.main(["--task", "gta2cs"] + args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: --") and "Traceback" not in err
+    assert T.main(["--task", "gta2cs", "--recipe", "daformer", "--arch", "dlv2-v1c", "--print-config"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert (config["recipe"], config["arch"], config["framework"], config["ema"]) == ("daformer", "dlv2-v1c", "mmseg", 0.999)
+
+
+def fake_batch(size=32, source_label=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, 5, (2, size, size), generator=generator, dtype=torch.uint8) if source_label is None \
+        else source_label
+    return dict(source_image=torch.randint(0, 256, (2, 3, size, size), generator=generator, dtype=torch.uint8),
+                source_label=label,
+                target_image=torch.randint(0, 256, (2, 3, size, size), generator=generator, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("arch,framework", [("dlv2-tiny", "dacs"), ("dlv2-v1c-tiny", "mmseg")])
+def test_source_loss_reduction_and_ema_timing_follow_the_framework(arch, framework):
+    """mmseg 0.16 averages the source CE over ALL pixels (ignored ones count 0), DACS over labelled ones.
+    DACS updates the teacher after step `it` with alpha(it) (0 at it = 0: a copy); DAFormer before step it + 1
+    with alpha(it + 1) (0.5 after the first step)."""
+    cfg = T.parse_config(["--task", "gta2cs", "--arch", arch, "--device", "cpu", "--no-mrm", "--iters", "10"])
+    assert cfg.framework == framework
+    label = torch.randint(0, 5, (2, 32, 32), dtype=torch.uint8)
+    label[:, :16] = 255
+    torch.manual_seed(0)
+    nets = T.build_nets(cfg)
+    before, teacher_before = copy.deepcopy(nets.model).train(), copy.deepcopy(nets.teacher)
+    batch = fake_batch(source_label=label)
+    x_s, y_s, _ = T.to_device(batch, nets)
+    with torch.no_grad():
+        ce = F.cross_entropy(F.interpolate(before(x_s), size=(32, 32), mode="bilinear",
+                                           align_corners=cfg.align_corners), y_s, ignore_index=255, reduction="none")
+    losses = T.train_step(cfg, nets, batch, 0)
+    expected = ce.sum() / (ce.numel() if framework == "mmseg" else (y_s != 255).sum())
+    torch.testing.assert_close(losses[0], expected)
+    alpha = 0.5 if framework == "mmseg" else 0.0
+    for t, t0, s in zip(nets.teacher.parameters(), teacher_before.parameters(), nets.model.parameters()):
+        torch.testing.assert_close(t, alpha * t0 + (1 - alpha) * s)
+
+
+def test_resize_as_each_framework_does():
+    """DACS: PIL, exactly 1280x720 (GTA bicubic). mmseg: keep the aspect ratio (1914x1052 -> 1280x704),
+    bilinear without antialiasing; labels nearest, to the image's new size."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(1052, 1914, 3), dtype=np.uint8)
+    label = rng.integers(0, 19, size=(1052, 1916), dtype=np.uint8)  # GTA: a label 2 px wider than its image
+    mmseg_image, mmseg_label = resize_pair(image, label, (1280, 720))
+    assert mmseg_image.shape == (704, 1280, 3) and mmseg_label.shape == (704, 1280)
+    reference = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float(), size=(704, 1280),
+                              mode="bilinear", align_corners=False, antialias=False)[0].permute(1, 2, 0)
+    # torchvision's uint8 path interpolates in fixed point, as OpenCV does: within one grey level
+    assert (torch.from_numpy(mmseg_image).float() - reference).abs().max() < 1.01
+    rows, cols = (np.arange(704) * 1052 / 704).astype(int), (np.arange(1280) * 1916 / 1280).astype(int)
+    assert (mmseg_label == label[rows][:, cols]).all()  # OpenCV's nearest: floor(dst * scale)
+    dacs_image, dacs_label = resize_pair(image, label, (1280, 720), T.DATASETS["gta"]["dacs_filter"])
+    expected = np.array(Image.fromarray(image).resize((1280, 720), Image.Resampling.BICUBIC))
+    assert dacs_image.shape == (720, 1280, 3) and (dacs_image == expected).all() and dacs_label.shape == (720, 1280)
+    assert T.mmseg_rescale_size(2048, 1024, (1024, 512)) == (1024, 512)
+    assert T.mmseg_rescale_size(1280, 760, (1280, 760)) == (1280, 760)
+
+
+class CountingDomain:
+    """One image whose label is class 1 except a rare class 2 in a 4x4 corner, counting pipeline runs."""
+    name = "fake"
+
+    def __init__(self, size=64):
+        self.label = np.ones((size, size), np.uint8)
+        self.label[:4, :4] = 2
+        self.image = np.zeros((size, size, 3), np.uint8)
+
+    def __len__(self):
+        return 1
+
+    def load(self, i):
+        return self.image, self.label
+
+
+def test_rare_class_sampling_reruns_the_whole_pipeline_up_to_ten_more_times(monkeypatch):
+    """DAFormer's get_rare_class_sample: while the crop holds <= min_pixels / 2 of the class, run the
+    pipeline (crop with its own cat_max_ratio checks, flip) again on the same image, at most 10 more times."""
+    cfg = SimpleNamespace(seed=0, batch_size=1, crop=16, flip=True, cat_max_ratio=1.0, max_skips=0, rcs_min_pixels=40,
+                          iters=1)
+    domain = CountingDomain(size=20)
+    batches = T.TrainBatches(cfg, domain, domain, rcs=(np.array([0.0, 0.0, 1.0]), [[], [], [0]]))
+    runs = []  # pixels of class 2 in each run's crop
+    real = batches.pipeline
+
+    def counted(*args):
+        result = real(*args)
+        runs.append(int((result[1] == 2).sum()))
+        return result
+
+    monkeypatch.setattr(batches, "pipeline", counted)
+    rng = np.random.default_rng(0)
+    image, label = batches.sample(domain, rng, [], is_source=True)
+    assert len(runs) == 11 and label.shape == (16, 16)  # 16 pixels of class 2 at most: never > 20
+    cfg.rcs_min_pixels = 10  # > 5 pixels: a crop holding the corner is enough
+    lengths = set()
+    for _ in range(30):
+        runs.clear()
+        image, label = batches.sample(domain, rng, [], is_source=True)
+        assert all(n <= 5 for n in runs[:-1]) and (runs[-1] > 5 or len(runs) == 11)  # stops at the first hit
+        assert (label == 2).sum() == runs[-1]  # the last run is the sample
+        lengths.add(len(runs))
+    assert len(lengths) > 2
+    # mmseg's cat_max_ratio: a one-class crop is never balanced: 10 checks, 11 crops drawn, the last one kept
+    cfg.cat_max_ratio, cfg.rcs_min_pixels = 0.75, 0
+    crops = []
+    real_crop = T.random_crop
+    monkeypatch.setattr(T, "random_crop", lambda *a: crops.append(1) or real_crop(*a))
+    batches.pipeline(np.zeros((64, 64, 3), np.uint8), np.ones((64, 64), np.uint8), rng, True)
+    assert len(crops) == 11
+    crops.clear()
+    batches.pipeline(np.zeros((64, 64, 3), np.uint8), np.ones((64, 64), np.uint8), rng, False)
+    assert len(crops) == 1  # target crops: labels are not read
+
+
 def test_ema_follows_dacs_formula():
     student, teacher = nn.Linear(2, 2), nn.Linear(2, 2)
     before = teacher.weight.detach().clone()
@@ -1209,9 +1604,35 @@ def test_resume_is_bit_exact(tmp_path, small_toy):
     a, b = state_of(straight), state_of(split)
     for part in ("model", "teacher", "rebuilder"):
         assert_states_equal(a[part], b[part])
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for optimizer_a, optimizer_b in zip(a["optimizers"], b["optimizers"], strict=True):
+        for key, state in optimizer_a["state"].items():
+            assert_states_equal(state, optimizer_b["state"][key])
     lines = [json.loads(line) for line in open(os.path.join(split, "log.jsonl"))]
     assert [r["iteration"] for r in lines if "loss_source" in r] == [2, 3, 4, 6]
+
+
+def test_dacs_recipe_resume_restores_both_optimizers_bit_exactly(tmp_path):
+    """The DACS recipe trains with SlotSGD plus the Rebuilder's AdamW; both come back on --resume."""
+    root = str(tmp_path / "data")
+    write_fake_dataset(root, "gta", 3, (64, 48))
+    write_fake_dataset(root, "cityscapes", 2, (64, 32))
+    args = ["--task", "gta2cs", "--data-root", root, "--arch", "dlv2-tiny", "--crop", "32", "--iters", "4",
+            "--rebuilder-dim", "32", "--rebuilder-heads", "4", "--rebuilder-grid", "4", "--workers", "0",
+            "--checkpoint-every", "1", "--log-every", "1", "--val-every", "100"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    assert T.main(args + ["--work-dir", straight]) == 0
+    assert T.main(args + ["--work-dir", split, "--stop-after", "2"]) == 0
+    assert T.main(args + ["--work-dir", split, "--resume"]) == 0
+    a, b = state_of(straight), state_of(split)
+    assert [g["slots"] for g in a["optimizers"][0]["param_groups"]] == [1, 3, 4, 1]  # stem, block, downsample; head
+    assert len(a["optimizers"]) == 2 and a["optimizers"][1]["param_groups"][0]["lr"] > 0
+    for part in ("model", "teacher", "rebuilder"):
+        assert_states_equal(a[part], b[part])
+    for optimizer_a, optimizer_b in zip(a["optimizers"], b["optimizers"], strict=True):
+        for key, state in optimizer_a["state"].items():
+            assert_states_equal(state, optimizer_b["state"][key])
+    config = json.load(open(os.path.join(straight, "config.json")))
+    assert (config["recipe"], config["framework"], config["aspp_dilations"], config["iters"]) == ("dacs", "dacs", "6,12", 4)
 
 
 def test_toy_training_logs_and_exports_without_rebuilder(tmp_path, small_toy, capsys):
@@ -1257,15 +1678,19 @@ def test_gta2cs_starts_on_fake_data_in_the_real_layout(tmp_path, capsys):
     assert len(os.listdir(tmp_path / "pred")) == 2
 
 
-@pytest.mark.parametrize("arch", ["dlv2", "mitb5"])
+@pytest.mark.parametrize("arch", ["dlv2", "dlv2-v1c", "mitb5"])
 def test_documented_paper_command_starts_on_fake_data(tmp_path, monkeypatch, capsys, arch):
-    """`--task gta2cs --data-root data [--arch mitb5 --pretrained mit_b5.pth]` with the full-size
-    networks, cut to one iteration on 64x64 crops; checkpoint writing and validation are recorded,
-    not run (a MiT-B5 checkpoint with AdamW states is over 1 GB)."""
+    """`--task gta2cs --data-root data [--arch dlv2-v1c --pretrained resnet101_v1c.pth | --arch mitb5
+    --pretrained mit_b5.pth]` with the full-size networks, cut to one iteration on 64x64 crops; checkpoint
+    writing and validation are recorded, not run (a MiT-B5 checkpoint with AdamW states is over 1 GB)."""
     root = str(tmp_path / "data")
     write_fake_dataset(root, "gta", 2, (1280, 720))
     write_fake_dataset(root, "cityscapes", 1, (1024, 512))
     args = ["--task", "gta2cs", "--data-root", root]
+    if arch == "dlv2-v1c":  # mmcv's layout: stem.*, layerX.*, under 'state_dict' with a 'meta' entry
+        weights = ResNetDilated(style="v1c").state_dict()
+        torch.save({"meta": {}, "state_dict": weights}, str(tmp_path / "resnet101_v1c.pth"))
+        args += ["--arch", "dlv2-v1c", "--pretrained", str(tmp_path / "resnet101_v1c.pth")]
     if arch == "mitb5":  # SegFormer's file layout: the backbone's keys plus its ImageNet classifier
         with torch.device("meta"):
             shapes = {k: v.shape for k, v in MixVisionTransformer(**MIT_B5).state_dict().items()}
@@ -1281,7 +1706,7 @@ def test_documented_paper_command_starts_on_fake_data(tmp_path, monkeypatch, cap
         monkeypatch.setattr(T, name, lambda *a, name=name: calls.append(name))
     small = ["--iters", "1", "--crop", "64", "--batch-size", "1", "--workers", "0", "--work-dir", str(tmp_path / "run")]
     assert T.main(args + small) == 0
-    recipe = "daformer" if arch == "mitb5" else "dacs"
+    recipe = {"dlv2": "dacs", "dlv2-v1c": "mmseg-dacs", "mitb5": "daformer"}[arch]
     assert f"gta2cs: {arch} ({recipe} recipe), DACS + MRM" in capsys.readouterr().out
     assert len(losses) == 1 and torch.isfinite(losses[0]).all() and losses[0][0] > 0
     assert calls == ["save_checkpoint", "export_model", "validate"]
@@ -1430,6 +1855,63 @@ def test_out_of_memory_names_the_switches_that_help(tmp_path, small_toy, monkeyp
     assert "out of GPU memory" in err and "--amp bf16" in err and "--checkpoint-blocks" in err
 
 
+def test_eval_resamples_logits_with_the_align_corners_of_training(tmp_path, small_toy, monkeypatch):
+    """The checkpoint records align_corners (DACS: True) and evaluation resizes the logits with it."""
+    logits = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]], [[[1.5, 1.5], [1.5, 1.5]]]]).permute(1, 0, 2, 3)
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return logits
+
+    class OneImage:
+        name = "fixed"
+
+        def __len__(self):
+            return 1
+
+        def load(self, i, full_label=False):
+            return np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8)
+
+    for align_corners in (True, False):
+        conf = T.evaluate(Fixed(), OneImage(), 2, torch.device("cpu"), align_corners)
+        upsampled = F.interpolate(logits, size=(4, 4), mode="bilinear", align_corners=align_corners)
+        predicted_class_1 = int((upsampled.argmax(dim=1) == 1).sum())
+        assert conf.tolist() == [[16 - predicted_class_1, predicted_class_1], [0, 0]]
+    # by hand: class 0 is x + 2y on the sample grid, {0, 1/3, 2/3, 1} (True) or {0, .25, .75, 1} (False);
+    # class 1 wins where that is below 1.5 (ties go to class 0)
+    assert T.evaluate(Fixed(), OneImage(), 2, torch.device("cpu"), True)[0, 1] == 4 + 3 + 1
+    assert T.evaluate(Fixed(), OneImage(), 2, torch.device("cpu"), False)[0, 1] == 4 + 3
+    import eval as eval_module
+    work = str(tmp_path / "run")
+    assert T.main(TOY_FAST + ["--iters", "2", "--work-dir", work, "--align-corners"]) == 0
+    exported = torch.load(os.path.join(work, "model.pth"), weights_only=True)
+    assert exported["arch"]["align_corners"] is True
+    seen = []
+    monkeypatch.setattr(eval_module, "evaluate", lambda *a, **k: seen.append(a[4]) or torch.eye(7, dtype=torch.long))
+    assert eval_main([os.path.join(work, "model.pth"), "--task", "toy", "--workers", "0"]) == 0
+    assert seen == [True]
+
+
+def test_bad_pretrained_files_and_checkpoints_are_one_line_exit_2(tmp_path, capsys):
+    """A truncated, corrupt or non-checkpoint --pretrained file, and an unreadable eval checkpoint:
+    one line naming the file (not PyTorch's multi-line advice), exit 2."""
+    good = tmp_path / "good.pth"
+    torch.save(ResNetDilated(**DLV2_TINY).state_dict(), good)
+    truncated, text, listing = tmp_path / "truncated.pth", tmp_path / "notes.pth", tmp_path / "list.pth"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    text.write_text("these are not weights\n")
+    torch.save([1, 2, 3], listing)
+    for path, arch in ((truncated, "dlv2-tiny"), (text, "dlv2-tiny"), (listing, "dlv2-tiny"), (truncated, "mit-tiny")):
+        assert T.main(["--task", "toy", "--arch", arch, "--pretrained", str(path), "--work-dir", str(tmp_path / "w"),
+                       "--iters", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err, err
+    assert "not a state dict" in (T.main(["--task", "toy", "--pretrained", str(listing)]) and capsys.readouterr().err)
+    assert eval_main([str(truncated), "--task", "toy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a readable checkpoint" in err and str(truncated) in err
+
+
 class NotATensor:
     pass
 
@@ -1438,7 +1920,8 @@ def test_untrusted_or_foreign_checkpoints_are_refused_in_one_line(tmp_path, smal
     pickled = str(tmp_path / "evil.pth")
     torch.save({"model": NotATensor()}, pickled)
     assert eval_main([pickled, "--task", "toy"]) == 2
-    assert "not a readable checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a readable checkpoint" in err and err.count("\n") == 1
     foreign = str(tmp_path / "foreign.pth")
     torch.save({"weight": torch.zeros(2)}, foreign)
     assert eval_main([foreign, "--task", "toy"]) == 2

@@ -19,7 +19,6 @@ streams, checkpoints and evaluation, the training loop, benchmark modes, main.
 """
 import argparse
 import copy
-import io
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import struct
 import sys
 import tempfile
 import time
+import warnings
 import zlib
 from functools import lru_cache
 from types import SimpleNamespace
@@ -38,6 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+import torchvision.transforms.v2.functional as TF
+from torchvision.io import decode_png, read_file
 from PIL import Image
 
 from mrm import Rebuilder, mrm_loss, segmentation_ce
@@ -47,10 +49,10 @@ from mrm import Rebuilder, mrm_loss, segmentation_ce
 # Defaults < recipe < task < command line. Every key is a flag: --mask-ratio 0.5, --no-mrm.
 DEFAULTS = dict(
     task="toy",             # gta2cs | syn2cs | toy
-    arch="",                # dlv2 | mitb5 | dlv2-tiny | mit-tiny (default: the task's)
-    recipe="",              # dacs | daformer | toy (default: the arch's / task's)
+    arch="",                # dlv2 | dlv2-v1c | mitb5 | ...-tiny (default: the task's)
+    recipe="",              # dacs | mmseg-dacs | daformer | toy (default: the arch's / task's)
     data_root="data",
-    pretrained="",          # DeepLab COCO init, torchvision resnet101, or SegFormer mit_b5.pth
+    pretrained="",          # DeepLab COCO init, torchvision resnet101, mmcv resnet101_v1c or SegFormer mit_b5.pth
     work_dir="",            # default: runs/<task>-<arch>-<method>-seed<seed>
     seed=0,
     device="",              # cpu | cuda (default: cuda when available)
@@ -59,35 +61,44 @@ DEFAULTS = dict(
     compile=False,          # torch.compile the encoder and decoder
     checkpoint_blocks=False,  # activation checkpointing of the MiT blocks (saves memory)
     workers=4,
+    aspp_dilations="6,12",  # DeepLabV2 classifier: the two branches every UDA baseline ran, or 6,12,18,24
     # schedule and optimiser (set by the recipe)
     iters=0, batch_size=2, crop=512, optimizer="sgd", lr=2.5e-4, head_lr_mult=10.0, momentum=0.9,
     weight_decay=5e-4, norm_no_decay=False, poly_power=0.9, warmup_iters=0,
+    dacs_param_slots="official",  # official: SGD updates as DACS's duplicated parameter list did | unique
     # DACS
     source_only=False,      # the baseline: source loss only, no target, no MRM
     ema=0.99, pseudo_threshold=0.968, jitter=0.25, jitter_p=0.8, blur_p=0.5, align_corners=True,
     # DAFormer recipe parts (0 / False = off)
     flip=False, cat_max_ratio=1.0, rcs_temperature=0.0, rcs_min_pixels=3000, fd_weight=0.0, pl_crop=False,
-    # MRM
+    # MRM; the Rebuilder always trains with AdamW (SPEC.md section 2)
     mrm=True, mrm_weight=1.0, mask_ratio=0.4, rebuilder_dim=512, rebuilder_depth=2, rebuilder_heads=16,
-    rebuilder_grid=16, rebuilder_lr=2e-4, mrm_domain="target",
+    rebuilder_grid=16, rebuilder_lr=2e-4, rebuilder_weight_decay=0.01, mrm_domain="target",
     # run hygiene
     log_every=50, val_every=5000, checkpoint_every=1000, stop_after=0, resume=False, max_skips=10,
     # other modes
-    check_data=False, bench=0, bench_data=0, count_flops=False,
+    check_data=False, print_config=False, bench=0, bench_data=0, count_flops=False,
 )
+# A recipe's framework decides what the official code around it did: "dacs" is DACS's trainUDA.py (images
+# resized exactly with PIL, ClassMix classes per image, source loss over labelled pixels, EMA after the step);
+# "mmseg" is DAFormer's mmsegmentation code (resize keeping the aspect ratio, ClassMix classes of the whole
+# batch, every loss averaged over all pixels, EMA before the next step).
 RECIPES = {
-    "dacs": dict(iters=250_000, optimizer="sgd", lr=2.5e-4, head_lr_mult=10.0, momentum=0.9, weight_decay=5e-4,
-                 norm_no_decay=False, poly_power=0.9, warmup_iters=0, ema=0.99, jitter=0.25, align_corners=True,
-                 flip=False, cat_max_ratio=1.0, rcs_temperature=0.0, fd_weight=0.0, pl_crop=False),
-    "daformer": dict(iters=40_000, optimizer="adamw", lr=6e-5, head_lr_mult=10.0, weight_decay=0.01,
-                     norm_no_decay=True, poly_power=1.0, warmup_iters=1500, ema=0.999, jitter=0.2,
-                     align_corners=False, flip=True, cat_max_ratio=0.75, rcs_temperature=0.01, fd_weight=0.005,
-                     pl_crop=True),
+    "dacs": dict(framework="dacs", iters=250_000, optimizer="sgd", lr=2.5e-4, head_lr_mult=10.0, momentum=0.9,
+                 weight_decay=5e-4, norm_no_decay=False, poly_power=0.9, warmup_iters=0, ema=0.99, jitter=0.25,
+                 align_corners=True, flip=False, cat_max_ratio=1.0, rcs_temperature=0.0, fd_weight=0.0,
+                 pl_crop=False),
+    "mmseg-dacs": dict(framework="mmseg", iters=40_000, optimizer="adamw", lr=6e-5, head_lr_mult=10.0,
+                       weight_decay=0.01, norm_no_decay=True, poly_power=1.0, warmup_iters=1500, ema=0.99,
+                       jitter=0.2, align_corners=False, flip=True, cat_max_ratio=0.75, rcs_temperature=0.0,
+                       fd_weight=0.0, pl_crop=False),
 }
+RECIPES["daformer"] = dict(RECIPES["mmseg-dacs"], ema=0.999, rcs_temperature=0.01, fd_weight=0.005, pl_crop=True)
 RECIPES["toy"] = dict(RECIPES["dacs"], iters=1000, batch_size=8, crop=0, optimizer="adamw", lr=1e-3,
                       head_lr_mult=1.0, weight_decay=1e-4, align_corners=False, rebuilder_lr=1e-3,
                       rebuilder_dim=64, rebuilder_heads=4, rebuilder_grid=8, log_every=50, val_every=500,
                       checkpoint_every=500, workers=0)
+ASPP_DILATIONS = ("6,12", "6,12,18,24")
 TOY_SIZES = {"train": 2000, "val": 200}  # scenes per toy split: a finite target set, as in real UDA
 
 
@@ -115,8 +126,11 @@ for _raw, _train in {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 
                      19: 15, 12: 17, 11: 18}.items():
     SYNTHIA_ID_TO_TRAIN[_raw] = _train
 
-DATASETS = {'gta': dict(resize=(1280, 720)), 'cityscapes': dict(resize=(1024, 512)),
-            'synthia': dict(resize=(1280, 760))}
+# Training sizes (w, h). DACS resizes to exactly this size with PIL (GTA and SYNTHIA bicubic, Cityscapes
+# bilinear); mmseg keeps the aspect ratio to fit it (a 1914x1052 GTA image becomes 1280x704).
+DATASETS = {'gta': dict(size=(1280, 720), dacs_filter=Image.Resampling.BICUBIC),
+            'cityscapes': dict(size=(1024, 512), dacs_filter=Image.Resampling.BILINEAR),
+            'synthia': dict(size=(1280, 760), dacs_filter=Image.Resampling.BICUBIC)}
 
 # -----------------------------------------------------------------------------
 # folder discovery. Under ROOT: image and label folders; name patterns are regexes over the path relative
@@ -214,51 +228,15 @@ def _png(width, height, depth, color_type, scanlines, level=6):
             + chunk(b'IEND', b''))
 
 
-def _idat(data, path):
-    """The concatenated IDAT payload of a PNG, checking chunk bounds and CRCs."""
-    pos, parts = 8, []
-    while pos + 12 <= len(data):
-        length, tag = struct.unpack('>I4s', data[pos:pos + 8])
-        body, crc = data[pos + 8:pos + 8 + length], data[pos + 8 + length:pos + 12 + length]
-        if len(crc) < 4 or zlib.crc32(body, zlib.crc32(tag)) != int.from_bytes(crc, 'big'):
-            break
-        if tag == b'IEND':
-            return b''.join(parts)
-        if tag == b'IDAT':
-            parts.append(body)
-        pos += 12 + length
-    raise CorruptFile(path, f'truncated or damaged PNG chunk at byte {pos}')
-
-
 def _first_channel(path):
-    """First channel of a label PNG at full depth. PIL keeps only the high byte of 16-bit RGB(A) and
-    grey+alpha PNGs (SYNTHIA's format), so those are decompressed here."""
+    """First channel of a label PNG at full depth: torchvision decodes 16-bit PNGs (SYNTHIA's labels) as
+    uint16, where PIL keeps only the high byte of 16-bit colour."""
     try:
-        with open(path, 'rb') as f:
-            data = f.read()
-    except OSError as e:
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its image IO in favour of torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_png(read_file(path))[0].numpy()
+    except Exception as e:  # a RuntimeError from libpng, or an OSError
         raise CorruptFile(path, e) from e
-    if len(data) < 29 or data[:8] != _PNG_SIGNATURE or data[12:16] != b'IHDR':
-        raise CorruptFile(path, 'not a PNG file')
-    width, height, depth, color_type, interlace = struct.unpack('>IIBB2xB', data[16:29])
-    if depth != 16 or color_type not in (2, 4, 6):  # PIL decodes every other PNG mode exactly
-        ids = _pil_array(io.BytesIO(data), path)
-        return ids if ids.ndim == 2 else ids[..., 0]
-    if interlace:
-        raise CorruptFile(path, 'interlaced 16-bit colour PNGs are not supported')
-    try:
-        raw = zlib.decompress(_idat(data, path))
-    except zlib.error as e:
-        raise CorruptFile(path, e) from e
-    pixel_bytes = {2: 6, 4: 4, 6: 8}[color_type]
-    if len(raw) != height * (1 + width * pixel_bytes):
-        raise CorruptFile(path, 'pixel data has the wrong size')
-    rows = np.frombuffer(raw, np.uint8).reshape(height, 1 + width * pixel_bytes)
-    # PNG filters treat each byte position of a pixel as its own lane, so the row filter bytes plus the two
-    # bytes of channel 0 form a valid 16-bit greyscale PNG; PIL then undoes filters 0-4 for us, in C.
-    channel0 = rows[:, 1:].reshape(height, width, pixel_bytes)[:, :, :2].reshape(height, 2 * width)
-    grey = _png(width, height, 16, 0, np.concatenate([rows[:, :1], channel0], axis=1).tobytes(), level=0)
-    return _pil_array(io.BytesIO(grey), path)
 
 
 def read_image(path):
@@ -269,7 +247,7 @@ def read_image(path):
 def read_label(path, dataset):
     """HxW uint8 train ids (255 = ignore), mapped from the dataset's raw label ids."""
     if dataset == 'synthia':
-        return SYNTHIA_ID_TO_TRAIN[_first_channel(path).astype(np.uint16)]
+        return SYNTHIA_ID_TO_TRAIN[_first_channel(path)]
     ids = _pil_array(path, path)
     if ids.ndim != 2 or ids.dtype != np.uint8:
         raise DataError(f'{path}: expected an 8-bit single-channel PNG of Cityscapes label ids, '
@@ -280,12 +258,28 @@ def read_label(path, dataset):
 # geometry
 
 
-def resize_pair(image, label, size_wh, resize_label=True):
-    """Resize the image (bilinear) and label (nearest) each to size_wh, which also removes GTA's few
-    image/label size mismatches. resize_label=False keeps the full-size label (mmseg evaluation)."""
-    image = np.array(Image.fromarray(image).resize(size_wh, Image.Resampling.BILINEAR))
+def mmseg_rescale_size(width, height, size_wh):
+    """mmcv.imrescale's size: the largest scale that fits the long side into max(size_wh) and the short side
+    into min(size_wh), each side rounded."""
+    scale = min(max(size_wh) / max(width, height), min(size_wh) / min(width, height))
+    return int(width * scale + 0.5), int(height * scale + 0.5)
+
+
+def resize_pair(image, label, size_wh, dacs_filter=None, resize_label=True):
+    """Resize an image and its label (nearest) for training or evaluation; the label takes the image's new size,
+    which also removes GTA's few image/label size mismatches. dacs_filter (a PIL filter): DACS, exactly size_wh
+    with PIL (antialiased when shrinking). None: mmseg, keeping the aspect ratio, bilinear without antialiasing
+    as OpenCV, with torchvision. resize_label=False keeps the full-size label (mmseg evaluation)."""
+    if dacs_filter is not None:
+        image = np.array(Image.fromarray(image).resize(size_wh, dacs_filter))
+        if resize_label:
+            label = np.array(Image.fromarray(label).resize(size_wh, Image.Resampling.NEAREST))
+        return image, label
+    width, height = mmseg_rescale_size(image.shape[1], image.shape[0], size_wh)
+    image = TF.resize(torch.from_numpy(image).permute(2, 0, 1), [height, width],
+                      TF.InterpolationMode.BILINEAR, antialias=False).permute(1, 2, 0).numpy()
     if resize_label:
-        label = np.array(Image.fromarray(label).resize(size_wh, Image.Resampling.NEAREST))
+        label = TF.resize(torch.from_numpy(label)[None], [height, width], TF.InterpolationMode.NEAREST)[0].numpy()
     return image, label
 
 
@@ -571,9 +565,19 @@ def make_toy_scene(rng, style, size=(64, 128)):
     return toy_render(rng, toy_layout(rng, style, size), style)
 
 
-# ============================================================================= DeepLabV2 (DACS)
-# Dilated ResNet (output stride 8) + the 4-branch ASPP classifier.
+# ============================================================================= DeepLabV2
+# Dilated ResNet (output stride 8) + the DeepLabV2 classifier, in the styles that UDA code uses:
+#   caffe        DACS / AdaptSegNet (MS-COCO DeepLab init): stride in the first 1x1 conv of a bottleneck
+#   torchvision  the same network for torchvision's ImageNet weights: stride in the 3x3 conv
+#   v1c          mmseg's ResNetV1c (DAFormer, MIC, MRM): deep 3x3 stem, floor-mode max-pool, contract dilation
+# caffe and torchvision keep DACS's 7x7 stem, ceil-mode max-pool (65x65 features at 512) and frozen BatchNorm
+# affine parameters; v1c trains its BatchNorm and gives 64x64 features at 512.
 
+RESNET_STYLES = {
+    'caffe': dict(stride_in_1x1=True, deep_stem=False, frozen_bn=True, norm='caffe'),
+    'torchvision': dict(stride_in_1x1=False, deep_stem=False, frozen_bn=True, norm='imagenet'),
+    'v1c': dict(stride_in_1x1=False, deep_stem=True, frozen_bn=False, norm='imagenet'),
+}
 CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)  # 0-255 scale, BGR order
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -612,16 +616,16 @@ def frozen_bn(channels):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, stride_in_1x1=True):
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, stride_in_1x1=True,
+                 norm=frozen_bn):
         super().__init__()
-        # caffe-style (DeepLab COCO init) strides in the first 1x1 conv, torchvision in the 3x3
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=s1, bias=False)
-        self.bn1 = frozen_bn(planes)
+        self.bn1 = norm(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=s3, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = frozen_bn(planes)
+        self.bn2 = norm(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = frozen_bn(planes * self.expansion)
+        self.bn3 = norm(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -634,17 +638,27 @@ class Bottleneck(nn.Module):
 
 
 class ResNetDilated(nn.Module):
-    """ResNet with layer3/layer4 dilated (2, 4) instead of strided: output stride 8."""
+    """ResNet with layer3/layer4 dilated (2, 4) instead of strided: output stride 8. style: RESNET_STYLES."""
 
-    def __init__(self, layers=(3, 4, 23, 3), width=64, stride_in_1x1=True):
+    def __init__(self, layers=(3, 4, 23, 3), width=64, style='caffe'):
         super().__init__()
-        self.stride_in_1x1 = stride_in_1x1
+        self.style = style
+        options = RESNET_STYLES[style]
+        self.stride_in_1x1 = options['stride_in_1x1']
+        self.norm = frozen_bn if options['frozen_bn'] else nn.BatchNorm2d
+        if options['deep_stem']:  # mmseg: 3x3 convs 3 -> w/2 (stride 2) -> w/2 -> w, keys stem.0 ... stem.7
+            half = width // 2
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False), self.norm(half), nn.ReLU(inplace=True),
+                nn.Conv2d(half, half, 3, padding=1, bias=False), self.norm(half), nn.ReLU(inplace=True),
+                nn.Conv2d(half, width, 3, padding=1, bias=False), self.norm(width), nn.ReLU(inplace=True))
+        else:
+            self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+            self.bn1 = self.norm(width)
+            self.relu = nn.ReLU(inplace=True)
+        # the caffe DeepLab pools in ceil mode: 512 -> 256 -> 129 (mmseg: 128)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=not options['deep_stem'])
         self.inplanes = width
-        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
-        self.bn1 = frozen_bn(width)
-        self.relu = nn.ReLU(inplace=True)
-        # ceil_mode as in the caffe DeepLab: 512 -> 256 -> 129 (not 128)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
         self.layer1 = self._make_layer(width, layers[0])
         self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
         self.layer3 = self._make_layer(width * 4, layers[2], dilation=2)
@@ -655,23 +669,25 @@ class ResNetDilated(nn.Module):
         out = planes * Bottleneck.expansion
         downsample = None
         if stride != 1 or self.inplanes != out or dilation in (2, 4):
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, 1, stride=stride, bias=False), frozen_bn(out))
-        block = [Bottleneck(self.inplanes, planes, stride, dilation, downsample, self.stride_in_1x1)]
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, 1, stride=stride, bias=False), self.norm(out))
+        # mmseg's contract_dilation: the first block of a dilated stage uses half the dilation
+        first_dilation = dilation // 2 if self.style == 'v1c' and dilation > 1 else dilation
+        block = [Bottleneck(self.inplanes, planes, stride, first_dilation, downsample, self.stride_in_1x1, self.norm)]
         self.inplanes = out
-        block += [Bottleneck(out, planes, 1, dilation, None, self.stride_in_1x1) for _ in range(1, blocks)]
+        block += [Bottleneck(out, planes, 1, dilation, None, self.stride_in_1x1, self.norm) for _ in range(1, blocks)]
         return nn.Sequential(*block)
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.stem(x) if hasattr(self, 'stem') else self.relu(self.bn1(self.conv1(x)))
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.maxpool(x)))))
 
 
 class DeepLabV2Encoder(nn.Module):
 
-    def __init__(self, layers=(3, 4, 23, 3), width=64, stride_in_1x1=True, norm_kind='caffe'):
+    def __init__(self, layers=(3, 4, 23, 3), width=64, style='caffe'):
         super().__init__()
-        self.normalize = Normalize(norm_kind)
-        self.backbone = ResNetDilated(layers, width, stride_in_1x1)
+        self.normalize = Normalize(RESNET_STYLES[style]['norm'])
+        self.backbone = ResNetDilated(layers, width, style)
         self.out_channels = self.backbone.out_channels
 
     def forward(self, x):
@@ -679,42 +695,65 @@ class DeepLabV2Encoder(nn.Module):
 
 
 class ASPPClassifier(nn.Module):
-    """DeepLabV2 'layer5': sum of parallel dilated 3x3 convs, each straight to class logits."""
+    """DeepLabV2 'layer5' (DACS) / DLV2Head (mmseg): the sum of parallel dilated 3x3 convs, each straight to
+    class logits. Every published UDA DeepLabV2 number used dilations (6, 12): AdaptSegNet's code, copied by
+    DACS, returns inside its loop over four branches, and DAFormer's deeplabv2red config sets two on purpose."""
 
-    def __init__(self, in_channels, num_classes, dilations=(6, 12, 18, 24)):
+    def __init__(self, in_channels, num_classes, dilations=(6, 12), zero_bias=False):
         super().__init__()
         self.conv2d_list = nn.ModuleList(
             nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d) for d in dilations)
         for conv in self.conv2d_list:
             nn.init.normal_(conv.weight, 0.0, 0.01)
+            if zero_bias:  # mmcv's NormalInit; DACS keeps PyTorch's default bias
+                nn.init.zeros_(conv.bias)
 
     def forward(self, f):
         return sum(conv(f) for conv in self.conv2d_list)
 
 # -----------------------------------------------------------------------------
-# pretrained weights: DeepLab MS-COCO init (caffe style) or torchvision ImageNet
+# pretrained weights: DeepLab MS-COCO init (caffe), torchvision ImageNet, mmcv ResNetV1c ImageNet
 
-TOP_LEVEL = {'conv1', 'bn1', 'layer1', 'layer2', 'layer3', 'layer4', 'layer5', 'fc'}
+TOP_LEVEL = {'conv1', 'bn1', 'stem', 'layer1', 'layer2', 'layer3', 'layer4', 'layer5', 'fc'}
 CLASSIFIER_PREFIXES = ('layer5.', 'fc.')
 
 
-def read_pretrained(path):
-    """Loads a backbone file as a flat state dict with any wrapper prefix ('Scale.', 'module.') removed."""
-    sd = torch.load(path, map_location='cpu', weights_only=True)
+def one_line(error):
+    """An exception as one short line (PyTorch's load errors span many)."""
+    return ' '.join(f'{type(error).__name__}: {error}'.split())[:300]
+
+
+def load_state_file(path):
+    """{name: tensor} from a .pth file, unwrapped from a 'state_dict' or 'model' entry. Weights files are
+    untrusted input: torch.load with weights_only; any other content is one ValueError line naming the file."""
+    try:
+        sd = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:
+        raise ValueError(f'{path}: not a readable PyTorch weights file ({one_line(error)})') from None
     for wrapper in ('state_dict', 'model'):
-        if isinstance(sd.get(wrapper), dict):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f'{path}: not a state dict of tensors (nor one under a "state_dict" or "model" key)')
+    return sd
+
+
+def read_pretrained(path):
+    """A backbone file as a flat state dict with any wrapper prefix ('Scale.', 'module.', 'backbone.') removed."""
+    sd = load_state_file(path)
     # the official DeepLab loaders drop the first dotted component; do so only where there is one
     return {(k if k.split('.')[0] in TOP_LEVEL else k.split('.', 1)[-1]): v for k, v in sd.items()}
 
 
-def detect_kind(sd, path):
-    """(stride_in_1x1, norm_kind) matching how the file's weights were trained."""
+def detect_style(sd, path):
+    """The RESNET_STYLES entry matching how the file's weights were trained."""
+    if 'stem.0.weight' in sd:
+        return 'v1c'  # mmcv's resnet101_v1c: deep stem
     if 'fc.weight' in sd:
-        return False, 'imagenet'  # torchvision: stride in the 3x3 conv, RGB ImageNet statistics
+        return 'torchvision'  # stride in the 3x3 conv, RGB ImageNet statistics
     if any(k.startswith('layer5.') for k in sd):
-        return True, 'caffe'  # DeepLab COCO init: stride in the 1x1 conv, BGR 0-255 minus mean
-    raise ValueError(f"{path}: cannot tell the weights' kind (no 'fc.*' nor 'layer5.*' keys)")
+        return 'caffe'  # DeepLab COCO init: stride in the 1x1 conv, BGR 0-255 minus mean
+    raise ValueError(f"{path}: cannot tell the weights' kind (no 'stem.*', 'fc.*' nor 'layer5.*' keys)")
 
 
 def _fmt(keys, limit=10):
@@ -743,18 +782,25 @@ def load_backbone_state(backbone, sd, path):
 
 
 def build_deeplabv2_from_info(num_classes, info):
-    encoder = DeepLabV2Encoder(tuple(info['layers']), info['width'], info['stride_in_1x1'], info['norm'])
-    decoder = ASPPClassifier(encoder.out_channels, num_classes)
+    encoder = DeepLabV2Encoder(tuple(info['layers']), info['width'], info['style'])
+    decoder = ASPPClassifier(encoder.out_channels, num_classes, tuple(info['aspp_dilations']),
+                             zero_bias=info['style'] == 'v1c')
     return encoder, decoder
 
 
-def build_deeplabv2(num_classes, pretrained=None, layers=(3, 4, 23, 3), width=64):
-    """Returns (encoder, decoder, info); info rebuilds the same architecture without the file."""
-    stride_in_1x1, norm, sd = True, 'caffe', None  # no file: DACS's default, caffe style
+def build_deeplabv2(num_classes, pretrained=None, layers=(3, 4, 23, 3), width=64, styles=('caffe', 'torchvision'),
+                    aspp_dilations=(6, 12)):
+    """Returns (encoder, decoder, info); info rebuilds the same architecture without the file. styles: those the
+    architecture takes; the file's keys choose among them (no file: the first)."""
+    style, sd = styles[0], None
     if pretrained is not None:
         sd = read_pretrained(pretrained)
-        stride_in_1x1, norm = detect_kind(sd, pretrained)
-    info = {'arch': 'dlv2', 'layers': list(layers), 'width': width, 'stride_in_1x1': stride_in_1x1, 'norm': norm}
+        style = detect_style(sd, pretrained)
+        if style not in styles:
+            raise ValueError(f"{pretrained}: holds {style}-style ResNet weights; this architecture takes "
+                             f"{' or '.join(styles)} (--arch dlv2 for caffe/torchvision, dlv2-v1c for v1c)")
+    info = {'arch': 'dlv2', 'layers': list(layers), 'width': width, 'style': style,
+            'aspp_dilations': list(aspp_dilations)}
     encoder, decoder = build_deeplabv2_from_info(num_classes, info)
     if sd is not None:
         load_backbone_state(encoder.backbone, sd, pretrained)
@@ -906,11 +952,7 @@ class MixVisionTransformer(nn.Module):
 
 def load_mit_weights(encoder, path):
     """Strictly load SegFormer's ImageNet mit_b*.pth (its classifier head.* is dropped)."""
-    sd = torch.load(path, map_location='cpu', weights_only=True)
-    for wrapper in ('state_dict', 'model'):
-        if isinstance(sd.get(wrapper), dict):
-            sd = sd[wrapper]
-    sd = {k: v for k, v in sd.items() if not k.startswith('head.')}
+    sd = {k: v for k, v in load_state_file(path).items() if not k.startswith('head.')}
     own = encoder.state_dict()
     missing = sorted(own.keys() - sd.keys())
     unexpected = sorted(sd.keys() - own.keys())
@@ -1035,11 +1077,14 @@ class SegModel(nn.Module):
 
 
 MIT_TINY = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 2), sr_ratios=(8, 4, 2, 1))
+# framework: the recipes' framework an architecture belongs to (the toy recipe runs any); styles: RESNET_STYLES
 ARCHS = {
-    "dlv2": dict(recipe="dacs", layers=(3, 4, 23, 3), width=64),
-    "dlv2-tiny": dict(recipe="dacs", layers=(1, 1, 1, 1), width=16),
-    "mitb5": dict(recipe="daformer", mit=MIT_B5, head_dim=256),
-    "mit-tiny": dict(recipe="daformer", mit=MIT_TINY, head_dim=32),
+    "dlv2": dict(recipe="dacs", framework="dacs", layers=(3, 4, 23, 3), width=64, styles=("caffe", "torchvision")),
+    "dlv2-tiny": dict(recipe="dacs", framework="dacs", layers=(1, 1, 1, 1), width=16, styles=("caffe", "torchvision")),
+    "dlv2-v1c": dict(recipe="mmseg-dacs", framework="mmseg", layers=(3, 4, 23, 3), width=64, styles=("v1c",)),
+    "dlv2-v1c-tiny": dict(recipe="mmseg-dacs", framework="mmseg", layers=(1, 1, 1, 1), width=16, styles=("v1c",)),
+    "mitb5": dict(recipe="daformer", framework="mmseg", mit=MIT_B5, head_dim=256),
+    "mit-tiny": dict(recipe="daformer", framework="mmseg", mit=MIT_TINY, head_dim=32),
 }
 TASKS = {
     "gta2cs": dict(source="gta", target="cityscapes", arch="dlv2", class_names=CLASSES, palette=PALETTE,
@@ -1052,9 +1097,9 @@ TASKS = {
 }
 
 
-def build_model(arch, num_classes, pretrained="", checkpoint_blocks=False, info=None):
-    """(SegModel, info). info records what the weights decided (DeepLab style and normalisation) so
-    that eval.py rebuilds the same network from a checkpoint without the pretrained file."""
+def build_model(arch, num_classes, pretrained="", checkpoint_blocks=False, aspp_dilations=(6, 12), info=None):
+    """(SegModel, info). info records what the weights decided (DeepLab style) and the classifier's dilations,
+    so that eval.py rebuilds the same network from a checkpoint without the pretrained file."""
     spec = ARCHS[arch]
     if pretrained and not os.path.isfile(pretrained):
         raise DataError(f"{pretrained}: pretrained weights file not found")
@@ -1068,11 +1113,16 @@ def build_model(arch, num_classes, pretrained="", checkpoint_blocks=False, info=
         elif info is not None:
             encoder, decoder = build_deeplabv2_from_info(num_classes, info)
         else:
-            encoder, decoder, info = build_deeplabv2(num_classes, pretrained or None, spec["layers"], spec["width"])
+            encoder, decoder, info = build_deeplabv2(num_classes, pretrained or None, spec["layers"], spec["width"],
+                                                     spec["styles"], aspp_dilations)
             info["arch"] = arch
     except ValueError as error:  # the loaders' one-line key/shape report
         raise DataError(str(error)) from None
     return SegModel(encoder, decoder), info
+
+
+class ConfigError(Exception):
+    """A bad combination of flags; main() prints it as one line and exits 2."""
 
 
 def parse_config(argv=None):
@@ -1086,27 +1136,34 @@ def parse_config(argv=None):
     given = vars(parser.parse_args(argv))
     if given.get("bench") or given.get("bench_data"):  # the benchmarks measure the paper's setting
         given.setdefault("task", "gta2cs")
-    task = TASKS.get(given.get("task", DEFAULTS["task"]))
-    if task is None:
-        parser.error(f"--task must be one of {', '.join(TASKS)}")
+
+    def one_of(flag, value, allowed):
+        if value not in allowed:
+            raise ConfigError(f"--{flag} {value}: must be one of {' | '.join(allowed)}")
+
+    one_of("task", given.get("task", DEFAULTS["task"]), TASKS)
+    task = TASKS[given.get("task", DEFAULTS["task"])]
     arch = given.get("arch") or task["arch"]
-    if arch not in ARCHS:
-        parser.error(f"--arch must be one of {', '.join(ARCHS)}")
+    one_of("arch", arch, ARCHS)
     recipe = given.get("recipe") or task.get("recipe") or ARCHS[arch]["recipe"]
-    if recipe not in RECIPES:
-        parser.error(f"--recipe must be one of {', '.join(RECIPES)}")
+    one_of("recipe", recipe, RECIPES)
+    if recipe != "toy" and RECIPES[recipe]["framework"] != ARCHS[arch]["framework"]:
+        fitting = [a for a, spec in ARCHS.items() if spec["framework"] == RECIPES[recipe]["framework"]]
+        raise ConfigError(f"--recipe {recipe} does not run --arch {arch}: it runs {', '.join(fitting)}")
     cfg = {**DEFAULTS, **RECIPES[recipe], **given, "arch": arch, "recipe": recipe}
     cfg.update({k: v for k, v in task.items() if k not in ("arch", "recipe", "palette")},
                num_classes=len(task["class_names"]))
     cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     for key, allowed in (("amp", ("off", "bf16", "fp16")), ("mrm_domain", ("target", "source", "both")),
-                         ("device", ("cpu", "cuda"))):
-        if cfg[key] not in allowed:
-            parser.error(f"--{key.replace('_', '-')} must be one of {', '.join(allowed)}")
+                         ("device", ("cpu", "cuda")), ("aspp_dilations", ASPP_DILATIONS),
+                         ("dacs_param_slots", ("official", "unique"))):
+        one_of(key.replace("_", "-"), cfg[key], allowed)
+    if "dacs_param_slots" in given and not (recipe == "dacs" and cfg["optimizer"] == "sgd"):
+        raise ConfigError(f"--dacs-param-slots applies to DACS's SGD only (--recipe dacs), not --recipe {recipe}")
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+        raise ConfigError("--device cuda: no CUDA device is available")
     if cfg["iters"] <= 0 or cfg["batch_size"] <= 0:
-        parser.error("--iters and --batch-size must be positive")
+        raise ConfigError("--iters and --batch-size must be positive")
     if not cfg["work_dir"]:
         method = "source-only" if cfg["source_only"] else "dacs-mrm" if cfg["mrm"] else "dacs"
         cfg["work_dir"] = os.path.join("runs", f"{cfg['task']}-{arch}-{method}-seed{cfg['seed']}")
@@ -1115,12 +1172,16 @@ def parse_config(argv=None):
 
 # ============================================================================= DACS, batched on the device
 
-def class_mix_masks(labels):
-    """ClassMix: per source image, ceil(n/2) of its n classes at random (the ignore value counts as a
-    class, as in DACS); the mask is 1 on their pixels. Batched: random ranks among present classes."""
+def class_mix_masks(labels, batch_classes=False):
+    """ClassMix: per source image, ceil(n/2) of n classes at random (the ignore value counts as a class, as in
+    DACS and DAFormer); the mask is 1 on their pixels. The n classes are the image's own (DACS), or with
+    batch_classes those of the whole source batch (DAFormer's get_class_masks takes torch.unique(labels)).
+    Batched: random ranks among the present classes."""
     B = labels.shape[0]
     flat = labels.reshape(B, -1).long()
     present = torch.zeros(B, 256, dtype=torch.bool, device=labels.device).scatter_(1, flat, True)
+    if batch_classes:
+        present = present.any(dim=0, keepdim=True).expand(B, -1)
     scores = torch.rand(B, 256, device=labels.device).masked_fill(~present, 2.0)
     rank = scores.argsort(dim=1).argsort(dim=1)
     chosen = rank < (present.sum(dim=1, keepdim=True) + 1) // 2
@@ -1132,57 +1193,93 @@ def pseudo_label(teacher_logits, threshold):
     prob, label = teacher_logits.float().softmax(dim=1).max(dim=1)
     return label, (prob >= threshold).float().mean()
 
+# -----------------------------------------------------------------------------
+# colour jitter and blur as DACS and DAFormer draw them: one draw per iteration decides whether the whole batch
+# is jittered (p) and one whether it is blurred; the jitter factors and the blur sigma are drawn per image.
+# The jitter is kornia 0.5.8's ColorJitter (DAFormer's pin) in plain torch.
 
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+def rgb_to_hsv(x, eps=1e-6):
+    """kornia's rgb_to_hsv of (B, 3, H, W) in [0, 1]: hue in [0, 2 pi), saturation (max - min) / (max + eps)."""
+    value, argmax = x.max(dim=1)
+    delta = value - x.min(dim=1).values
+    saturation = delta / (value + eps)
+    delta = torch.where(delta == 0, torch.ones_like(delta), delta)  # grey pixels: hue 0, no 0/0
+    rc, gc, bc = (value[:, None] - x).unbind(dim=1)
+    sextant = torch.stack([bc - gc, 2 * delta + rc - bc, 4 * delta + gc - rc], dim=1)
+    hue = sextant.gather(1, argmax[:, None])[:, 0] / delta
+    return torch.stack([2 * math.pi * ((hue / 6) % 1), saturation, value], dim=1)
 
 
-@lru_cache(maxsize=None)
-def on_device(constant, device):
-    """A module-level constant tensor on `device`, copied once: a copy in every step would make
-    the host wait for the GPU."""
-    return constant.to(device)
+def hsv_to_rgb(hsv):
+    """kornia's hsv_to_rgb: the inverse of rgb_to_hsv (up to its eps), any real hue."""
+    hue, saturation, value = hsv.unbind(dim=1)
+    hue = hue / (2 * math.pi)
+    sector = torch.floor(hue * 6) % 6
+    fraction = (hue * 6) % 6 - sector
+    p = value * (1 - saturation)
+    q = value * (1 - fraction * saturation)
+    t = value * (1 - (1 - fraction) * saturation)
+    index = sector.long()[:, None]
+    red, green, blue = ([value, q, p, p, t, value], [t, value, value, q, p, p], [p, p, t, value, value, q])
+    return torch.cat([torch.stack(channel, dim=1).gather(1, index) for channel in (red, green, blue)], dim=1)
 
 
 def color_jitter(x, strength, p):
-    """Per-image brightness, contrast, saturation (factors in [1-s, 1+s]) and hue (a rotation of up
-    to s turns, done in YIQ space: one 3x3 matrix per image), applied with probability p."""
+    """kornia.augmentation.ColorJitter(brightness=s, contrast=s, saturation=s, hue=s) of (B, 3, H, W) RGB in
+    [0, 1], applied to the whole batch with probability p; factors and order drawn per image as kornia does."""
+    B, device = x.shape[0], x.device
+
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(B, device=device)
+
+    factors = (uniform(max(0.0, 1 - strength), min(2.0, 1 + strength)), uniform(max(0.0, 1 - strength), 1 + strength),
+               uniform(max(0.0, 1 - strength), 1 + strength), uniform(max(-0.5, -strength), min(0.5, strength)))
+    order = torch.rand(B, 4, device=device).argsort(dim=1)  # a random permutation of the four per image
+    return torch.where(torch.rand((), device=device) < p, jitter_images(x, *factors, order), x)
+
+
+def jitter_images(x, brightness, contrast, saturation, hue, order):
+    """kornia 0.5.8 ColorJitter's apply_transform with per-image factors (B,) and orders (B, 4) of the operations
+    0 brightness: x + (b - 1); 1 contrast: x * c; 2 saturation: HSV saturation * a; 3 hue: HSV hue + h * 2 pi
+    (mod 2 pi); each clamps to [0, 1]. Each of the four steps computes the linear and the HSV kind for the batch
+    and keeps the one the image's order names (no host sync); the other factors are the identity there, which
+    leaves pixels bit-identical."""
     B = x.shape[0]
+    brightness, contrast, saturation = (f.view(B, 1, 1, 1) for f in (brightness - 1, contrast, saturation))
+    hue = hue.view(B, 1, 1, 1) * 2 * math.pi
+    for step in range(4):
+        op = order[:, step].view(B, 1, 1, 1)
+        linear = ((x + torch.where(op == 0, brightness, 0)).clamp(0, 1) * torch.where(op == 1, contrast, 1)).clamp(0, 1)
+        h, s, v = rgb_to_hsv(x).split(1, dim=1)
+        hsv = torch.cat([torch.fmod(h + torch.where(op == 3, hue, 0), 2 * math.pi),
+                         (s * torch.where(op == 2, saturation, 1)).clamp(0, 1), v], dim=1)
+        x = torch.where(op >= 2, hsv_to_rgb(hsv), linear)
+    return x
 
-    def factor():
-        return 1 + (torch.rand(B, 1, 1, 1, device=x.device) * 2 - 1) * strength
 
-    def gray(t):
-        return (0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3])
-
-    y = (x * factor()).clamp(0, 1)
-    mean = gray(y).mean(dim=(2, 3), keepdim=True)
-    y = (mean + factor() * (y - mean)).clamp(0, 1)
-    g = gray(y)
-    y = (g + factor() * (y - g)).clamp(0, 1)
-    angle = (torch.rand(B, device=x.device) * 2 - 1) * strength * 2 * math.pi
-    cos, sin, zero, one = angle.cos(), angle.sin(), torch.zeros_like(angle), torch.ones_like(angle)
-    rotation = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], dim=1).view(B, 3, 3)
-    matrix = on_device(_YIQ_TO_RGB, x.device) @ rotation @ on_device(_RGB_TO_YIQ, x.device)
-    y = torch.einsum("bij,bjhw->bihw", matrix.to(y.dtype), y).clamp(0, 1)
-    apply = torch.rand(B, 1, 1, 1, device=x.device) < p
-    return torch.where(apply, y, x)
+def blur_kernel_size(side):
+    """DACS/DAFormer: about 10% of the side, odd (51 for 512)."""
+    k = math.ceil(0.1 * side)
+    return int(math.floor(k - 0.5 + k % 2))
 
 
 def gaussian_blur(x, p, sigma_range=(0.15, 1.15)):
-    """DACS's blur: kernel about 10% of the image height, odd (51 at 512), sigma uniform in the range,
-    applied with probability p. Separable, one grouped convolution per direction for the batch."""
+    """kornia's GaussianBlur2d (reflect padding) with a kernel of ~10% of each side, sigma uniform in the range
+    per image, for the whole batch with probability p. Separable: one grouped convolution per direction."""
     B, C, H, W = x.shape
-    k = int(math.floor(math.ceil(0.1 * H) - 0.5 + math.ceil(0.1 * H) % 2))
     sigma = sigma_range[0] + torch.rand(B, 1, device=x.device) * (sigma_range[1] - sigma_range[0])
-    taps = torch.arange(k, device=x.device, dtype=torch.float32) - k // 2
-    kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0).to(x.dtype)
-    y = F.pad(x.reshape(1, B * C, H, W), (k // 2, k // 2, k // 2, k // 2), mode="reflect")
-    y = F.conv2d(y, kernel.view(B * C, 1, 1, k), groups=B * C)
-    y = F.conv2d(y, kernel.view(B * C, 1, k, 1), groups=B * C).view(B, C, H, W)
-    apply = torch.rand(B, 1, 1, 1, device=x.device) < p
-    return torch.where(apply, y, x)
+
+    def kernel(size):
+        taps = torch.arange(size, device=x.device, dtype=torch.float32) - size // 2
+        weights = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+        return (weights / weights.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0).to(x.dtype)
+
+    kh, kw = blur_kernel_size(H), blur_kernel_size(W)
+    y = F.pad(x.reshape(1, B * C, H, W), (kw // 2, kw // 2, kh // 2, kh // 2), mode="reflect")
+    y = F.conv2d(y, kernel(kw).view(B * C, 1, 1, kw), groups=B * C)
+    y = F.conv2d(y, kernel(kh).view(B * C, 1, kh, 1), groups=B * C).view(B, C, H, W)
+    return torch.where(torch.rand((), device=x.device) < p, y, x)
 
 
 @torch.no_grad()
@@ -1202,9 +1299,14 @@ def teacher_mode(teacher):
 
 # ============================================================================= one training step
 
+def aspp_dilations(cfg):
+    return tuple(int(d) for d in cfg.aspp_dilations.split(","))
+
+
 def build_nets(cfg):
     device = torch.device(cfg.device)
-    model, info = build_model(cfg.arch, cfg.num_classes, cfg.pretrained, cfg.checkpoint_blocks)
+    model, info = build_model(cfg.arch, cfg.num_classes, cfg.pretrained, cfg.checkpoint_blocks, aspp_dilations(cfg))
+    info["align_corners"] = cfg.align_corners  # evaluation must resample the logits as training did
     rebuilder = None
     if cfg.mrm and not cfg.source_only:
         rebuilder = Rebuilder(model.encoder.out_channels, embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth,
@@ -1219,34 +1321,80 @@ def build_nets(cfg):
     for name in ("model", "teacher", "rebuilder", "imagenet"):
         if getattr(nets, name) is not None:
             setattr(nets, name, getattr(nets, name).to(device, memory_format=memory_format))
-    nets.optimizer = build_optimizer(cfg, nets)
+    nets.optimizers = build_optimizers(cfg, nets)
     nets.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     nets.encoder, nets.decoder = ((torch.compile(model.encoder), torch.compile(model.decoder)) if cfg.compile
                                   else (model.encoder, model.decoder))
     return nets
 
 
-def build_optimizer(cfg, nets):
-    """Parameter groups: encoder at lr, decoder at lr * head_lr_mult, Rebuilder at its own lr; norms
-    without weight decay when the recipe says so. Frozen parameters (DeepLab's BN) are left out."""
-    groups = []
+class SlotSGD(torch.optim.Optimizer):
+    """Momentum SGD as DACS's optimizer really ran (SPEC.md section 3). DACS hands torch.optim.SGD a parameter
+    list in which a tensor occurs several times (dacs_parameter_slots); torch 1.x then updated it once per
+    occurrence, each time with its unchanged gradient and the ONE momentum buffer it kept per tensor. Here a
+    parameter group holds tensors with the same count `slots` and applies that many updates in a row; with
+    slots=1 this is torch's SGD (dampening 0, no Nesterov)."""
 
-    def add(module, lr):
-        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        norm_params = {id(p) for m in module.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
-        no_decay = [p for _, p in params if cfg.norm_no_decay and id(p) in norm_params]
-        decay = [p for _, p in params if not (cfg.norm_no_decay and id(p) in norm_params)]
-        groups.extend(g for g in (dict(params=decay, initial_lr=lr),
-                                  dict(params=no_decay, initial_lr=lr, weight_decay=0.0)) if g["params"])
+    def __init__(self, params, lr, momentum, weight_decay):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, slots=1))
 
-    add(nets.model.encoder, cfg.lr)
-    add(nets.model.decoder, cfg.lr * cfg.head_lr_mult)
-    if nets.rebuilder is not None:
-        add(nets.rebuilder, cfg.rebuilder_lr)
-    fused = nets.device.type == "cuda"
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=fused)
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            for _ in range(group["slots"]):
+                steps = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, steps)
+                torch._foreach_add_(params, buffers, alpha=-group["lr"])
+
+
+def dacs_parameter_slots(backbone):
+    """How often DACS's get_1x_lr_params_NOscale yields each trainable backbone tensor: it walks modules() of
+    conv1, bn1 and layer1-4 and yields the parameters of every module, so a tensor comes once per module that
+    contains it (a conv in a bottleneck: layer, block, conv = 3; a downsample conv: 4; the stem conv: 1)."""
+    slots = {}
+    for top in (backbone.conv1, backbone.bn1, backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
+        for module in top.modules():
+            for p in module.parameters():
+                if p.requires_grad:
+                    slots[p] = slots.get(p, 0) + 1
+    return slots
+
+
+def build_optimizers(cfg, nets):
+    """[the network's optimizer] or, beside DACS's SGD, [SGD, the Rebuilder's own AdamW]: the Rebuilder always
+    trains with AdamW (SPEC.md section 2). Parameter groups: encoder at lr, decoder at lr * head_lr_mult,
+    Rebuilder at its own lr; LayerNorms without weight decay when the recipe says so. Frozen parameters (DACS's
+    BatchNorm) are left out. Under --recipe dacs the encoder's groups are split by DACS's slot counts."""
+    def groups(module, lr, **options):
+        params = [p for p in module.parameters() if p.requires_grad]
+        norms = {p for m in module.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+        no_decay = [p for p in params if cfg.norm_no_decay and p in norms]
+        decay = [p for p in params if not (cfg.norm_no_decay and p in norms)]
+        return [g for g in (dict(params=decay, initial_lr=lr, **options),
+                            dict(params=no_decay, initial_lr=lr, **{**options, "weight_decay": 0.0})) if g["params"]]
+
+    model, fused = nets.model, nets.device.type == "cuda"
+    network = groups(model.encoder, cfg.lr) + groups(model.decoder, cfg.lr * cfg.head_lr_mult)
+    rebuilder = [] if nets.rebuilder is None else groups(nets.rebuilder, cfg.rebuilder_lr,
+                                                         weight_decay=cfg.rebuilder_weight_decay)
+    if cfg.optimizer == "adamw":
+        return [torch.optim.AdamW(network + rebuilder, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+                                  fused=fused)]
+    if cfg.recipe == "dacs" and cfg.dacs_param_slots == "official":
+        slots = dacs_parameter_slots(model.encoder.backbone)
+        network = [dict(params=[p for p in slots if slots[p] == k], initial_lr=cfg.lr, slots=k)
+                   for k in sorted(set(slots.values()))] + groups(model.decoder, cfg.lr * cfg.head_lr_mult)
+        sgd = SlotSGD(network, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        sgd = torch.optim.SGD(network, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
+    return [sgd] + ([torch.optim.AdamW(rebuilder, lr=cfg.rebuilder_lr, betas=(0.9, 0.999), fused=fused)]
+                    if rebuilder else [])
 
 
 def lr_factor(cfg, iteration):
@@ -1255,6 +1403,12 @@ def lr_factor(cfg, iteration):
     if iteration < cfg.warmup_iters:
         factor *= 1 - (1 - iteration / cfg.warmup_iters) * (1 - 1e-6)
     return factor
+
+
+def set_learning_rates(cfg, nets, iteration):
+    for optimizer in nets.optimizers:
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = param_group["initial_lr"] * lr_factor(cfg, iteration)
 
 
 def to_device(batch, nets):
@@ -1270,25 +1424,26 @@ def train_step(cfg, nets, batch, iteration):
     as one tensor (no host sync here). Source and mixed losses are backpropagated separately, which
     frees the source graph before the mixed forward (same gradients, lower peak memory)."""
     model, encoder, decoder, rebuilder, scaler = nets.model, nets.encoder, nets.decoder, nets.rebuilder, nets.scaler
+    mmseg = cfg.framework == "mmseg"
     x_s, y_s, x_t = to_device(batch, nets)
     autocast = torch.autocast(nets.device.type, dtype=torch.float16 if cfg.amp == "fp16" else torch.bfloat16,
                               enabled=cfg.amp != "off")
     zero = torch.zeros((), device=nets.device)
     loss_u = loss_mrm_s = loss_mrm_t = loss_fd = weight = zero
+    source_weight = 1.0 if mmseg else None  # mmseg 0.16 averages over all pixels, DACS over labelled ones
     model.train()
-    for param_group in nets.optimizer.param_groups:
-        param_group["lr"] = param_group["initial_lr"] * lr_factor(cfg, iteration)
+    set_learning_rates(cfg, nets, iteration)
 
     # (1) supervised source loss, Eq. 1 (+ DAFormer's ImageNet feature distance)
     with autocast:
         f_s = encoder(x_s)
-        loss_s = segmentation_ce(decoder(f_s), y_s, align_corners=cfg.align_corners)
+        loss_s = segmentation_ce(decoder(f_s), y_s, source_weight, align_corners=cfg.align_corners)
         if nets.imagenet is not None:
             with torch.no_grad():
                 f_imagenet = nets.imagenet(x_s)[-1]
             loss_fd = feature_distance(f_s[-1], f_imagenet, y_s)
         if rebuilder is not None and cfg.mrm_domain in ("source", "both"):
-            loss_mrm_s = mrm_loss(decoder, rebuilder, f_s, y_s, align_corners=cfg.align_corners)
+            loss_mrm_s = mrm_loss(decoder, rebuilder, f_s, y_s, source_weight, align_corners=cfg.align_corners)
     scaler.scale(loss_s + cfg.fd_weight * loss_fd + cfg.mrm_weight * loss_mrm_s).backward()
     del f_s
 
@@ -1304,7 +1459,7 @@ def train_step(cfg, nets, batch, iteration):
             pixel_weight[:, :15] = 0
             pixel_weight[:, -120:] = 0
         # (3) ClassMix source onto target; pasted source pixels keep their label, weight 1
-        mix = class_mix_masks(y_s)
+        mix = class_mix_masks(y_s, batch_classes=mmseg)
         x_m = torch.where(mix[:, None], x_s, x_t)
         y_m = torch.where(mix, y_s, pseudo)
         w_m = torch.where(mix, 1.0, pixel_weight)
@@ -1318,11 +1473,15 @@ def train_step(cfg, nets, batch, iteration):
                 loss_mrm_t = mrm_loss(decoder, rebuilder, f_m, y_m, w_m, align_corners=cfg.align_corners)
         scaler.scale(loss_u + cfg.mrm_weight * loss_mrm_t).backward()
 
-    scaler.step(nets.optimizer)
+    for optimizer in nets.optimizers:
+        scaler.step(optimizer)
     scaler.update()
-    nets.optimizer.zero_grad(set_to_none=True)
+    for optimizer in nets.optimizers:
+        optimizer.zero_grad(set_to_none=True)
     if nets.teacher is not None:
-        update_ema(nets.teacher, model, iteration, cfg.ema)
+        # DACS updates the teacher after the step with alpha(it); DAFormer at the start of the next iteration,
+        # with alpha(it + 1)
+        update_ema(nets.teacher, model, iteration + 1 if mmseg else iteration, cfg.ema)
     return torch.stack([loss_s, loss_u, loss_mrm_s + loss_mrm_t, loss_fd, weight]).detach().float()
 
 
@@ -1330,9 +1489,10 @@ def train_step(cfg, nets, batch, iteration):
 
 class Domain:
     """One dataset, indexable: load(i) -> (uint8 HxWx3 RGB image, uint8 HxW train-id label), already
-    resized to the training size. Folder datasets read files; the toy domains draw scene i."""
+    resized as `framework` resizes ("dacs" or "mmseg", see resize_pair). Folder datasets read files; the toy
+    domains draw scene i."""
 
-    def __init__(self, name, root="data", split="train", seed=0):
+    def __init__(self, name, root="data", split="train", seed=0, framework="mmseg"):
         self.name = name
         if name.startswith("toy-"):
             self.style = name[4:]
@@ -1341,7 +1501,8 @@ class Domain:
         else:
             self.pairs = find_pairs(name, root, split)
             self.count = len(self.pairs)
-            self.resize = DATASETS[name]["resize"]
+            self.size = DATASETS[name]["size"]
+            self.dacs_filter = DATASETS[name]["dacs_filter"] if framework == "dacs" else None
 
     def __len__(self):
         return self.count
@@ -1351,8 +1512,7 @@ class Domain:
         if self.name.startswith("toy-"):
             return make_toy_scene(np.random.default_rng([*self.seed, i]), self.style)
         image, label = read_image(self.pairs[i][0]), self.full_label(i)
-        resized_image, resized_label = resize_pair(image, label, self.resize)
-        return resized_image, label if full_label else resized_label
+        return resize_pair(image, label, self.size, self.dacs_filter, resize_label=not full_label)
 
     def full_label(self, i):
         return self.load(i)[1] if self.name.startswith("toy-") else read_label(self.pairs[i][1], self.name)
@@ -1379,8 +1539,8 @@ class TrainBatches(torch.utils.data.Dataset):
                     skipped=skipped)
 
     def sample(self, domain, rng, skipped, is_source=False):
-        """Pick an image (rare-class sampling on the source when on), crop, flip. A corrupt file is
-        recorded and replaced by another draw; the training loop decides when that is too many."""
+        """Pick an image (rare-class sampling on the source when on) and run the pipeline (crop, flip) on it. A
+        corrupt file is recorded and replaced by another draw; the training loop decides when that is too many."""
         for _ in range(self.cfg.max_skips + 1):
             rare_class, index = (rcs_pick(rng, *self.rcs) if is_source and self.rcs
                                  else (None, int(rng.integers(len(domain)))))
@@ -1389,29 +1549,33 @@ class TrainBatches(torch.utils.data.Dataset):
             except CorruptFile as error:
                 skipped.append(str(error))
                 continue
-            image, label = self.crop(image, label, rng, rare_class if is_source else None, is_source)
-            if self.cfg.flip and rng.random() < 0.5:
-                image, label = image[:, ::-1], label[:, ::-1]
-            return np.ascontiguousarray(image), np.ascontiguousarray(label)
+            sample = self.pipeline(image, label, rng, is_source)
+            if rare_class is not None:  # DAFormer re-runs the pipeline up to 10 more times, keeping the last
+                for _ in range(10):
+                    if crop_has_enough(sample[1], rare_class, self.cfg.rcs_min_pixels // 2):
+                        break
+                    sample = self.pipeline(image, label, rng, is_source)
+            return sample
         raise DataError(f"{len(skipped)} corrupt files in a row (more than --max-skips {self.cfg.max_skips}), "
                         f"last: {skipped[-1]}")
 
-    def crop(self, image, label, rng, rare_class, is_source):
-        """Random crop; DAFormer retries up to 10 crops until no class covers more than cat_max_ratio
-        (source only: target labels are never read) and, with RCS, the sampled class is present."""
-        if not self.cfg.crop:
-            return image, label
-        size = (self.cfg.crop, self.cfg.crop)
-        for _ in range(10):
+    def pipeline(self, image, label, rng, is_source):
+        """Random crop, then flip. mmseg's RandomCrop checks up to 10 crops for no class covering cat_max_ratio
+        or more, drawing a new one after each failure and keeping the last unchecked (source only here: target
+        labels are never read)."""
+        if self.cfg.crop:
+            size = (self.cfg.crop, self.cfg.crop)
             image_crop, label_crop = random_crop(image, label, size, rng)
-            if not is_source:
-                break
-            counts = np.bincount(label_crop[label_crop != 255], minlength=256)
-            balanced = self.cfg.cat_max_ratio >= 1 or counts.max(initial=0) < self.cfg.cat_max_ratio * counts.sum()
-            enough = rare_class is None or crop_has_enough(label_crop, rare_class, self.cfg.rcs_min_pixels // 2)
-            if balanced and enough:
-                break
-        return image_crop, label_crop
+            if is_source and self.cfg.cat_max_ratio < 1:
+                for _ in range(10):
+                    counts = np.bincount(label_crop[label_crop != 255], minlength=256)
+                    if counts.max(initial=0) < self.cfg.cat_max_ratio * counts.sum():
+                        break
+                    image_crop, label_crop = random_crop(image, label, size, rng)
+            image, label = image_crop, label_crop
+        if self.cfg.flip and rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
 def make_loader(cfg, dataset, start_iteration):
@@ -1463,7 +1627,7 @@ def save_checkpoint(cfg, nets, iteration):
     state = dict(iteration=iteration, config=vars(cfg), arch=nets.info, model=nets.model.state_dict(),
                  teacher=nets.teacher.state_dict() if nets.teacher is not None else None,
                  rebuilder=nets.rebuilder.state_dict() if nets.rebuilder is not None else None,
-                 optimizer=nets.optimizer.state_dict(), scaler=nets.scaler.state_dict(),
+                 optimizers=[optimizer.state_dict() for optimizer in nets.optimizers], scaler=nets.scaler.state_dict(),
                  rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                           cuda=torch.cuda.get_rng_state_all() if nets.device.type == "cuda" else []))
     atomic_write(os.path.join(cfg.work_dir, "checkpoint.pth"), lambda f: torch.save(state, f))
@@ -1476,7 +1640,7 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise DataError(f"{path}: not a readable checkpoint ({type(error).__name__}: {str(error)[:200]})")
+        raise DataError(f"{path}: not a readable checkpoint ({one_line(error)})") from None
 
 
 def load_model_state(model, state, path):
@@ -1505,7 +1669,11 @@ def resume(cfg, nets):
         nets.teacher.load_state_dict(state["teacher"])
     if nets.rebuilder is not None:
         nets.rebuilder.load_state_dict(state["rebuilder"])
-    nets.optimizer.load_state_dict(state["optimizer"])
+    if len(state["optimizers"]) != len(nets.optimizers):
+        raise DataError(f"{path}: checkpoint holds {len(state['optimizers'])} optimizer(s), this run builds "
+                        f"{len(nets.optimizers)} (another --optimizer or --no-mrm?)")
+    for optimizer, optimizer_state in zip(nets.optimizers, state["optimizers"]):
+        optimizer.load_state_dict(optimizer_state)
     nets.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
@@ -1521,10 +1689,12 @@ def export_model(path, model, info, num_classes):
 
 
 @torch.no_grad()
-def evaluate(model, domain, num_classes, device, amp="off", protocol="mmseg", on_prediction=None, workers=0):
+def evaluate(model, domain, num_classes, device, align_corners, amp="off", protocol="mmseg", on_prediction=None,
+             workers=0):
     """Confusion matrix over a labelled domain: the whole image at the training input size, logits
-    resized bilinearly to the label (mmseg protocol: the full-resolution label; dacs: the label resized
-    to the input size), argmax. on_prediction(i, image, prediction) sees every prediction."""
+    resized bilinearly (with the align_corners the model was trained with) to the label (mmseg protocol:
+    the full-resolution label; dacs: the label resized to the input size), argmax.
+    on_prediction(i, image, prediction) sees every prediction."""
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     items = torch.utils.data.DataLoader(EvalImages(domain, protocol == "mmseg"), batch_size=None,
@@ -1536,7 +1706,7 @@ def evaluate(model, domain, num_classes, device, amp="off", protocol="mmseg", on
         with autocast:
             logits = model(x)
         prediction = F.interpolate(logits.float(), size=label.shape, mode="bilinear",
-                                   align_corners=False).argmax(dim=1)[0]
+                                   align_corners=align_corners).argmax(dim=1)[0]
         conf += confusion_matrix(prediction, label.to(device), num_classes)
         if on_prediction is not None:
             on_prediction(i, image.numpy(), prediction.to(torch.uint8).cpu().numpy())
@@ -1581,9 +1751,10 @@ def train(cfg):
     random.seed(cfg.seed)
     if cfg.device == "cuda":
         torch.backends.cudnn.benchmark = True
-    source = Domain(cfg.source, cfg.data_root, "train", cfg.seed)
-    target = Domain(cfg.target, cfg.data_root, "train", cfg.seed)
-    val = Domain(cfg.target, cfg.data_root, "val", cfg.seed)
+    source = Domain(cfg.source, cfg.data_root, "train", cfg.seed, cfg.framework)
+    target = Domain(cfg.target, cfg.data_root, "train", cfg.seed, cfg.framework)
+    val = Domain(cfg.target, cfg.data_root, "val", cfg.seed)  # the mmseg protocol, whatever the recipe
+    atomic_write(os.path.join(cfg.work_dir, "config.json"), lambda f: f.write(config_json(cfg).encode()))
     nets = build_nets(cfg)
     start = resume(cfg, nets) if cfg.resume else 0
     rcs = rcs_statistics(cfg, source) if cfg.rcs_temperature > 0 else None
@@ -1617,7 +1788,7 @@ def train(cfg):
             clock, clock_iteration = time.time(), done
             record = dict(iteration=done, loss_source=means[0], loss_uda=means[1], loss_mrm=means[2],
                           loss_fd=means[3], pseudo_weight=means[4],
-                          lr=nets.optimizer.param_groups[0]["lr"], it_per_s=speed, time=time.time())
+                          lr=nets.optimizers[0].param_groups[0]["lr"], it_per_s=speed, time=time.time())
             log.write(json.dumps(record) + "\n")
             log.flush()
             print(f"[{done}/{cfg.iters}] L_s {means[0]:.4f}  L_u {means[1]:.4f}  L_mrm {means[2]:.4f}"
@@ -1637,7 +1808,8 @@ def train(cfg):
 
 
 def validate(cfg, nets, val, iteration, log):
-    conf = evaluate(nets.model, val, cfg.num_classes, nets.device, cfg.amp, workers=min(cfg.workers, 4))
+    conf = evaluate(nets.model, val, cfg.num_classes, nets.device, cfg.align_corners, cfg.amp,
+                    workers=min(cfg.workers, 4))
     table, miou = miou_report(conf, cfg.eval_classes, cfg.class_names)
     print(f"validation at iteration {iteration} on {len(val)} {cfg.target} images:\n{table}", flush=True)
     log.write(json.dumps(dict(iteration=iteration, val_miou=miou)) + "\n")
@@ -1647,12 +1819,12 @@ def validate(cfg, nets, val, iteration, log):
 
 # ============================================================================= other modes
 
-def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None):
+def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None, dilations=(6, 12)):
     """Forward multiply-accumulates of D(E(x)) and of the extra D(R(f)) for one image, counted by
     torch.utils.flop_counter on the meta device (shapes only: instant, no memory)."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        model, _ = build_model(arch, num_classes)
+        model, _ = build_model(arch, num_classes, aspp_dilations=dilations)
         rebuilder = Rebuilder(model.encoder.out_channels, **(rebuilder_kw or {}))
         x = torch.empty(1, 3, *size)
         with FlopCounterMode(display=False) as base:
@@ -1671,7 +1843,7 @@ def print_flops(cfg):
     crop = cfg.crop or 512
     kw = dict(embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth, num_heads=cfg.rebuilder_heads,
               grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio)
-    r = count_flops(cfg.arch, (crop, crop), cfg.num_classes, kw)
+    r = count_flops(cfg.arch, (crop, crop), cfg.num_classes, kw, aspp_dilations(cfg))
     print(f"{cfg.arch}: encoder {r['encoder_params']:,} + decoder {r['decoder_params']:,} parameters; "
           f"Rebuilder {r['rebuilder_params']:,} trainable parameters\n"
           f"at {crop}x{crop}: encoder+decoder {r['model_gmac']:.2f} GMAC; "
@@ -1681,11 +1853,10 @@ def print_flops(cfg):
 def reference_step(cfg, nets, batch, iteration):
     """The same iteration written as DACS's official code does it, for --bench to compare against:
     fp32, per-image Python loops (ClassMix from torch.unique + np.random.choice, pseudo-label weight
-    read back with .item(), augmentation), one backward of the summed loss, EMA by a parameter loop."""
+    read back with .item(), augmentation decided by Python's random), one backward of the summed loss, EMA by a parameter loop."""
     model, rebuilder = nets.model, nets.rebuilder
     x_s, y_s, x_t = to_device(batch, nets)
-    for param_group in nets.optimizer.param_groups:
-        param_group["lr"] = param_group["initial_lr"] * lr_factor(cfg, iteration)
+    set_learning_rates(cfg, nets, iteration)
     model.train()
     loss_s = segmentation_ce(model(x_s), y_s, align_corners=cfg.align_corners)
     with torch.no_grad():
@@ -1694,12 +1865,13 @@ def reference_step(cfg, nets, batch, iteration):
         prob, pseudo = teacher_logits.softmax(dim=1).max(dim=1)
         weight = (prob >= cfg.pseudo_threshold).sum().item() / prob.numel()
     images, labels, weights = [], [], []
+    jitter_p, blur_p = float(random.random() < cfg.jitter_p), float(random.random() < cfg.blur_p)
     for i in range(x_s.shape[0]):
         classes = torch.unique(y_s[i])
         chosen = classes[torch.from_numpy(np.random.choice(len(classes), (len(classes) + 1) // 2, replace=False))]
         mask = (y_s[i][..., None] == chosen).any(dim=-1)
         image = torch.where(mask, x_s[i], x_t[i])[None]
-        images.append(gaussian_blur(color_jitter(image, cfg.jitter, cfg.jitter_p), cfg.blur_p))
+        images.append(gaussian_blur(color_jitter(image, cfg.jitter, jitter_p), blur_p))
         labels.append(torch.where(mask, y_s[i], pseudo[i]))
         weights.append(torch.where(mask, 1.0, weight))
     x_m, y_m, w_m = torch.cat(images), torch.stack(labels), torch.stack(weights)
@@ -1709,8 +1881,9 @@ def reference_step(cfg, nets, batch, iteration):
         loss = loss + cfg.mrm_weight * mrm_loss(model.decoder, rebuilder, f_m, y_m, w_m,
                                                 align_corners=cfg.align_corners)
     loss.backward()
-    nets.optimizer.step()
-    nets.optimizer.zero_grad(set_to_none=True)
+    for optimizer in nets.optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     alpha = min(1 - 1 / (iteration + 1), cfg.ema)
     with torch.no_grad():
         for teacher_param, param in zip(nets.teacher.parameters(), model.parameters()):
@@ -1787,7 +1960,8 @@ def bench_data(cfg):
         write_fake_dataset(root, "cityscapes", 2, (2048, 1024), seed=cfg.seed)
         run = SimpleNamespace(**{**vars(cfg), "source": "gta", "target": "cityscapes", "data_root": root,
                                  "iters": cfg.bench_data + cfg.workers})
-        batches = TrainBatches(run, Domain("gta", root), Domain("cityscapes", root))
+        batches = TrainBatches(run, Domain("gta", root, framework=cfg.framework),
+                               Domain("cityscapes", root, framework=cfg.framework))
         batches[0]
         start = time.perf_counter()
         for i in range(1, cfg.bench_data + 1):
@@ -1815,10 +1989,16 @@ def check_data(cfg):
         print(f"{name} {split}: {len(Domain(name, cfg.data_root, split, cfg.seed))} image/label pairs")
 
 
+def config_json(cfg):
+    return json.dumps(vars(cfg), indent=1, sort_keys=True) + "\n"
+
+
 def main(argv=None):
-    cfg = parse_config(argv)
     try:
-        if cfg.count_flops:
+        cfg = parse_config(argv)
+        if cfg.print_config:
+            print(config_json(cfg), end="")
+        elif cfg.count_flops:
             print_flops(cfg)
         elif cfg.check_data:
             check_data(cfg)
@@ -1828,7 +2008,7 @@ def main(argv=None):
             bench_data(cfg)
         else:
             train(cfg)
-    except DataError as error:
+    except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:
