@@ -4,7 +4,7 @@ Zhou et al., "Masked Representation Modeling for Domain-Adaptive Segmentation", 
 One file, nothing but torch: copy it into your UDA repository. Usage (paper Algorithm 1):
 
     rebuilder = Rebuilder(in_channels=2048)            # or [64, 128, 320, 512] for MiT/DAFormer
-    optimizer.add_param_group({'params': rebuilder.parameters(), 'lr': 2e-4})
+    optimizer.add_param_group({'params': rebuilder.parameters(), 'lr': 2e-4})   # an AdamW (its own beside SGD)
     f_t = encoder(x_t)                                 # one encoder pass on the target batch...
     loss_uda = uda_loss(decoder(f_t), pseudo_label, weight)        # ...decoder pass 1, as before
     loss_mrm = mrm_loss(decoder, rebuilder, f_t, pseudo_label, weight)  # decoder pass 2, Eq. 4
@@ -200,9 +200,10 @@ class Rebuilder(nn.Module):
 def segmentation_ce(logits, target, weight=None, ignore_index=255, align_corners=False):
     """Pixel-wise cross-entropy of logits (B,K,h,w), upsampled bilinearly to target (B,H,W).
 
-    No weight: mean over non-ignored pixels (nn.CrossEntropyLoss). With a per-pixel weight
-    (B,H,W): mean over all pixels of weight * CE, as DACS's pseudo-label loss. An ignored pixel
-    contributes 0; a batch with every pixel ignored gives 0, not NaN.
+    No weight: mean over non-ignored pixels (nn.CrossEntropyLoss, DACS's source loss). With a weight,
+    per pixel (B,H,W) or a scalar: mean over all pixels of weight * CE, as DACS's pseudo-label loss and
+    every mmseg 0.16 loss (weight 1.0). An ignored pixel contributes 0; a batch with every pixel ignored
+    gives 0, not NaN.
     """
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=align_corners)

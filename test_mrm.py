@@ -1712,6 +1712,17 @@ def test_documented_paper_command_starts_on_fake_data(tmp_path, monkeypatch, cap
     assert calls == ["save_checkpoint", "export_model", "validate"]
 
 
+def test_daformer_recipe_with_mmseg_deeplabv2_computes_the_feature_distance_on_its_one_level(tmp_path, monkeypatch):
+    seen = []
+    real = T.feature_distance
+    monkeypatch.setattr(T, "feature_distance", lambda s, i, y: seen.append((s.shape, i.shape)) or real(s, i, y))
+    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-v1c-tiny", "--recipe", "daformer", "--device", "cpu",
+                          "--iters", "10"])
+    nets = T.build_nets(cfg)
+    losses = T.train_step(cfg, nets, fake_batch(size=64), 0)
+    assert seen == [((2, 512, 8, 8), (2, 512, 8, 8))] and torch.isfinite(losses).all()
+
+
 def test_daformer_recipe_on_fake_data_with_rare_class_sampling(tmp_path):
     root = str(tmp_path / "data")
     write_fake_dataset(root, "synthia", 3, (96, 64))

@@ -1,8 +1,9 @@
 """DACS + Masked Representation Modeling: domain-adaptive semantic segmentation, one file.
 
     python train_dacs_mrm.py --task toy                                  # minutes on a laptop CPU
-    python train_dacs_mrm.py --task gta2cs --data-root data --pretrained DeepLab_resnet_pretrained_init-f81d91e8.pth
-    python train_dacs_mrm.py --task gta2cs --arch mitb5 --pretrained mit_b5.pth --amp bf16
+    python train_dacs_mrm.py --task gta2cs --pretrained resnet101COCO-41f33a49.pth             # DACS's own setting
+    python train_dacs_mrm.py --task gta2cs --arch dlv2-v1c --pretrained resnet101_v1c.pth      # DACS inside mmseg
+    python train_dacs_mrm.py --task gta2cs --arch mitb5 --pretrained mit_b5.pth --amp bf16     # DAFormer
     python train_dacs_mrm.py --task gta2cs --no-mrm                      # the DACS baseline
     python train_dacs_mrm.py --task toy --source-only                    # no adaptation at all
 
@@ -13,9 +14,11 @@ Each iteration (DACS, Tranheden et al. 2021, with MRM, Zhou et al. 2025, Algorit
   4. colour jitter and blur on the mixed images
   5. L_u = weighted CE(D(E(x_mix)), y_mix), and L_mrm = CE(D(R(E(x_mix))), y_mix) on the SAME
      encoder features (mrm.py): one encoder pass, two decoder passes
-  6. loss = L_s + L_u + lambda * L_mrm; SGD step; EMA update of the teacher
-Sections: config, labels and data, toy scenes, models, DACS operations, the training step, data
-streams, checkpoints and evaluation, the training loop, benchmark modes, main.
+  6. loss = L_s + L_u + lambda * L_mrm; optimiser step (the Rebuilder's: AdamW); EMA update of the teacher
+Recipes reproduce the official code around each baseline (DACS's trainUDA.py, DAFormer's mmseg code);
+README "Fidelity" lists what still differs. Sections: config, labels and data, toy scenes, DeepLabV2,
+MiT-B5 and the DAFormer head, architectures and tasks, DACS operations, the training step, data
+streams, checkpoints and evaluation, training, other modes.
 """
 import argparse
 import copy
@@ -1411,6 +1414,11 @@ def set_learning_rates(cfg, nets, iteration):
             param_group["lr"] = param_group["initial_lr"] * lr_factor(cfg, iteration)
 
 
+def last_level(features):
+    """The coarsest level of a hierarchical encoder's list, or a single-scale encoder's one map."""
+    return features[-1] if isinstance(features, (list, tuple)) else features
+
+
 def to_device(batch, nets):
     """uint8 images -> float RGB in [0, 1] on the device; labels -> int64."""
     def image(t):
@@ -1440,8 +1448,8 @@ def train_step(cfg, nets, batch, iteration):
         loss_s = segmentation_ce(decoder(f_s), y_s, source_weight, align_corners=cfg.align_corners)
         if nets.imagenet is not None:
             with torch.no_grad():
-                f_imagenet = nets.imagenet(x_s)[-1]
-            loss_fd = feature_distance(f_s[-1], f_imagenet, y_s)
+                f_imagenet = last_level(nets.imagenet(x_s))
+            loss_fd = feature_distance(last_level(f_s), f_imagenet, y_s)
         if rebuilder is not None and cfg.mrm_domain in ("source", "both"):
             loss_mrm_s = mrm_loss(decoder, rebuilder, f_s, y_s, source_weight, align_corners=cfg.align_corners)
     scaler.scale(loss_s + cfg.fd_weight * loss_fd + cfg.mrm_weight * loss_mrm_s).backward()
