@@ -42,6 +42,20 @@ def sincos_pos_embed_2d(dim, grid_size):
     return torch.cat([encode(rows), encode(cols)], dim=1).float()
 
 
+def random_mask(batch_size, grid_size, mask_ratio, device=None):
+    """(B, 1, grid, grid) float mask, 1 = masked. Exactly round(ratio * cells) cells per sample,
+    uniformly at random as in MAE (the paper's "uniform random sampling"), so every sample is
+    masked the same amount; the official code's per-cell Bernoulli only matches on average."""
+    cells = grid_size ** 2
+    ranks = torch.rand(batch_size, cells, device=device).argsort(dim=1).argsort(dim=1)
+    return (ranks < round(mask_ratio * cells)).float().view(batch_size, 1, grid_size, grid_size)
+
+
+def resize_mask(mask, size):
+    """The grid mask at a feature level's size (nearest neighbour), as a bool (B, 1, h, w)."""
+    return F.interpolate(mask.float(), size=size, mode="nearest").bool()
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an NCHW map (eps 1e-6, as the official timm LayerNorm2d)."""
 
@@ -132,13 +146,7 @@ class Rebuilder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def random_mask(self, batch_size, device=None):
-        """(B, 1, grid, grid) float mask, 1 = masked. Exactly round(ratio * cells) cells per sample,
-        uniformly at random as in MAE (the paper's "uniform random sampling"), so every sample is
-        masked the same amount; the official code's per-cell Bernoulli only matches on average."""
-        cells = self.grid_size ** 2
-        num_masked = round(self.mask_ratio * cells)
-        ranks = torch.rand(batch_size, cells, device=device).argsort(dim=1).argsort(dim=1)
-        return (ranks < num_masked).float().view(batch_size, 1, self.grid_size, self.grid_size)
+        return random_mask(batch_size, self.grid_size, self.mask_ratio, device)
 
     def embed_to_grid(self, x):
         """Representation embedding: per-pixel linear C -> embed_dim, bilinear resize to the grid.
@@ -179,9 +187,8 @@ class Rebuilder(nn.Module):
             f_o = project(rebuilt)
             if f_o.shape[-2:] != f_t.shape[-2:]:
                 f_o = F.interpolate(f_o, size=f_t.shape[-2:], mode="bilinear", align_corners=False)
-            level_mask = F.interpolate(mask.float(), size=f_t.shape[-2:], mode="nearest").bool()
             # Eq. 6/7: f_r = M * f_o + (1 - M) * f_t; `where` keeps visible cells bit-identical.
-            fused.append(torch.where(level_mask, f_o.to(f_t.dtype), f_t))
+            fused.append(torch.where(resize_mask(mask, f_t.shape[-2:]), f_o.to(f_t.dtype), f_t))
         return fused if self.multi_scale else fused[0]
 
     def check_features(self, features):
@@ -195,6 +202,25 @@ class Rebuilder(nn.Module):
             shapes = [tuple(f.shape) for f in levels]
             raise ValueError(f"Rebuilder expects NCHW features with channels {self.in_channels}, got shapes {shapes}")
         return levels
+
+
+class Masking(nn.Module):
+    """Table 2(c)'s "Masking" ablation: (1 - M) * f_t, masked cells zeroed and nothing rebuilt. The
+    Rebuilder's interface (a tensor or a list of levels, an optional mask), no parameters."""
+
+    def __init__(self, grid_size=16, mask_ratio=0.4):
+        super().__init__()
+        self.grid_size, self.mask_ratio = grid_size, mask_ratio
+
+    def random_mask(self, batch_size, device=None):
+        return random_mask(batch_size, self.grid_size, self.mask_ratio, device)
+
+    def forward(self, features, mask=None):
+        levels = list(features) if isinstance(features, (list, tuple)) else [features]
+        if mask is None:
+            mask = self.random_mask(levels[-1].shape[0], levels[-1].device)
+        masked = [f.masked_fill(resize_mask(mask, f.shape[-2:]), 0) for f in levels]
+        return masked if isinstance(features, (list, tuple)) else masked[0]
 
 
 def segmentation_ce(logits, target, weight=None, ignore_index=255, align_corners=False):

@@ -20,10 +20,10 @@ import torchvision
 from PIL import Image
 from types import SimpleNamespace
 
-from mrm import Rebuilder, mrm_loss, segmentation_ce, sincos_pos_embed_2d
+from mrm import Masking, Rebuilder, mrm_loss, segmentation_ce, sincos_pos_embed_2d
 from train_dacs_mrm import (CITYSCAPES_ID_TO_TRAIN, CLASSES, MIT_B5, PALETTE, SYNTHIA_13, SYNTHIA_16,
                             SYNTHIA_ID_TO_TRAIN, ASPPClassifier, Attention, CorruptFile, DAFormerHead, DataError,
-                            MixVisionTransformer, Normalize, ResNetDilated, build_deeplabv2, build_deeplabv2_from_info,
+                            MixVisionTransformer, Normalize, ResNetDilated, build_deeplab, build_deeplab_from_info,
                             confusion_matrix, crop_has_enough, feature_distance, find_pairs, format_table,
                             iou_per_class, load_backbone_state, load_mit_weights, random_crop,
                             rcs_class_probabilities, rcs_pick, read_image, read_label, read_pretrained, resize_pair,
@@ -395,8 +395,9 @@ def test_load_coco_init_layout(tmp_path):
     path = tmp_path / 'DeepLab_resnet_pretrained_init-f81d91e8.pth'
     torch.save(sd, path, _use_new_zipfile_serialization=False)  # the 2017 file predates the zip format
 
-    encoder, decoder, info = build_deeplabv2(19, pretrained=str(path), **DLV2_TINY)
-    assert info == {'arch': 'dlv2', 'layers': [1, 1, 1, 1], 'width': 8, 'style': 'caffe', 'aspp_dilations': [6, 12]}
+    encoder, decoder, info = build_deeplab(19, pretrained=str(path), **DLV2_TINY)
+    assert info == {'arch': 'dlv2', 'layers': [1, 1, 1, 1], 'width': 8, 'style': 'caffe', 'aspp_dilations': [6, 12],
+                    'decoder': 'deeplabv2'}
     assert encoder.normalize.kind == 'caffe'
     assert encoder.backbone.layer2[0].conv1.stride == (2, 2)
     assert_same_state(src, encoder.backbone)
@@ -412,7 +413,7 @@ def test_load_torchvision_layout_wrapped(tmp_path):
     path = tmp_path / 'resnet101-63fe2227.pth'
     torch.save({'state_dict': sd}, path)
 
-    encoder, decoder, info = build_deeplabv2(19, pretrained=path, **DLV2_TINY)
+    encoder, decoder, info = build_deeplab(19, pretrained=path, **DLV2_TINY)
     assert info['style'] == 'torchvision'
     assert encoder.normalize.kind == 'imagenet'
     assert encoder.backbone.layer2[0].conv1.stride == (1, 1)
@@ -438,7 +439,7 @@ def test_unknown_file_kind_raises(tmp_path):
     path = tmp_path / 'bare.pth'
     torch.save(ResNetDilated(**DLV2_TINY).state_dict(), path)  # neither fc.* nor layer5.*
     with pytest.raises(ValueError, match='kind'):
-        build_deeplabv2(19, pretrained=path, **DLV2_TINY)
+        build_deeplab(19, pretrained=path, **DLV2_TINY)
 
 
 def test_real_torchvision_resnet101_keys_load(tmp_path):
@@ -452,9 +453,9 @@ def test_real_torchvision_resnet101_keys_load(tmp_path):
 
 
 def test_build_default_and_from_info():
-    encoder, decoder, info = build_deeplabv2(5, **DLV2_TINY)
+    encoder, decoder, info = build_deeplab(5, **DLV2_TINY)
     assert info['style'] == 'caffe'
-    enc2, dec2 = build_deeplabv2_from_info(5, info)
+    enc2, dec2 = build_deeplab_from_info(5, info)
     enc2.load_state_dict(encoder.state_dict())  # strict: identical architecture
     dec2.load_state_dict(decoder.state_dict())
     assert list(decoder.state_dict()) == [f'conv2d_list.{i}.{n}' for i in range(2) for n in ('weight', 'bias')]
@@ -534,18 +535,18 @@ def test_load_mmcv_resnet_v1c_layout(tmp_path):
     sd = dict(src.state_dict(), **{'fc.weight': torch.zeros(10, 256), 'fc.bias': torch.zeros(10)})
     path = tmp_path / 'resnet101_v1c-e67eebb6.pth'
     torch.save({'meta': {'epoch': 100}, 'state_dict': sd}, path)
-    encoder, decoder, info = build_deeplabv2(19, pretrained=str(path), layers=(1, 2, 2, 2), width=8, styles=('v1c',))
+    encoder, decoder, info = build_deeplab(19, pretrained=str(path), layers=(1, 2, 2, 2), width=8, styles=('v1c',))
     assert info['style'] == 'v1c' and encoder.normalize.kind == 'imagenet'
     assert_same_state(src, encoder.backbone)
     assert all(c.bias.abs().sum() == 0 for c in decoder.conv2d_list)  # mmcv's NormalInit: bias 0
     del sd['stem.3.weight']
     torch.save(sd, path)
     with pytest.raises(ValueError, match=r'missing \[stem.3.weight\]'):
-        build_deeplabv2(19, pretrained=str(path), layers=(1, 2, 2, 2), width=8, styles=('v1c',))
+        build_deeplab(19, pretrained=str(path), layers=(1, 2, 2, 2), width=8, styles=('v1c',))
     caffe = tmp_path / 'coco.pth'
     torch.save(dict(ResNetDilated(**DLV2_TINY).state_dict(), **{'layer5.conv2d_list.0.weight': torch.zeros(1)}), caffe)
     with pytest.raises(ValueError, match='caffe-style ResNet weights; this architecture takes v1c'):
-        build_deeplabv2(19, pretrained=str(caffe), **DLV2_TINY, styles=('v1c',))
+        build_deeplab(19, pretrained=str(caffe), **DLV2_TINY, styles=('v1c',))
 
 
 # ---------------------------------------------------------------- MiT-B5 and DAFormer head
@@ -1531,7 +1532,7 @@ def test_mrm_adds_at_most_14_percent_forward_flops_for_deeplabv2():
 def test_count_flops_prints_the_mitb5_encoder_size(capsys):
     assert T.main(["--task", "gta2cs", "--arch", "mitb5", "--count-flops"]) == 0
     out = capsys.readouterr().out
-    assert f"mitb5: encoder {MIT_B5_PARAMS:,} + decoder 3,712,275 parameters" in out and "GMAC" in out
+    assert f"mitb5 + daformer: encoder {MIT_B5_PARAMS:,} + decoder 3,712,275 parameters" in out and "GMAC" in out
 
 
 def test_reference_step_computes_what_train_step_computes():
@@ -1573,6 +1574,213 @@ def test_bench_data_reports_pairs_per_second(capsys):
     out = capsys.readouterr().out
     assert "one worker: " in out and "image pairs/s" in out and "batches of 1+1/s" in out
     assert "the training loader with --workers 1: " in out and "batches/s" in out
+
+
+# ---------------------------------------------------------------- the paper's other experiments
+
+def test_mic_block_mask_ratio_and_size():
+    """MIC's BlockMaskGenerator: round(H/b) x round(W/b) blocks, each kept iff U(0,1) > ratio, nearest-upsampled;
+    masked pixels take the colour that normalises to 0."""
+    torch.manual_seed(0)
+    flat = torch.full((8, 3, 512, 512), 0.3)
+    fill = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    out = T.mic_masked_images(flat, fill, 0.0, 0.8, mask_ratio=0.7, block_size=32)
+    masked = (out - fill).abs().sum(dim=1) < 1e-6
+    kept = (out - 0.3).abs().sum(dim=1) < 1e-4  # strength 0: jitter and blur leave a flat image flat
+    assert (masked ^ kept).all()
+    blocks = masked.view(8, 16, 32, 16, 32)
+    assert (blocks == blocks[:, :, :1, :, :1]).all()  # constant over every 32 x 32 block
+    assert abs(masked.float().mean().item() - 0.7) < 0.03  # 8 x 256 Bernoulli(0.7) blocks
+    odd = T.mic_masked_images(torch.full((1, 3, 100, 60), 0.3), fill, 0.0, 0.8, 0.7, 32)
+    assert odd.shape == (1, 3, 100, 60)
+    assert T.Normalize("caffe").zero_colour().flatten().tolist() == pytest.approx(
+        [122.67891434 / 255, 116.66876762 / 255, 104.00698793 / 255])
+
+
+def test_mic_loss_is_the_student_on_masked_targets_against_the_teachers_pseudo_labels(monkeypatch):
+    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--no-mrm", "--mic",
+                          "--iters", "10", "--pseudo-threshold", "0.1"])
+    torch.manual_seed(0)
+    nets = T.build_nets(cfg)
+    student, teacher = copy.deepcopy(nets.model), copy.deepcopy(nets.teacher)
+    masked = torch.rand(2, 3, 32, 32)
+    monkeypatch.setattr(T, "mic_masked_images", lambda *args: masked)
+    batch = fake_batch()
+    losses = T.train_step(cfg, nets, batch, 0)
+    _, _, x_t = T.to_device(batch, nets)
+    with torch.no_grad():
+        probs = F.interpolate(teacher(x_t), size=(32, 32), mode="bilinear", align_corners=True).softmax(dim=1)
+        confidence, pseudo = probs.max(dim=1)
+        ce = F.cross_entropy(F.interpolate(student(masked), size=(32, 32), mode="bilinear", align_corners=True),
+                             pseudo, reduction="none")
+    expected = (ce * (confidence >= 0.1).float().mean()).mean()
+    assert 0 < (confidence >= 0.1).float().mean() < 1
+    torch.testing.assert_close(losses[3], expected)
+
+
+def test_masking_ablation_zeroes_masked_cells_and_has_no_parameters():
+    masking = Masking(grid_size=4)
+    f = torch.randn(2, 5, 8, 12)
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, 0, 1, 2] = 1
+    out = masking(f, mask)
+    assert (out[0, :, 2:4, 6:9] == 0).all() and torch.equal(out[0, :, :2], f[0, :, :2]) and torch.equal(out[1], f[1])
+    levels = masking([f, f[..., ::2, ::2]], mask)
+    assert isinstance(levels, list) and (levels[1][0, :, 1:2, 3:5] == 0).all()
+    assert abs(masking.random_mask(3).mean().item() - round(0.4 * 16) / 16) < 1e-6
+    nets = T.build_nets(T.parse_config(["--task", "toy", "--device", "cpu", "--mrm-mode", "mask-only"]))
+    assert isinstance(nets.rebuilder, Masking) and len(nets.optimizers) == 1
+    assert not any(p is q for g in nets.optimizers[0].param_groups for p in g["params"] for q in nets.rebuilder.parameters())
+
+
+def test_pixel_and_feature_objectives_against_a_float64_recomputation():
+    torch.manual_seed(0)
+    head = nn.Conv2d(6, 3 * T.PIXELS_PER_CELL ** 2, 1)
+    rebuilt = torch.randn(2, 6, 8, 8)
+    images = torch.rand(2, 3, 64, 64)
+    mask = (torch.rand(2, 1, 4, 4) < 0.4).float()
+    mask[0, 0, 0, 0] = 1
+    loss = T.masked_pixel_loss(head, rebuilt, images, mask)
+    q, total, count = T.PIXELS_PER_CELL, 0.0, 0
+    small = F.avg_pool2d(images.double(), 2)  # 64 -> 32 = 4 cells x 8 pixels
+    pooled = F.avg_pool2d(rebuilt.double(), 2)
+    for b in range(2):
+        for i in range(4):
+            for j in range(4):
+                if mask[b, 0, i, j]:
+                    patch = small[b, :, i * q:(i + 1) * q, j * q:(j + 1) * q].reshape(-1)
+                    target = (patch - patch.mean()) / (patch.var() + 1e-6).sqrt()
+                    out = head.weight.double()[:, :, 0, 0] @ pooled[b, :, i, j] + head.bias.double()
+                    # pixel_unshuffle orders a patch's values channel-major, as reshape(-1) of (3, q, q)
+                    total, count = total + (out - target).pow(2).mean(), count + 1
+    torch.testing.assert_close(loss.double(), total / count, rtol=1e-5, atol=1e-6)
+    levels = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
+    targets = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
+    expected = []
+    for f, t in zip(levels, targets):
+        m = F.interpolate(mask, size=f.shape[-2:], mode="nearest")[:, 0].double()
+        error = (f.double() - t.double()).pow(2).mean(dim=1)
+        expected.append((error * m).sum() / m.sum())
+    torch.testing.assert_close(T.masked_feature_loss(levels, targets, mask).double(), sum(expected) / 2)
+
+
+@pytest.mark.parametrize("trains", ["both", "encoder", "decoder"])
+def test_mrm_trains_sends_the_mrm_gradient_only_where_asked(trains):
+    """Table 4: the MRM loss alone, backpropagated; the held part gets exactly zero gradient from it."""
+    cfg = T.parse_config(["--task", "toy", "--device", "cpu", "--mrm-trains", trains])
+    torch.manual_seed(0)
+    nets = T.build_nets(cfg)
+    x = torch.rand(2, 3, 32, 64)
+    features = nets.model.encoder(x)
+    labels = torch.randint(0, 7, (2, 32, 64))
+    T.mrm_auxiliary_loss(cfg, nets, features, x, labels, None).backward()
+
+    def grad(module):
+        return sum(p.grad.abs().sum() for p in module.parameters() if p.grad is not None)
+    assert (grad(nets.model.encoder) > 0) == (trains != "decoder")
+    assert (grad(nets.model.decoder) > 0) == (trains != "encoder")
+    assert grad(nets.rebuilder) > 0
+
+
+@pytest.mark.parametrize("objective", ["pixel", "feature-teacher", "feature-student"])
+def test_objectives_train_the_rebuilder_without_the_decoder(objective):
+    cfg = T.parse_config(["--task", "toy", "--device", "cpu", "--mrm-objective", objective])
+    torch.manual_seed(0)
+    nets = T.build_nets(cfg)
+    x = torch.rand(2, 3, 32, 64)
+    loss = T.mrm_auxiliary_loss(cfg, nets, nets.model.encoder(x), x, None, None)
+    loss.backward()
+    assert loss > 0 and nets.rebuilder.mask_token.grad.abs().sum() > 0
+    assert all(p.grad is None for p in nets.model.decoder.parameters())
+    assert (nets.pixel_head is not None) == (objective == "pixel")
+    if objective == "pixel":
+        adamw = nets.optimizers[0]
+        assert any(p is nets.pixel_head.weight for g in adamw.param_groups for p in g["params"])
+
+
+def mit_param_count(config, in_chans=3, mlp_ratio=4):
+    """MiT parameters from SegFormer's layer list (SPEC.md section 4), written out by hand."""
+    total, c_in = 0, in_chans
+    for i, (d, depth, sr) in enumerate(zip(config["embed_dims"], config["depths"], config["sr_ratios"])):
+        k = 7 if i == 0 else 3
+        total += k * k * c_in * d + d + 2 * d  # overlapping patch embed + LayerNorm
+        h = mlp_ratio * d
+        block = 2 * d + (d * d + d) + (2 * d * d + 2 * d) + (d * d + d) + 2 * d + (d * h + h) + (9 * h + h) + (h * d + d)
+        if sr > 1:
+            block += d * d * sr * sr + d + 2 * d
+        total += depth * block + 2 * d  # blocks + stage norm
+        c_in = d
+    return total
+
+
+def test_new_encoders_have_their_reference_parameter_counts():
+    """SegFormer reports 24.2 M (B2), 44.0 M (B3) and 81.4 M (B5) encoder parameters; torchvision's resnet50
+    has 25,557,032 with its 2,049,000-parameter classifier."""
+    with torch.device("meta"):
+        counts = {arch: sum(p.numel() for p in T.build_model(arch, 19)[0].encoder.parameters())
+                  for arch in ("mitb2", "mitb3", "mitb5", "dlv2-r50", "dlv2-v1c-r50")}
+    assert counts["mitb5"] == mit_param_count(MIT_B5) == MIT_B5_PARAMS
+    assert counts["mitb2"] == mit_param_count(T.MIT_B2) == 24_196_288
+    assert counts["mitb3"] == mit_param_count(T.MIT_B3) == 44_072_128
+    assert counts["dlv2-r50"] == 25_557_032 - 2_049_000 == 23_508_032
+    assert counts["dlv2-v1c-r50"] == 23_508_032 - 9408 - 128 + 3 * 32 * 9 + 32 * 32 * 9 + 32 * 64 * 9 + 256
+
+
+def test_new_pretrained_layouts_load_strictly(tmp_path):
+    tv = torchvision.models.resnet50(weights=None)
+    path = tmp_path / "resnet50-11ad3fa6.pth"
+    torch.save(tv.state_dict(), path)
+    model, info = T.build_model("dlv2-r50", 19, pretrained=str(path))
+    assert info["style"] == "torchvision" and info["layers"] == [3, 4, 6, 3]
+    assert torch.equal(model.encoder.backbone.layer3[5].conv2.weight, tv.layer3[5].conv2.weight)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in MixVisionTransformer(**T.MIT_B2).state_dict().items()}
+    weights = {k: torch.zeros(shape, dtype=torch.float16) for k, shape in shapes.items()}
+    torch.save(dict(weights, **{"head.weight": torch.zeros(1000, 512), "head.bias": torch.zeros(1000)}),
+               tmp_path / "mit_b2.pth")
+    model, _ = T.build_model("mitb2", 19, pretrained=str(tmp_path / "mit_b2.pth"))
+    assert model.encoder.backbone.block3[5].mlp.fc1.weight.abs().sum() == 0
+    del weights["block3.5.mlp.fc1.weight"]
+    torch.save(weights, tmp_path / "broken_b2.pth")
+    with pytest.raises(DataError, match=r"1 missing keys: block3.5.mlp.fc1.weight"):
+        T.build_model("mitb2", 19, pretrained=str(tmp_path / "broken_b2.pth"))
+    with pytest.raises(DataError, match="missing"):  # B2's file does not fit B3
+        T.build_model("mitb3", 19, pretrained=str(tmp_path / "mit_b2.pth"))
+
+
+@pytest.mark.parametrize("arch", ["dlv2-tiny", "dlv2-v1c-tiny"])
+def test_deeplabv3plus_head_like_mmseg_and_wrapped_by_the_rebuilder(arch):
+    with torch.device("meta"):
+        head = T.DeepLabV3PlusHead([256, 2048], 19)
+    c4, c1, ch = 2048, 256, 512  # mmseg's deeplabv3plus_r50-d8: by hand, BN = 2 per channel
+    expected = (2 * (c4 * ch + 2 * ch) + 3 * (c4 * 9 + 2 * c4 + c4 * ch + 2 * ch) + 5 * ch * ch * 9 + 2 * ch
+                + c1 * 48 + 96 + (560 * 9 + 1120 + 560 * ch + 2 * ch) + (ch * 9 + 2 * ch + ch * ch + 2 * ch) + ch * 19 + 19)
+    assert sum(p.numel() for p in head.parameters()) == expected == 17_697_923
+    nets = T.build_nets(T.parse_config(["--task", "gta2cs", "--arch", arch, "--decoder", "deeplabv3plus",
+                                        "--device", "cpu"]))
+    assert nets.info["decoder"] == "deeplabv3plus" and nets.rebuilder.in_channels == [64, 512]
+    assert [len(p) for p in nets.rebuilder.projectors] == [9, 6]  # x8 for layer1 (stride 4), x4 for layer4
+    x = torch.rand(2, 3, 64, 64)
+    features = nets.model.encoder(x)
+    assert [f.shape[1] for f in features] == [64, 512] and nets.model.decoder(features).shape[-2:] == features[0].shape[-2:]
+    losses = T.train_step(T.parse_config(["--task", "gta2cs", "--arch", arch, "--decoder", "deeplabv3plus",
+                                          "--device", "cpu", "--iters", "10"]), nets, fake_batch(64), 0)
+    assert torch.isfinite(losses).all() and losses[2] > 0
+
+
+def test_experiment_switches_that_cannot_work_are_one_line(capsys):
+    for args, words in ((["--mrm-objective", "pixel", "--no-mrm"], "needs MRM"),
+                        (["--mrm-mode", "mask-only", "--source-only"], "needs MRM"),
+                        (["--decoder", "deeplabv3plus", "--arch", "mitb5"], "does not fit --arch mitb5"),
+                        (["--decoder", "daformer", "--arch", "dlv2"], "does not fit --arch dlv2"),
+                        (["--mrm-objective", "pixel", "--mrm-trains", "decoder"], "needs --mrm-mode rebuild"),
+                        (["--mrm-objective", "feature-student", "--mrm-mode", "mask-only"], "needs --mrm-mode rebuild"),
+                        (["--mic", "--source-only"], "--mic needs target images"),
+                        (["--mrm-objective", "hog"], "must be one of cls | pixel"),
+                        (["--mrm-trains", "rebuilder"], "must be one of both | encoder | decoder")):
+        assert T.main(["--task", "gta2cs"] + args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and "Traceback" not in err, err
 
 
 # ---------------------------------------------------------------- training runs (tiny, CPU)
@@ -1655,11 +1863,17 @@ def test_toy_training_logs_and_exports_without_rebuilder(tmp_path, small_toy, ca
 
 
 @pytest.mark.parametrize("extra", [["--source-only"], ["--no-mrm"], ["--mrm-domain", "both", "--mask-ratio", "0.6"],
-                                   ["--arch", "mit-tiny", "--checkpoint-blocks"]])
+                                   ["--arch", "mit-tiny", "--checkpoint-blocks"], ["--mic"], ["--mic", "--no-mrm"],
+                                   ["--mrm-objective", "pixel"], ["--mrm-objective", "feature-teacher"],
+                                   ["--mrm-objective", "feature-student"], ["--mrm-mode", "mask-only"],
+                                   ["--mrm-trains", "encoder"], ["--mrm-trains", "decoder"]])
 def test_toy_variants_run(tmp_path, small_toy, extra):
     assert T.main(TOY_FAST + ["--iters", "2", "--work-dir", str(tmp_path)] + extra) == 0
     state = state_of(str(tmp_path))
     assert (state["rebuilder"] is None) == ("--source-only" in extra or "--no-mrm" in extra)
+    assert (state["pixel_head"] is None) == ("pixel" not in extra)
+    records = [json.loads(line) for line in open(os.path.join(str(tmp_path), "log.jsonl")) if "loss_mic" in line]
+    assert "--mic" in extra or records[-1]["loss_mic"] == 0  # its value: test_mic_loss_is_the_student_on...
     assert (state["teacher"] is None) == ("--source-only" in extra)
 
 

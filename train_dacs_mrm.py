@@ -17,7 +17,7 @@ Each iteration (DACS, Tranheden et al. 2021, with MRM, Zhou et al. 2025, Algorit
   6. loss = L_s + L_u + lambda * L_mrm; optimiser step (the Rebuilder's: AdamW); EMA update of the teacher
 Recipes reproduce the official code around each baseline (DACS's trainUDA.py, DAFormer's mmseg code);
 README "Fidelity" lists what still differs. Sections: config, labels and data, toy scenes, DeepLabV2,
-MiT-B5 and the DAFormer head, architectures and tasks, DACS operations, the training step, data
+MiT with the DAFormer and DeepLabV3+ heads, architectures and tasks, DACS operations, the training step, data
 streams, checkpoints and evaluation, training, other modes.
 """
 import argparse
@@ -45,14 +45,15 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.io import decode_png, read_file
 from PIL import Image
 
-from mrm import Rebuilder, mrm_loss, segmentation_ce
+from mrm import Masking, Rebuilder, mrm_loss, resize_mask, segmentation_ce
 
 
 # ============================================================================= config
 # Defaults < recipe < task < command line. Every key is a flag: --mask-ratio 0.5, --no-mrm.
 DEFAULTS = dict(
     task="toy",             # gta2cs | syn2cs | toy
-    arch="",                # dlv2 | dlv2-v1c | mitb5 | ...-tiny (default: the task's)
+    arch="",                # dlv2 | dlv2-r50 | dlv2-v1c | dlv2-v1c-r50 | mitb5 | mitb3 | mitb2 | ...-tiny
+    decoder="",             # deeplabv2 | deeplabv3plus (ResNet encoders) | daformer (MiT); default: the arch's
     recipe="",              # dacs | mmseg-dacs | daformer | toy (default: the arch's / task's)
     data_root="data",
     pretrained="",          # DeepLab COCO init, torchvision resnet101, mmcv resnet101_v1c or SegFormer mit_b5.pth
@@ -74,9 +75,14 @@ DEFAULTS = dict(
     ema=0.99, pseudo_threshold=0.968, jitter=0.25, jitter_p=0.8, blur_p=0.5, align_corners=True,
     # DAFormer recipe parts (0 / False = off)
     flip=False, cat_max_ratio=1.0, rcs_temperature=0.0, rcs_min_pixels=3000, fd_weight=0.0, pl_crop=False,
+    # MIC (Hoyer et al. 2023): masked image consistency on the target batch
+    mic=False, mic_mask_ratio=0.7, mic_block_size=32, mic_weight=1.0,
     # MRM; the Rebuilder always trains with AdamW (SPEC.md section 2)
     mrm=True, mrm_weight=1.0, mask_ratio=0.4, rebuilder_dim=512, rebuilder_depth=2, rebuilder_heads=16,
     rebuilder_grid=16, rebuilder_lr=2e-4, rebuilder_weight_decay=0.01, mrm_domain="target",
+    mrm_mode="rebuild",     # rebuild | mask-only (Table 2c)
+    mrm_objective="cls",    # cls (Eq. 4) | pixel | feature-teacher | feature-student (Table 2e)
+    mrm_trains="both",      # both | encoder | decoder: what the MRM loss's gradient reaches (Table 4)
     # run hygiene
     log_every=50, val_every=5000, checkpoint_every=1000, stop_after=0, resume=False, max_skips=10,
     # other modes
@@ -99,7 +105,8 @@ RECIPES = {
 RECIPES["daformer"] = dict(RECIPES["mmseg-dacs"], ema=0.999, rcs_temperature=0.01, fd_weight=0.005, pl_crop=True)
 RECIPES["toy"] = dict(RECIPES["dacs"], iters=1000, batch_size=8, crop=0, optimizer="adamw", lr=1e-3,
                       head_lr_mult=1.0, weight_decay=1e-4, align_corners=False, rebuilder_lr=1e-3,
-                      rebuilder_dim=64, rebuilder_heads=4, rebuilder_grid=8, log_every=50, val_every=500,
+                      rebuilder_dim=64, rebuilder_heads=4, rebuilder_grid=8, mic_block_size=8, log_every=50,
+                      val_every=500,
                       checkpoint_every=500, workers=0)
 ASPP_DILATIONS = ("6,12", "6,12,18,24")
 TOY_SIZES = {"train": 2000, "val": 200}  # scenes per toy split: a finite target set, as in real UDA
@@ -607,6 +614,10 @@ class Normalize(nn.Module):
             x = x.flip(1) * 255.0  # RGB -> BGR, 0-255
         return (x - self.mean) / self.std
 
+    def zero_colour(self):
+        """The RGB [0, 1] colour that normalises to 0, (1, 3, 1, 1)."""
+        return self.mean.flip(1) / 255.0 if self.kind == 'caffe' else self.mean
+
 
 def frozen_bn(channels):
     # affine params stay at their pretrained values; running stats still update in train mode
@@ -680,21 +691,27 @@ class ResNetDilated(nn.Module):
         block += [Bottleneck(out, planes, 1, dilation, None, self.stride_in_1x1, self.norm) for _ in range(1, blocks)]
         return nn.Sequential(*block)
 
-    def forward(self, x):
+    def forward(self, x, with_layer1=False):
         x = self.stem(x) if hasattr(self, 'stem') else self.relu(self.bn1(self.conv1(x)))
-        return self.layer4(self.layer3(self.layer2(self.layer1(self.maxpool(x)))))
+        c1 = self.layer1(self.maxpool(x))
+        c4 = self.layer4(self.layer3(self.layer2(c1)))
+        return [c1, c4] if with_layer1 else c4
 
 
-class DeepLabV2Encoder(nn.Module):
+class ResNetEncoder(nn.Module):
+    """Normalisation + dilated ResNet: layer4 (stride 8) for DeepLabV2, [layer1 (stride 4), layer4] with_layer1
+    for DeepLabV3+'s low-level skip."""
 
-    def __init__(self, layers=(3, 4, 23, 3), width=64, style='caffe'):
+    def __init__(self, layers=(3, 4, 23, 3), width=64, style='caffe', with_layer1=False):
         super().__init__()
         self.normalize = Normalize(RESNET_STYLES[style]['norm'])
         self.backbone = ResNetDilated(layers, width, style)
-        self.out_channels = self.backbone.out_channels
+        self.with_layer1 = with_layer1
+        last = self.backbone.out_channels
+        self.out_channels, self.out_strides = ([width * 4, last], [4, 8]) if with_layer1 else (last, [8])
 
     def forward(self, x):
-        return self.backbone(self.normalize(x))
+        return self.backbone(self.normalize(x), self.with_layer1)
 
 
 class ASPPClassifier(nn.Module):
@@ -784,17 +801,21 @@ def load_backbone_state(backbone, sd, path):
     backbone.load_state_dict(sd, strict=False)  # strict=False only because num_batches_tracked was dropped
 
 
-def build_deeplabv2_from_info(num_classes, info):
-    encoder = DeepLabV2Encoder(tuple(info['layers']), info['width'], info['style'])
+def build_deeplab_from_info(num_classes, info):
+    if info['decoder'] == 'deeplabv3plus':
+        encoder = ResNetEncoder(tuple(info['layers']), info['width'], info['style'], with_layer1=True)
+        return encoder, DeepLabV3PlusHead(encoder.out_channels, num_classes)
+    encoder = ResNetEncoder(tuple(info['layers']), info['width'], info['style'])
     decoder = ASPPClassifier(encoder.out_channels, num_classes, tuple(info['aspp_dilations']),
                              zero_bias=info['style'] == 'v1c')
     return encoder, decoder
 
 
-def build_deeplabv2(num_classes, pretrained=None, layers=(3, 4, 23, 3), width=64, styles=('caffe', 'torchvision'),
-                    aspp_dilations=(6, 12)):
+def build_deeplab(num_classes, pretrained=None, layers=(3, 4, 23, 3), width=64, styles=('caffe', 'torchvision'),
+                  aspp_dilations=(6, 12), decoder='deeplabv2'):
     """Returns (encoder, decoder, info); info rebuilds the same architecture without the file. styles: those the
-    architecture takes; the file's keys choose among them (no file: the first)."""
+    architecture takes; the file's keys choose among them (no file: the first). decoder: 'deeplabv2' (the ASPP
+    classifier) or 'deeplabv3plus'."""
     style, sd = styles[0], None
     if pretrained is not None:
         sd = read_pretrained(pretrained)
@@ -803,17 +824,18 @@ def build_deeplabv2(num_classes, pretrained=None, layers=(3, 4, 23, 3), width=64
             raise ValueError(f"{pretrained}: holds {style}-style ResNet weights; this architecture takes "
                              f"{' or '.join(styles)} (--arch dlv2 for caffe/torchvision, dlv2-v1c for v1c)")
     info = {'arch': 'dlv2', 'layers': list(layers), 'width': width, 'style': style,
-            'aspp_dilations': list(aspp_dilations)}
-    encoder, decoder = build_deeplabv2_from_info(num_classes, info)
+            'aspp_dilations': list(aspp_dilations), 'decoder': decoder}
+    encoder, decoder = build_deeplab_from_info(num_classes, info)
     if sd is not None:
         load_backbone_state(encoder.backbone, sd, pretrained)
     return encoder, decoder, info
 
 
-# ============================================================================= MiT-B5 and the DAFormer head
+# ============================================================================= MiT, the DAFormer head, DeepLabV3+
 
 MIT_B5 = dict(embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3),
               num_heads=(1, 2, 5, 8), sr_ratios=(8, 4, 2, 1))
+MIT_B2, MIT_B3 = dict(MIT_B5, depths=(3, 4, 6, 3)), dict(MIT_B5, depths=(3, 4, 18, 3))  # SegFormer's
 
 # -----------------------------------------------------------------------------
 # MiT encoder
@@ -977,6 +999,19 @@ def conv_bn_relu(in_ch, out_ch, kernel, dilation=1, groups=1):
     nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu')  # mmcv ConvModule default
     return nn.Sequential(conv, nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
 
+
+def separable_conv_bn_relu(in_ch, out_ch, dilation=1):
+    """mmcv's DepthwiseSeparableConvModule: a 3x3 depth-wise conv, then a 1x1 conv, each with BN and ReLU."""
+    return nn.Sequential(conv_bn_relu(in_ch, in_ch, 3, dilation=dilation, groups=in_ch), conv_bn_relu(in_ch, out_ch, 1))
+
+
+def classifier(in_ch, num_classes):
+    """mmseg's conv_seg: a 1x1 conv, weights normal(0, 0.01), bias 0."""
+    conv = nn.Conv2d(in_ch, num_classes, 1)
+    nn.init.normal_(conv.weight, 0.0, 0.01)
+    nn.init.zeros_(conv.bias)
+    return conv
+
 class DAFormerHead(nn.Module):
     """Context-aware fusion: embed each level, upsample to stride 4, fuse with a separable ASPP."""
 
@@ -985,14 +1020,10 @@ class DAFormerHead(nn.Module):
         self.embed_layers = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
         cat_ch = embed_dim * len(in_channels)
         self.branches = nn.ModuleList([conv_bn_relu(cat_ch, embed_dim, 1)] + [
-            nn.Sequential(conv_bn_relu(cat_ch, cat_ch, 3, dilation=d, groups=cat_ch),
-                          conv_bn_relu(cat_ch, embed_dim, 1))
-            for d in fusion_dilations])
+            separable_conv_bn_relu(cat_ch, embed_dim, d) for d in fusion_dilations])
         self.bottleneck = conv_bn_relu(embed_dim * len(self.branches), embed_dim, 3)
         self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = nn.Conv2d(embed_dim, num_classes, 1)
-        nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
-        nn.init.zeros_(self.conv_seg.bias)
+        self.conv_seg = classifier(embed_dim, num_classes)
 
     def forward(self, feats):
         size = feats[0].shape[2:]
@@ -1005,6 +1036,36 @@ class DAFormerHead(nn.Module):
             embedded.append(e)
         x = torch.cat(embedded, dim=1)
         x = self.bottleneck(torch.cat([branch(x) for branch in self.branches], dim=1))
+        return self.conv_seg(self.dropout(x))
+
+# -----------------------------------------------------------------------------
+# DeepLabV3+ head (mmseg's DepthwiseSeparableASPPHead, deeplabv3plus_r50-d8 config)
+
+class DeepLabV3PlusHead(nn.Module):
+    """Separable ASPP with image pooling on layer4 (dilations 1, 12, 24, 36, 512 channels), a 3x3
+    bottleneck, then upsampled to layer1's stride-4 grid and fused with its 48-channel projection by two
+    separable 3x3 convs; dropout 0.1, 1x1 classifier. in_channels: [layer1, layer4] channels."""
+
+    def __init__(self, in_channels, num_classes, channels=512, dilations=(1, 12, 24, 36), c1_channels=48,
+                 dropout=0.1):
+        super().__init__()
+        c1_in, c4_in = in_channels
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(c4_in, channels, 1))
+        self.aspp = nn.ModuleList(conv_bn_relu(c4_in, channels, 1) if d == 1 else
+                                  separable_conv_bn_relu(c4_in, channels, d) for d in dilations)
+        self.bottleneck = conv_bn_relu((len(dilations) + 1) * channels, channels, 3)
+        self.c1_bottleneck = conv_bn_relu(c1_in, c1_channels, 1)
+        self.sep_bottleneck = nn.Sequential(separable_conv_bn_relu(channels + c1_channels, channels),
+                                            separable_conv_bn_relu(channels, channels))
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = classifier(channels, num_classes)
+
+    def forward(self, feats):
+        c1, x = feats
+        pooled = F.interpolate(self.image_pool(x), size=x.shape[2:], mode='bilinear', align_corners=False)
+        x = self.bottleneck(torch.cat([pooled] + [branch(x) for branch in self.aspp], dim=1))
+        x = F.interpolate(x, size=c1.shape[2:], mode='bilinear', align_corners=False)
+        x = self.sep_bottleneck(torch.cat([x, self.c1_bottleneck(c1)], dim=1))
         return self.conv_seg(self.dropout(x))
 
 # -----------------------------------------------------------------------------
@@ -1062,7 +1123,7 @@ class MiTEncoder(nn.Module):
         super().__init__()
         self.normalize = Normalize("imagenet")
         self.backbone = MixVisionTransformer(**config, checkpoint_blocks=checkpoint_blocks)
-        self.out_channels = self.backbone.out_channels
+        self.out_channels, self.out_strides = self.backbone.out_channels, [4, 8, 16, 32]
 
     def forward(self, x):
         return self.backbone(self.normalize(x))
@@ -1080,14 +1141,23 @@ class SegModel(nn.Module):
 
 
 MIT_TINY = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 2), sr_ratios=(8, 4, 2, 1))
-# framework: the recipes' framework an architecture belongs to (the toy recipe runs any); styles: RESNET_STYLES
+# framework: the recipes' framework an architecture belongs to (the toy recipe runs any); styles: RESNET_STYLES;
+# decoders: the first is the default of --decoder
+RESNET = dict(decoders=("deeplabv2", "deeplabv3plus"))
+DACS_RESNET = dict(RESNET, recipe="dacs", framework="dacs", styles=("caffe", "torchvision"))
+MMSEG_RESNET = dict(RESNET, recipe="mmseg-dacs", framework="mmseg", styles=("v1c",))
+MIT = dict(recipe="daformer", framework="mmseg", decoders=("daformer",), head_dim=256)
 ARCHS = {
-    "dlv2": dict(recipe="dacs", framework="dacs", layers=(3, 4, 23, 3), width=64, styles=("caffe", "torchvision")),
-    "dlv2-tiny": dict(recipe="dacs", framework="dacs", layers=(1, 1, 1, 1), width=16, styles=("caffe", "torchvision")),
-    "dlv2-v1c": dict(recipe="mmseg-dacs", framework="mmseg", layers=(3, 4, 23, 3), width=64, styles=("v1c",)),
-    "dlv2-v1c-tiny": dict(recipe="mmseg-dacs", framework="mmseg", layers=(1, 1, 1, 1), width=16, styles=("v1c",)),
-    "mitb5": dict(recipe="daformer", framework="mmseg", mit=MIT_B5, head_dim=256),
-    "mit-tiny": dict(recipe="daformer", framework="mmseg", mit=MIT_TINY, head_dim=32),
+    "dlv2": dict(DACS_RESNET, layers=(3, 4, 23, 3), width=64),
+    "dlv2-r50": dict(DACS_RESNET, layers=(3, 4, 6, 3), width=64),
+    "dlv2-tiny": dict(DACS_RESNET, layers=(1, 1, 1, 1), width=16),
+    "dlv2-v1c": dict(MMSEG_RESNET, layers=(3, 4, 23, 3), width=64),
+    "dlv2-v1c-r50": dict(MMSEG_RESNET, layers=(3, 4, 6, 3), width=64),
+    "dlv2-v1c-tiny": dict(MMSEG_RESNET, layers=(1, 1, 1, 1), width=16),
+    "mitb5": dict(MIT, mit=MIT_B5),
+    "mitb3": dict(MIT, mit=MIT_B3),
+    "mitb2": dict(MIT, mit=MIT_B2),
+    "mit-tiny": dict(MIT, mit=MIT_TINY, head_dim=32),
 }
 TASKS = {
     "gta2cs": dict(source="gta", target="cityscapes", arch="dlv2", class_names=CLASSES, palette=PALETTE,
@@ -1100,9 +1170,10 @@ TASKS = {
 }
 
 
-def build_model(arch, num_classes, pretrained="", checkpoint_blocks=False, aspp_dilations=(6, 12), info=None):
-    """(SegModel, info). info records what the weights decided (DeepLab style) and the classifier's dilations,
-    so that eval.py rebuilds the same network from a checkpoint without the pretrained file."""
+def build_model(arch, num_classes, pretrained="", checkpoint_blocks=False, aspp_dilations=(6, 12), decoder="",
+                info=None):
+    """(SegModel, info). info records what the weights decided (DeepLab style), the decoder and the classifier's
+    dilations, so that eval.py rebuilds the same network from a checkpoint without the pretrained file."""
     spec = ARCHS[arch]
     if pretrained and not os.path.isfile(pretrained):
         raise DataError(f"{pretrained}: pretrained weights file not found")
@@ -1114,10 +1185,10 @@ def build_model(arch, num_classes, pretrained="", checkpoint_blocks=False, aspp_
             decoder = DAFormerHead(encoder.out_channels, num_classes, embed_dim=spec["head_dim"])
             info = dict(arch=arch)
         elif info is not None:
-            encoder, decoder = build_deeplabv2_from_info(num_classes, info)
+            encoder, decoder = build_deeplab_from_info(num_classes, info)
         else:
-            encoder, decoder, info = build_deeplabv2(num_classes, pretrained or None, spec["layers"], spec["width"],
-                                                     spec["styles"], aspp_dilations)
+            encoder, decoder, info = build_deeplab(num_classes, pretrained or None, spec["layers"], spec["width"],
+                                                   spec["styles"], aspp_dilations, decoder or spec["decoders"][0])
             info["arch"] = arch
     except ValueError as error:  # the loaders' one-line key/shape report
         raise DataError(str(error)) from None
@@ -1163,6 +1234,22 @@ def parse_config(argv=None):
         one_of(key.replace("_", "-"), cfg[key], allowed)
     if "dacs_param_slots" in given and not (recipe == "dacs" and cfg["optimizer"] == "sgd"):
         raise ConfigError(f"--dacs-param-slots applies to DACS's SGD only (--recipe dacs), not --recipe {recipe}")
+    cfg["decoder"] = cfg["decoder"] or ARCHS[arch]["decoders"][0]
+    if cfg["decoder"] not in ARCHS[arch]["decoders"]:
+        fitting = [a for a, spec in ARCHS.items() if cfg["decoder"] in spec["decoders"]]
+        raise ConfigError(f"--decoder {cfg['decoder']} does not fit --arch {arch}: it needs --arch {' | '.join(fitting)}")
+    for key, allowed in (("mrm_mode", ("rebuild", "mask-only")),
+                         ("mrm_objective", ("cls", "pixel", "feature-teacher", "feature-student")),
+                         ("mrm_trains", ("both", "encoder", "decoder"))):
+        one_of(key.replace("_", "-"), cfg[key], allowed)
+    mrm_flags = [f"--{k.replace('_', '-')} {given[k]}" for k in ("mrm_mode", "mrm_objective", "mrm_trains") if k in given]
+    if mrm_flags and (not cfg["mrm"] or cfg["source_only"]):
+        raise ConfigError(f"{mrm_flags[0]} needs MRM, which --no-mrm / --source-only switch off")
+    if cfg["mrm_objective"] != "cls" and (cfg["mrm_mode"] != "rebuild" or cfg["mrm_trains"] != "both"):
+        raise ConfigError(f"--mrm-objective {cfg['mrm_objective']} regresses the Rebuilder's output without the "
+                          f"decoder: it needs --mrm-mode rebuild and --mrm-trains both")
+    if cfg["mic"] and cfg["source_only"]:
+        raise ConfigError("--mic needs target images and pseudo-labels, which --source-only switches off")
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available")
     if cfg["iters"] <= 0 or cfg["batch_size"] <= 0:
@@ -1228,9 +1315,11 @@ def hsv_to_rgb(hsv):
     return torch.cat([torch.stack(channel, dim=1).gather(1, index) for channel in (red, green, blue)], dim=1)
 
 
-def color_jitter(x, strength, p):
+def color_jitter(x, strength, p, one_call=False):
     """kornia.augmentation.ColorJitter(brightness=s, contrast=s, saturation=s, hue=s) of (B, 3, H, W) RGB in
-    [0, 1], applied to the whole batch with probability p; factors and order drawn per image as kornia does."""
+    [0, 1], applied to the whole batch with probability p. Factors are drawn per image; the order of the
+    operations per kornia call: per image (DACS/DAFormer call it per mixed image), or one for the batch
+    with one_call (MIC calls it once on the target batch)."""
     B, device = x.shape[0], x.device
 
     def uniform(low, high):
@@ -1238,7 +1327,7 @@ def color_jitter(x, strength, p):
 
     factors = (uniform(max(0.0, 1 - strength), min(2.0, 1 + strength)), uniform(max(0.0, 1 - strength), 1 + strength),
                uniform(max(0.0, 1 - strength), 1 + strength), uniform(max(-0.5, -strength), min(0.5, strength)))
-    order = torch.rand(B, 4, device=device).argsort(dim=1)  # a random permutation of the four per image
+    order = torch.rand(1 if one_call else B, 4, device=device).argsort(dim=1).expand(B, 4)  # random permutations
     return torch.where(torch.rand((), device=device) < p, jitter_images(x, *factors, order), x)
 
 
@@ -1267,11 +1356,13 @@ def blur_kernel_size(side):
     return int(math.floor(k - 0.5 + k % 2))
 
 
-def gaussian_blur(x, p, sigma_range=(0.15, 1.15)):
-    """kornia's GaussianBlur2d (reflect padding) with a kernel of ~10% of each side, sigma uniform in the range
-    per image, for the whole batch with probability p. Separable: one grouped convolution per direction."""
+def gaussian_blur(x, p, sigma_range=(0.15, 1.15), one_call=False):
+    """kornia's GaussianBlur2d (reflect padding) with a kernel of ~10% of each side, for the whole batch with
+    probability p; sigma uniform in the range per image, or one for the batch with one_call (as color_jitter).
+    Separable: one grouped convolution per direction."""
     B, C, H, W = x.shape
-    sigma = sigma_range[0] + torch.rand(B, 1, device=x.device) * (sigma_range[1] - sigma_range[0])
+    sigma = sigma_range[0] + torch.rand(1 if one_call else B, 1, device=x.device).expand(B, 1) * (
+        sigma_range[1] - sigma_range[0])
 
     def kernel(size):
         taps = torch.arange(size, device=x.device, dtype=torch.float32) - size // 2
@@ -1283,6 +1374,18 @@ def gaussian_blur(x, p, sigma_range=(0.15, 1.15)):
     y = F.conv2d(y, kernel(kw).view(B * C, 1, 1, kw), groups=B * C)
     y = F.conv2d(y, kernel(kh).view(B * C, 1, kh, 1), groups=B * C).view(B, C, H, W)
     return torch.where(torch.rand((), device=x.device) < p, y, x)
+
+
+def mic_masked_images(x, fill, strength, p, mask_ratio, block_size):
+    """MIC's MaskingConsistencyModule ('separatetrgaug'): one colour-jitter and blur call of its own on the
+    target batch (the blur drawn with p 0.5 even where the recipe's blur is off), then a block mask per image:
+    round(H/b) x round(W/b) blocks, each kept iff U(0, 1) > mask_ratio, nearest-upsampled. Masked pixels
+    take `fill`, the colour that normalises to 0: MIC multiplies the normalised image by the mask."""
+    x = gaussian_blur(color_jitter(x, strength, p, one_call=True), 0.5, one_call=True)
+    B, _, H, W = x.shape
+    grid = (round(H / block_size), round(W / block_size))
+    keep = torch.rand(B, 1, *grid, device=x.device) > mask_ratio
+    return torch.where(F.interpolate(keep.float(), size=(H, W), mode="nearest").bool(), x, fill)
 
 
 @torch.no_grad()
@@ -1306,22 +1409,36 @@ def aspp_dilations(cfg):
     return tuple(int(d) for d in cfg.aspp_dilations.split(","))
 
 
+def rebuilder_scales(encoder):
+    """The projectors' upsampling per level: level size / 16 at the paper's 512 crops (stride 8: 4)."""
+    return [max(1, 32 // stride) for stride in encoder.out_strides]
+
+
+def build_rebuilder(cfg, encoder):
+    """The Rebuilder (or Table 2(c)'s Masking), and the linear pixel head of Table 2(e)'s pixel objective."""
+    if cfg.mrm_mode == "mask-only":
+        return Masking(cfg.rebuilder_grid, cfg.mask_ratio), None
+    rebuilder = Rebuilder(encoder.out_channels, embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth,
+                          num_heads=cfg.rebuilder_heads, grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio,
+                          scale_factors=rebuilder_scales(encoder))
+    last_channels = rebuilder.in_channels[-1]
+    return rebuilder, nn.Conv2d(last_channels, 3 * PIXELS_PER_CELL ** 2, 1) if cfg.mrm_objective == "pixel" else None
+
+
 def build_nets(cfg):
     device = torch.device(cfg.device)
-    model, info = build_model(cfg.arch, cfg.num_classes, cfg.pretrained, cfg.checkpoint_blocks, aspp_dilations(cfg))
+    model, info = build_model(cfg.arch, cfg.num_classes, cfg.pretrained, cfg.checkpoint_blocks, aspp_dilations(cfg),
+                              cfg.decoder)
     info["align_corners"] = cfg.align_corners  # evaluation must resample the logits as training did
-    rebuilder = None
-    if cfg.mrm and not cfg.source_only:
-        rebuilder = Rebuilder(model.encoder.out_channels, embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth,
-                              num_heads=cfg.rebuilder_heads, grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio)
+    rebuilder, pixel_head = build_rebuilder(cfg, model.encoder) if cfg.mrm and not cfg.source_only else (None, None)
     imagenet = copy.deepcopy(model.encoder).requires_grad_(False).eval() if cfg.fd_weight > 0 else None
     teacher = None if cfg.source_only else copy.deepcopy(model).requires_grad_(False)
     if teacher is not None:
         teacher_mode(teacher)
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
-    nets = SimpleNamespace(model=model, teacher=teacher, rebuilder=rebuilder, imagenet=imagenet, info=info,
-                           device=device, memory_format=memory_format)
-    for name in ("model", "teacher", "rebuilder", "imagenet"):
+    nets = SimpleNamespace(model=model, teacher=teacher, rebuilder=rebuilder, pixel_head=pixel_head, imagenet=imagenet,
+                           info=info, device=device, memory_format=memory_format)
+    for name in ("model", "teacher", "rebuilder", "pixel_head", "imagenet"):
         if getattr(nets, name) is not None:
             setattr(nets, name, getattr(nets, name).to(device, memory_format=memory_format))
     nets.optimizers = build_optimizers(cfg, nets)
@@ -1384,8 +1501,8 @@ def build_optimizers(cfg, nets):
 
     model, fused = nets.model, nets.device.type == "cuda"
     network = groups(model.encoder, cfg.lr) + groups(model.decoder, cfg.lr * cfg.head_lr_mult)
-    rebuilder = [] if nets.rebuilder is None else groups(nets.rebuilder, cfg.rebuilder_lr,
-                                                         weight_decay=cfg.rebuilder_weight_decay)
+    rebuilder = [group for module in (nets.rebuilder, nets.pixel_head) if module is not None
+                 for group in groups(module, cfg.rebuilder_lr, weight_decay=cfg.rebuilder_weight_decay)]
     if cfg.optimizer == "adamw":
         return [torch.optim.AdamW(network + rebuilder, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                                   fused=fused)]
@@ -1427,9 +1544,61 @@ def to_device(batch, nets):
             image(batch["target_image"]))
 
 
+PIXELS_PER_CELL = 8  # the pixel objective's target: each grid cell's image patch, area-resized to 8 x 8
+
+
+def masked_pixel_loss(head, rebuilt, images, mask):
+    """Table 2(e) "pixel rec. (w/ norm)", MAE-style: a linear head on the rebuilt last-level features, pooled to
+    the mask grid, predicts each cell's image patch (area-resized to PIXELS_PER_CELL^2 pixels), normalised by
+    the patch's own mean and variance; squared error averaged over the masked cells only."""
+    grid = mask.shape[-1]
+    prediction = head(F.adaptive_avg_pool2d(rebuilt, grid)).float()
+    patches = F.pixel_unshuffle(F.adaptive_avg_pool2d(images.float(), grid * PIXELS_PER_CELL), PIXELS_PER_CELL)
+    mean, var = patches.mean(dim=1, keepdim=True), patches.var(dim=1, keepdim=True)
+    target = (patches - mean) / (var + 1e-6).sqrt()
+    error = (prediction - target).pow(2).mean(dim=1, keepdim=True)
+    return (error * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_feature_loss(rebuilt, targets, mask):
+    """Table 2(e) "feature rec.": squared error between rebuilt and target features, averaged over channels
+    and the masked cells of each level, then over the levels."""
+    levels = list(zip(rebuilt, targets)) if isinstance(rebuilt, list) else [(rebuilt, targets)]
+    losses = []
+    for f_r, f_target in levels:
+        level_mask = resize_mask(mask, f_r.shape[-2:])
+        error = (f_r.float() - f_target.detach().float()).pow(2).mean(dim=1, keepdim=True)
+        losses.append((error * level_mask).sum() / level_mask.sum().clamp(min=1))
+    return sum(losses) / len(losses)
+
+
+def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight):
+    """L_mrm on the encoder's `features` of `images`: Eq. 4's CE(D(R(f)), y) (--mrm-objective cls) or one of
+    Table 2(e)'s regressions at masked cells (README). --mrm-trains (Table 4) holds a part fixed for this loss
+    only: decoder: the features are detached; encoder: the decoder runs with detached weights."""
+    if cfg.mrm_trains == "decoder":
+        features = [f.detach() for f in features] if isinstance(features, list) else features.detach()
+    if cfg.mrm_objective == "cls":
+        decoder = nets.decoder
+        if cfg.mrm_trains == "encoder":
+            weights = {name: p.detach() for name, p in nets.model.decoder.named_parameters()}
+
+            def decoder(f):
+                return torch.func.functional_call(nets.model.decoder, weights, (f,))
+        return mrm_loss(decoder, nets.rebuilder, features, labels, weight, align_corners=cfg.align_corners)
+    mask = nets.rebuilder.random_mask(images.shape[0], images.device)
+    rebuilt = nets.rebuilder(features, mask)
+    if cfg.mrm_objective == "pixel":
+        return masked_pixel_loss(nets.pixel_head, last_level(rebuilt), images, mask)
+    if cfg.mrm_objective == "feature-teacher":
+        with torch.no_grad():
+            features = nets.teacher.encoder(images)
+    return masked_feature_loss(rebuilt, features, mask)
+
+
 def train_step(cfg, nets, batch, iteration):
-    """One DACS(+MRM) iteration. Returns the detached losses [L_s, L_u, L_mrm, L_fd, pseudo weight]
-    as one tensor (no host sync here). Source and mixed losses are backpropagated separately, which
+    """One DACS(+MRM, +MIC) iteration. Returns the detached losses [L_s, L_u, L_mrm, L_mic, L_fd, pseudo
+    weight] as one tensor (no host sync here). Source and mixed losses are backpropagated separately, which
     frees the source graph before the mixed forward (same gradients, lower peak memory)."""
     model, encoder, decoder, rebuilder, scaler = nets.model, nets.encoder, nets.decoder, nets.rebuilder, nets.scaler
     mmseg = cfg.framework == "mmseg"
@@ -1437,7 +1606,7 @@ def train_step(cfg, nets, batch, iteration):
     autocast = torch.autocast(nets.device.type, dtype=torch.float16 if cfg.amp == "fp16" else torch.bfloat16,
                               enabled=cfg.amp != "off")
     zero = torch.zeros((), device=nets.device)
-    loss_u = loss_mrm_s = loss_mrm_t = loss_fd = weight = zero
+    loss_u = loss_mrm_s = loss_mrm_t = loss_mic = loss_fd = weight = zero
     source_weight = 1.0 if mmseg else None  # mmseg 0.16 averages over all pixels, DACS over labelled ones
     model.train()
     set_learning_rates(cfg, nets, iteration)
@@ -1451,7 +1620,7 @@ def train_step(cfg, nets, batch, iteration):
                 f_imagenet = last_level(nets.imagenet(x_s))
             loss_fd = feature_distance(last_level(f_s), f_imagenet, y_s)
         if rebuilder is not None and cfg.mrm_domain in ("source", "both"):
-            loss_mrm_s = mrm_loss(decoder, rebuilder, f_s, y_s, source_weight, align_corners=cfg.align_corners)
+            loss_mrm_s = mrm_auxiliary_loss(cfg, nets, f_s, x_s, y_s, source_weight)
     scaler.scale(loss_s + cfg.fd_weight * loss_fd + cfg.mrm_weight * loss_mrm_s).backward()
     del f_s
 
@@ -1478,8 +1647,18 @@ def train_step(cfg, nets, batch, iteration):
             f_m = encoder(x_m.contiguous(memory_format=nets.memory_format))
             loss_u = segmentation_ce(decoder(f_m), y_m, w_m, align_corners=cfg.align_corners)
             if rebuilder is not None and cfg.mrm_domain in ("target", "both"):
-                loss_mrm_t = mrm_loss(decoder, rebuilder, f_m, y_m, w_m, align_corners=cfg.align_corners)
+                loss_mrm_t = mrm_auxiliary_loss(cfg, nets, f_m, x_m, y_m, w_m)
         scaler.scale(loss_u + cfg.mrm_weight * loss_mrm_t).backward()
+        del f_m
+        # (6) MIC: the student on block-masked target images against the teacher's pseudo-labels of the
+        # clean ones, with the un-mixed pixel weight; its own backward
+        if cfg.mic:
+            x_mic = mic_masked_images(x_t, model.encoder.normalize.zero_colour(), cfg.jitter, cfg.jitter_p,
+                                      cfg.mic_mask_ratio, cfg.mic_block_size)
+            with autocast:
+                loss_mic = segmentation_ce(decoder(encoder(x_mic.contiguous(memory_format=nets.memory_format))),
+                                           pseudo.clone(), pixel_weight.clone(), align_corners=cfg.align_corners)
+            scaler.scale(cfg.mic_weight * loss_mic).backward()
 
     for optimizer in nets.optimizers:
         scaler.step(optimizer)
@@ -1490,7 +1669,7 @@ def train_step(cfg, nets, batch, iteration):
         # DACS updates the teacher after the step with alpha(it); DAFormer at the start of the next iteration,
         # with alpha(it + 1)
         update_ema(nets.teacher, model, iteration + 1 if mmseg else iteration, cfg.ema)
-    return torch.stack([loss_s, loss_u, loss_mrm_s + loss_mrm_t, loss_fd, weight]).detach().float()
+    return torch.stack([loss_s, loss_u, loss_mrm_s + loss_mrm_t, loss_mic, loss_fd, weight]).detach().float()
 
 
 # ============================================================================= data streams
@@ -1635,6 +1814,7 @@ def save_checkpoint(cfg, nets, iteration):
     state = dict(iteration=iteration, config=vars(cfg), arch=nets.info, model=nets.model.state_dict(),
                  teacher=nets.teacher.state_dict() if nets.teacher is not None else None,
                  rebuilder=nets.rebuilder.state_dict() if nets.rebuilder is not None else None,
+                 pixel_head=nets.pixel_head.state_dict() if nets.pixel_head is not None else None,
                  optimizers=[optimizer.state_dict() for optimizer in nets.optimizers], scaler=nets.scaler.state_dict(),
                  rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                           cuda=torch.cuda.get_rng_state_all() if nets.device.type == "cuda" else []))
@@ -1677,6 +1857,8 @@ def resume(cfg, nets):
         nets.teacher.load_state_dict(state["teacher"])
     if nets.rebuilder is not None:
         nets.rebuilder.load_state_dict(state["rebuilder"])
+    if nets.pixel_head is not None:
+        nets.pixel_head.load_state_dict(state["pixel_head"])
     if len(state["optimizers"]) != len(nets.optimizers):
         raise DataError(f"{path}: checkpoint holds {len(state['optimizers'])} optimizer(s), this run builds "
                         f"{len(nets.optimizers)} (another --optimizer or --no-mrm?)")
@@ -1773,7 +1955,7 @@ def train(cfg):
           f"{len(source)} source / {len(target)} target images, work dir {cfg.work_dir}", flush=True)
 
     log = open(os.path.join(cfg.work_dir, "log.jsonl"), "a")
-    sums, count, skipped_total = torch.zeros(5, device=nets.device), 0, 0
+    sums, count, skipped_total = torch.zeros(6, device=nets.device), 0, 0
     clock, clock_iteration = time.time(), start
     for iteration, batch in zip(range(start, stop), loader):
         skipped = batch.pop("skipped")
@@ -1795,12 +1977,13 @@ def train(cfg):
             speed = (done - clock_iteration) / (time.time() - clock)
             clock, clock_iteration = time.time(), done
             record = dict(iteration=done, loss_source=means[0], loss_uda=means[1], loss_mrm=means[2],
-                          loss_fd=means[3], pseudo_weight=means[4],
+                          loss_mic=means[3], loss_fd=means[4], pseudo_weight=means[5],
                           lr=nets.optimizers[0].param_groups[0]["lr"], it_per_s=speed, time=time.time())
             log.write(json.dumps(record) + "\n")
             log.flush()
             print(f"[{done}/{cfg.iters}] L_s {means[0]:.4f}  L_u {means[1]:.4f}  L_mrm {means[2]:.4f}"
-                  f"{f'  L_fd {means[3]:.4f}' if cfg.fd_weight else ''}  weight {means[4]:.3f}  "
+                  f"{f'  L_mic {means[3]:.4f}' if cfg.mic else ''}{f'  L_fd {means[4]:.4f}' if cfg.fd_weight else ''}"
+                  f"  weight {means[5]:.3f}  "
                   f"{speed:.2f} it/s  ETA {format_eta((cfg.iters - done) / speed)}", flush=True)
             sums.zero_()
             count = 0
@@ -1827,13 +2010,15 @@ def validate(cfg, nets, val, iteration, log):
 
 # ============================================================================= other modes
 
-def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None, dilations=(6, 12)):
+def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None, dilations=(6, 12), decoder=""):
     """Forward multiply-accumulates of D(E(x)) and of the extra D(R(f)) for one image, counted by
     torch.utils.flop_counter on the meta device (shapes only: instant, no memory)."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        model, _ = build_model(arch, num_classes, aspp_dilations=dilations)
-        rebuilder = Rebuilder(model.encoder.out_channels, **(rebuilder_kw or {}))
+        model, _ = build_model(arch, num_classes, aspp_dilations=dilations, decoder=decoder)
+        model.eval()  # the same FLOPs; BatchNorm of DeepLabV3+'s image pooling refuses one image in train mode
+        rebuilder = Rebuilder(model.encoder.out_channels, **(rebuilder_kw or {}),
+                              scale_factors=rebuilder_scales(model.encoder))
         x = torch.empty(1, 3, *size)
         with FlopCounterMode(display=False) as base:
             features = model.encoder(x)
@@ -1851,8 +2036,8 @@ def print_flops(cfg):
     crop = cfg.crop or 512
     kw = dict(embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth, num_heads=cfg.rebuilder_heads,
               grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio)
-    r = count_flops(cfg.arch, (crop, crop), cfg.num_classes, kw, aspp_dilations(cfg))
-    print(f"{cfg.arch}: encoder {r['encoder_params']:,} + decoder {r['decoder_params']:,} parameters; "
+    r = count_flops(cfg.arch, (crop, crop), cfg.num_classes, kw, aspp_dilations(cfg), cfg.decoder)
+    print(f"{cfg.arch} + {cfg.decoder}: encoder {r['encoder_params']:,} + decoder {r['decoder_params']:,} parameters; "
           f"Rebuilder {r['rebuilder_params']:,} trainable parameters\n"
           f"at {crop}x{crop}: encoder+decoder {r['model_gmac']:.2f} GMAC; "
           f"decoder(rebuilder(f)) adds {r['extra_gmac']:.2f} GMAC ({r['ratio']:.3f}x)")
