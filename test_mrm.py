@@ -1966,6 +1966,122 @@ def test_eval_refuses_wrong_class_count_and_non_empty_save_dir(tmp_path, small_t
                      capsys.readouterr().out)
 
 
+# ---------------------------------------------------------------- several processes (torchrun, gloo)
+
+# Started by torchrun in a test: toy runs with 4 validation scenes; optional patches by environment variable.
+TORCHRUN_SCRIPT = """
+import os, sys
+import numpy as np
+import torch
+import torch.distributed as dist
+sys.path.insert(0, os.environ["REPO"])
+import train_dacs_mrm as T
+
+T.TOY_SIZES.update(val=4)
+if os.environ.get("CONSTANT_SCENES"):  # every scene the same one-class image: batches equal across ranks
+    scene = (np.full((32, 64, 3), 90, np.uint8), np.zeros((32, 64), np.uint8))
+    T.make_toy_scene = lambda rng, style, size=None: scene
+if os.environ.get("CHECK_RANKS"):  # after every step, the ranks' students and teachers must be bit-identical
+    real_step = T.train_step
+
+    def checked_step(cfg, nets, batch, iteration):
+        losses = real_step(cfg, nets, batch, iteration)
+        for module in (nets.model, nets.teacher):
+            flat = torch.cat([p.detach().flatten() for p in module.parameters()])
+            copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+            dist.all_gather(copies, flat)
+            assert all(torch.equal(copies[0], c) for c in copies), f"ranks differ after iteration {iteration}"
+        return losses
+
+    T.train_step = checked_step
+sys.exit(T.main(sys.argv[1:]))
+"""
+
+
+def torchrun(tmp_path, args, env=None, wait=True):
+    script = tmp_path / "run_toy.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    repo = os.path.dirname(os.path.abspath(__file__))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(script), *args]
+    environment = dict(os.environ, REPO=repo, OMP_NUM_THREADS="1", **(env or {}))
+    process = subprocess.Popen(command, cwd=repo, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True, text=True)
+    if not wait:
+        return process
+    out, err = process.communicate(timeout=300)
+    return process.returncode, out, err
+
+
+TORCHRUN_TOY = ["--task", "toy", "--device", "cpu", "--batch-size", "2", "--workers", "0", "--log-every", "1",
+                "--checkpoint-every", "1", "--val-every", "1000", "--rebuilder-dim", "32", "--rebuilder-heads", "4",
+                "--rebuilder-grid", "4"]
+
+
+def test_torchrun_ranks_stay_identical_and_rank_0_alone_writes(tmp_path):
+    work = str(tmp_path / "run")
+    code, out, err = torchrun(tmp_path, TORCHRUN_TOY + ["--iters", "4", "--work-dir", work], {"CHECK_RANKS": "1"})
+    assert code == 0, err[-3000:]
+    assert out.count("toy: dlv2-tiny (toy recipe), DACS + MRM") == 1 and "2 processes" in out
+    assert out.count("[4/4]") == 1 and out.count("mIoU over 7 classes") == 1  # one rank prints, validates
+    assert sorted(os.listdir(work)) == ["checkpoint.pth", "config.json", "log.jsonl", "model.pth"]
+    records = [json.loads(line) for line in open(os.path.join(work, "log.jsonl"))]
+    assert [r["iteration"] for r in records if "loss_source" in r] == [1, 2, 3, 4]
+    state = state_of(work)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # each rank its own random stream
+    # a different number of processes cannot continue this run: each rank's data and random state depend on it
+    assert T.main(TORCHRUN_TOY + ["--iters", "6", "--work-dir", work, "--resume"]) == 2
+
+
+def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path, monkeypatch):
+    """Every scene the same one-class image (ClassMix then pastes all of it, BatchNorm sees the same statistics
+    at any batch size, no batch-coupled layer): DDP's averaged gradients equal one process's on twice the batch.
+    SGD, not the toy's AdamW, whose per-element normalisation turns float noise in near-zero gradients into
+    whole steps."""
+    common = ["--no-mrm", "--iters", "3", "--jitter-p", "0", "--blur-p", "0", "--log-every", "3", "--optimizer", "sgd",
+              "--lr", "0.003"]
+    code, _, err = torchrun(tmp_path, TORCHRUN_TOY + common + ["--batch-size", "1", "--work-dir", str(tmp_path / "two")],
+                            {"CONSTANT_SCENES": "1"})
+    assert code == 0, err[-3000:]
+    scene = (np.full((32, 64, 3), 90, np.uint8), np.zeros((32, 64), np.uint8))
+    monkeypatch.setattr(T, "make_toy_scene", lambda rng, style, size=None: scene)
+    monkeypatch.setitem(T.TOY_SIZES, "val", 4)
+    assert T.main(TORCHRUN_TOY + common + ["--batch-size", "2", "--work-dir", str(tmp_path / "one")]) == 0
+    two, one = state_of(str(tmp_path / "two")), state_of(str(tmp_path / "one"))
+    for part in ("model", "teacher"):
+        for key in one[part]:
+            if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):  # n/(n-1) depends on n
+                torch.testing.assert_close(two[part][key], one[part][key], rtol=1e-4, atol=1e-6, msg=key)
+    assert not torch.equal(two["model"]["decoder.conv2d_list.0.weight"], two["teacher"]["decoder.conv2d_list.0.weight"])
+
+
+def test_killed_rank_stops_the_run_and_resume_ends_where_a_straight_run_ends(tmp_path):
+    """SIGKILL one of two processes: rank 0 says so in one line and the run stops; the last checkpoint
+    loads, and --resume under two processes ends bit-identical to an uninterrupted two-process run."""
+    args = TORCHRUN_TOY + ["--iters", "12"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    code, _, err = torchrun(tmp_path, args + ["--work-dir", straight])
+    assert code == 0, err[-3000:]
+    process = torchrun(tmp_path, args + ["--work-dir", killed], wait=False)
+    log = os.path.join(killed, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and (not os.path.exists(log) or sum(1 for _ in open(log)) < 3):
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    rank_1 = next(pid for pid in workers if b"RANK=1" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
+    os.kill(int(rank_1), 9)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "error: another process of this run stopped" in err and "continue with --resume" in err
+    assert 0 < state_of(killed)["iteration"] < 12
+    code, _, err = torchrun(tmp_path, args + ["--work-dir", killed, "--resume"])
+    assert code == 0, err[-3000:]
+    a, b = state_of(straight), state_of(killed)
+    for part in ("model", "teacher", "rebuilder"):
+        assert_states_equal(a[part], b[part])
+
+
 # ---------------------------------------------------------------- hardening: bad input and faults
 
 def test_missing_data_folder_is_one_line_exit_2(tmp_path, capsys):

@@ -21,25 +21,30 @@ MiT with the DAFormer and DeepLabV3+ heads, architectures and tasks, DACS operat
 streams, checkpoints and evaluation, training, other modes.
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
 import random
 import re
+import signal
 import struct
 import sys
 import tempfile
 import time
 import warnings
 import zlib
+from datetime import timedelta
 from functools import lru_cache
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import decode_png, read_file
@@ -65,6 +70,7 @@ DEFAULTS = dict(
     compile=False,          # torch.compile the encoder and decoder
     checkpoint_blocks=False,  # activation checkpointing of the MiT blocks (saves memory)
     workers=4,
+    sync_bn=False,          # under torchrun: synchronise the student's BatchNorm statistics across processes
     aspp_dilations="6,12",  # DeepLabV2 classifier: the two branches every UDA baseline ran, or 6,12,18,24
     # schedule and optimiser (set by the recipe)
     iters=0, batch_size=2, crop=512, optimizer="sgd", lr=2.5e-4, head_lr_mult=10.0, momentum=0.9,
@@ -1248,6 +1254,8 @@ def parse_config(argv=None):
     if cfg["mrm_objective"] != "cls" and (cfg["mrm_mode"] != "rebuild" or cfg["mrm_trains"] != "both"):
         raise ConfigError(f"--mrm-objective {cfg['mrm_objective']} regresses the Rebuilder's output without the "
                           f"decoder: it needs --mrm-mode rebuild and --mrm-trains both")
+    if cfg["sync_bn"] and cfg["device"] != "cuda":
+        raise ConfigError("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only)")
     if cfg["mic"] and cfg["source_only"]:
         raise ConfigError("--mic needs target images and pseudo-labels, which --source-only switches off")
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
@@ -1425,7 +1433,9 @@ def build_rebuilder(cfg, encoder):
     return rebuilder, nn.Conv2d(last_channels, 3 * PIXELS_PER_CELL ** 2, 1) if cfg.mrm_objective == "pixel" else None
 
 
-def build_nets(cfg):
+def build_nets(cfg, rank=0, world=1):
+    """The student, EMA teacher, Rebuilder, frozen ImageNet encoder (FD) and optimizers, on the device; under
+    torchrun (world > 1) what the step calls is wrapped in DistributedDataParallel."""
     device = torch.device(cfg.device)
     model, info = build_model(cfg.arch, cfg.num_classes, cfg.pretrained, cfg.checkpoint_blocks, aspp_dilations(cfg),
                               cfg.decoder)
@@ -1435,17 +1445,46 @@ def build_nets(cfg):
     teacher = None if cfg.source_only else copy.deepcopy(model).requires_grad_(False)
     if teacher is not None:
         teacher_mode(teacher)
+    if cfg.sync_bn and world > 1:  # the student only: the teacher and ImageNet copies keep per-process statistics
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
     nets = SimpleNamespace(model=model, teacher=teacher, rebuilder=rebuilder, pixel_head=pixel_head, imagenet=imagenet,
-                           info=info, device=device, memory_format=memory_format)
+                           info=info, device=device, memory_format=memory_format, rank=rank, world=world)
     for name in ("model", "teacher", "rebuilder", "pixel_head", "imagenet"):
         if getattr(nets, name) is not None:
             setattr(nets, name, getattr(nets, name).to(device, memory_format=memory_format))
     nets.optimizers = build_optimizers(cfg, nets)
     nets.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    nets.encoder, nets.decoder = ((torch.compile(model.encoder), torch.compile(model.decoder)) if cfg.compile
-                                  else (model.encoder, model.decoder))
+    nets.encoder, nets.decoder, nets.rebuild, nets.predict_pixels = step_modules(cfg, nets)
     return nets
+
+
+def step_modules(cfg, nets):
+    """What the training step calls: the student's encoder and decoder, the Rebuilder and the pixel head, each
+    wrapped in DistributedDataParallel under torchrun (Masking has no parameters to wrap); encoder and decoder
+    compiled with --compile."""
+    def prepare(module, compile_it=False):
+        if module is None:
+            return None
+        if nets.world > 1 and any(p.requires_grad for p in module.parameters()):
+            device_ids = [torch.cuda.current_device()] if nets.device.type == "cuda" else None
+            module = DistributedDataParallel(module, device_ids=device_ids)
+        return torch.compile(module) if compile_it else module
+
+    return (prepare(nets.model.encoder, cfg.compile), prepare(nets.model.decoder, cfg.compile),
+            prepare(nets.rebuilder), prepare(nets.pixel_head))
+
+
+def without_gradient_sync(cfg, nets):
+    """Under torchrun, the source pass skips the all-reduce of the modules the mixed pass uses again: that pass
+    then averages the sum of both passes' gradients (DDP's no_sync), one all-reduce per step instead of two."""
+    stack = contextlib.ExitStack()
+    if nets.world > 1 and not cfg.source_only:
+        again = [nets.encoder, nets.decoder] + ([nets.rebuild, nets.predict_pixels] if cfg.mrm_domain == "both" else [])
+        for module in again:
+            if isinstance(getattr(module, "_orig_mod", module), DistributedDataParallel):
+                stack.enter_context(module.no_sync())
+    return stack
 
 
 class SlotSGD(torch.optim.Optimizer):
@@ -1585,11 +1624,11 @@ def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight):
 
             def decoder(f):
                 return torch.func.functional_call(nets.model.decoder, weights, (f,))
-        return mrm_loss(decoder, nets.rebuilder, features, labels, weight, align_corners=cfg.align_corners)
+        return mrm_loss(decoder, nets.rebuild, features, labels, weight, align_corners=cfg.align_corners)
     mask = nets.rebuilder.random_mask(images.shape[0], images.device)
-    rebuilt = nets.rebuilder(features, mask)
+    rebuilt = nets.rebuild(features, mask)
     if cfg.mrm_objective == "pixel":
-        return masked_pixel_loss(nets.pixel_head, last_level(rebuilt), images, mask)
+        return masked_pixel_loss(nets.predict_pixels, last_level(rebuilt), images, mask)
     if cfg.mrm_objective == "feature-teacher":
         with torch.no_grad():
             features = nets.teacher.encoder(images)
@@ -1612,16 +1651,17 @@ def train_step(cfg, nets, batch, iteration):
     set_learning_rates(cfg, nets, iteration)
 
     # (1) supervised source loss, Eq. 1 (+ DAFormer's ImageNet feature distance)
-    with autocast:
-        f_s = encoder(x_s)
-        loss_s = segmentation_ce(decoder(f_s), y_s, source_weight, align_corners=cfg.align_corners)
-        if nets.imagenet is not None:
-            with torch.no_grad():
-                f_imagenet = last_level(nets.imagenet(x_s))
-            loss_fd = feature_distance(last_level(f_s), f_imagenet, y_s)
-        if rebuilder is not None and cfg.mrm_domain in ("source", "both"):
-            loss_mrm_s = mrm_auxiliary_loss(cfg, nets, f_s, x_s, y_s, source_weight)
-    scaler.scale(loss_s + cfg.fd_weight * loss_fd + cfg.mrm_weight * loss_mrm_s).backward()
+    with without_gradient_sync(cfg, nets):
+        with autocast:
+            f_s = encoder(x_s)
+            loss_s = segmentation_ce(decoder(f_s), y_s, source_weight, align_corners=cfg.align_corners)
+            if nets.imagenet is not None:
+                with torch.no_grad():
+                    f_imagenet = last_level(nets.imagenet(x_s))
+                loss_fd = feature_distance(last_level(f_s), f_imagenet, y_s)
+            if rebuilder is not None and cfg.mrm_domain in ("source", "both"):
+                loss_mrm_s = mrm_auxiliary_loss(cfg, nets, f_s, x_s, y_s, source_weight)
+        scaler.scale(loss_s + cfg.fd_weight * loss_fd + cfg.mrm_weight * loss_mrm_s).backward()
     del f_s
 
     if not cfg.source_only:
@@ -1706,17 +1746,18 @@ class Domain:
 
 
 class TrainBatches(torch.utils.data.Dataset):
-    """Item `it` is the whole batch of iteration `it`, a pure function of (seed, it): loader workers
-    need no shared state, and a resumed run reads exactly the batches it would have read."""
+    """Item `it` is the whole batch of iteration `it`, a pure function of (seed, it) (and of the rank under
+    torchrun): loader workers need no shared state, and a resumed run reads exactly the batches it would have read."""
 
-    def __init__(self, cfg, source, target, rcs=None):
+    def __init__(self, cfg, source, target, rcs=None, rank=0, world=1):
         self.cfg, self.source, self.target, self.rcs = cfg, source, target, rcs
+        self.stream = [rank] if world > 1 else []  # under torchrun each process draws its own batch
 
     def __len__(self):
         return self.cfg.iters
 
     def __getitem__(self, iteration):
-        rng = np.random.default_rng([self.cfg.seed, iteration])
+        rng = np.random.default_rng([self.cfg.seed, iteration, *self.stream])
         skipped = []
         source = [self.sample(self.source, rng, skipped, is_source=True) for _ in range(self.cfg.batch_size)]
         target = [self.sample(self.target, rng, skipped) for _ in range(self.cfg.batch_size)]
@@ -1774,14 +1815,14 @@ def make_loader(cfg, dataset, start_iteration):
         prefetch_factor=4 if cfg.workers else None, generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def rcs_statistics(cfg, source):
+def rcs_statistics(cfg, source, say=print):
     """Per-class pixel counts of every source label, computed once and cached beside the data (or in
     the work dir when the data folder is read-only). Returns (class probabilities, images per class)."""
     cache_name = f"rcs_stats_{source.name}_{len(source)}.json"
     candidates = [os.path.join(cfg.data_root, source.name, cache_name), os.path.join(cfg.work_dir, cache_name)]
     counts = next((json.load(open(p)) for p in candidates if os.path.exists(p)), None)
     if counts is None:
-        print(f"rare class sampling: counting classes in {len(source)} source labels (once)...", flush=True)
+        say(f"rare class sampling: counting classes in {len(source)} source labels (once)...", flush=True)
         counts = [np.bincount(source.full_label(i).ravel(), minlength=256)[:cfg.num_classes].tolist()
                   for i in range(len(source))]
         for path in candidates:
@@ -1811,13 +1852,22 @@ def atomic_write(path, write):
 
 
 def save_checkpoint(cfg, nets, iteration):
+    """Rank 0 writes the checkpoint; under torchrun every process sends it its random state first (a
+    collective: every rank calls this at the same iterations)."""
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
+               cuda=torch.cuda.get_rng_state() if nets.device.type == "cuda" else None)
+    rngs = [rng]
+    if nets.world > 1:
+        rngs = [None] * nets.world if nets.rank == 0 else None
+        dist.gather_object(rng, rngs, dst=0)
+    if nets.rank != 0:
+        return
     state = dict(iteration=iteration, config=vars(cfg), arch=nets.info, model=nets.model.state_dict(),
                  teacher=nets.teacher.state_dict() if nets.teacher is not None else None,
                  rebuilder=nets.rebuilder.state_dict() if nets.rebuilder is not None else None,
                  pixel_head=nets.pixel_head.state_dict() if nets.pixel_head is not None else None,
                  optimizers=[optimizer.state_dict() for optimizer in nets.optimizers], scaler=nets.scaler.state_dict(),
-                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
-                          cuda=torch.cuda.get_rng_state_all() if nets.device.type == "cuda" else []))
+                 world_size=nets.world, rng=rngs)
     atomic_write(os.path.join(cfg.work_dir, "checkpoint.pth"), lambda f: torch.save(state, f))
 
 
@@ -1865,10 +1915,14 @@ def resume(cfg, nets):
     for optimizer, optimizer_state in zip(nets.optimizers, state["optimizers"]):
         optimizer.load_state_dict(optimizer_state)
     nets.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if nets.device.type == "cuda" and state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if state["world_size"] != nets.world:
+        raise DataError(f"{path}: written by {state['world_size']} process(es), this run has {nets.world}: each "
+                        f"process's data and random state depend on its rank, so resume with as many processes")
+    rng = state["rng"][nets.rank]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if nets.device.type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
     return state["iteration"]
 
 
@@ -1924,6 +1978,39 @@ def miou_report(conf, eval_classes, class_names):
     return "\n".join(tables), float(np.nanmean(np.asarray(ious)[list(first)]) * 100)
 
 
+# ============================================================================= several processes (torchrun)
+# One run on N processes (GPUs, or CPU processes with gloo) started by torchrun. Each process trains on its own
+# batch; DistributedDataParallel averages the gradients, so every process takes the same optimiser step from the
+# same weights: the students stay identical, and so do the EMA teachers computed from them. Rank 0 alone logs,
+# validates and writes checkpoints.
+
+class Stopped(RuntimeError):
+    """SIGTERM: torchrun stops this process because another one failed, or the job was cancelled."""
+
+
+def stop(signum, frame):
+    raise Stopped("stopped by torchrun (another process of this run failed, or the job was cancelled)")
+
+
+def lost_a_process(error):
+    """Whether `error` is how a collective fails when another process of the run died (NCCL: DistError;
+    gloo: a RuntimeError from its transport), or torchrun's SIGTERM."""
+    return dist.is_initialized() and (isinstance(error, (Stopped, dist.DistError)) or "gloo" in str(error))
+
+
+def init_distributed(cfg):
+    """(rank, world size) of this process; (0, 1) when not started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if cfg.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # long enough for rank 0's validation and checkpoint, during which the others wait in a collective
+    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", timeout=timedelta(hours=2))
+    signal.signal(signal.SIGTERM, stop)
+    return dist.get_rank(), world
+
+
 # ============================================================================= training
 
 class NonFiniteLoss(RuntimeError):
@@ -1936,7 +2023,8 @@ def format_eta(seconds):
 
 
 def train(cfg):
-    os.makedirs(cfg.work_dir, exist_ok=True)
+    rank, world = init_distributed(cfg)
+    say = print if rank == 0 else (lambda *args, **kwargs: None)  # the other processes stay quiet
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if cfg.device == "cuda":
@@ -1944,17 +2032,27 @@ def train(cfg):
     source = Domain(cfg.source, cfg.data_root, "train", cfg.seed, cfg.framework)
     target = Domain(cfg.target, cfg.data_root, "train", cfg.seed, cfg.framework)
     val = Domain(cfg.target, cfg.data_root, "val", cfg.seed)  # the mmseg protocol, whatever the recipe
-    atomic_write(os.path.join(cfg.work_dir, "config.json"), lambda f: f.write(config_json(cfg).encode()))
-    nets = build_nets(cfg)
+    if rank == 0:
+        os.makedirs(cfg.work_dir, exist_ok=True)
+        atomic_write(os.path.join(cfg.work_dir, "config.json"), lambda f: f.write(config_json(cfg).encode()))
+    nets = build_nets(cfg, rank, world)  # the same seed everywhere: identical initial models on every rank
+    if world > 1:  # from here each process draws its own random numbers (masks, ClassMix, jitter)
+        seed = int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0])
+        torch.manual_seed(seed)
+        random.seed(seed)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun --max-restarts
+    if restarted and os.path.exists(os.path.join(cfg.work_dir, "checkpoint.pth")):
+        cfg.resume = True
     start = resume(cfg, nets) if cfg.resume else 0
-    rcs = rcs_statistics(cfg, source) if cfg.rcs_temperature > 0 else None
-    loader = make_loader(cfg, TrainBatches(cfg, source, target, rcs), start)
+    rcs = rcs_statistics(cfg, source, say) if cfg.rcs_temperature > 0 else None
+    loader = make_loader(cfg, TrainBatches(cfg, source, target, rcs, rank, world), start)
     stop = min(cfg.iters, start + cfg.stop_after) if cfg.stop_after else cfg.iters
-    print(f"{cfg.task}: {cfg.arch} ({cfg.recipe} recipe), {'source only' if cfg.source_only else 'DACS'}"
-          f"{' + MRM' if nets.rebuilder is not None else ''}, iterations {start}..{stop} of {cfg.iters}, "
-          f"{len(source)} source / {len(target)} target images, work dir {cfg.work_dir}", flush=True)
+    say(f"{cfg.task}: {cfg.arch} ({cfg.recipe} recipe), {'source only' if cfg.source_only else 'DACS'}"
+        f"{' + MRM' if nets.rebuilder is not None else ''}{' + MIC' if cfg.mic else ''}, iterations {start}..{stop} "
+        f"of {cfg.iters}, {len(source)} source / {len(target)} target images"
+        f"{f', {world} processes' if world > 1 else ''}, work dir {cfg.work_dir}", flush=True)
 
-    log = open(os.path.join(cfg.work_dir, "log.jsonl"), "a")
+    log = open(os.path.join(cfg.work_dir, "log.jsonl"), "a") if rank == 0 else None
     sums, count, skipped_total = torch.zeros(6, device=nets.device), 0, 0
     clock, clock_iteration = time.time(), start
     for iteration, batch in zip(range(start, stop), loader):
@@ -1962,7 +2060,7 @@ def train(cfg):
         if skipped:
             skipped_total += len(skipped)
             for message in skipped:
-                print(f"skipped: {message}", flush=True)
+                print(f"skipped: {message}", file=sys.stdout if rank == 0 else sys.stderr, flush=True)
             if skipped_total > cfg.max_skips:
                 raise DataError(f"{skipped_total} corrupt files skipped (more than --max-skips {cfg.max_skips}), "
                                 f"last: {skipped[-1]}")
@@ -1970,27 +2068,33 @@ def train(cfg):
         count += 1
         done = iteration + 1
         if done % cfg.log_every == 0 or done == stop or done % cfg.checkpoint_every == 0:
+            if world > 1:  # every rank sees the mean over all ranks, and stops together on a NaN
+                dist.all_reduce(sums)
+                sums /= world
             means = (sums / count).tolist()  # the one host sync, every log_every iterations
             if not all(map(math.isfinite, means)):
                 raise NonFiniteLoss(f"non-finite loss between iterations {done - count} and {done}: {means}; "
                                     f"the last checkpoint in {cfg.work_dir} is untouched")
             speed = (done - clock_iteration) / (time.time() - clock)
             clock, clock_iteration = time.time(), done
-            record = dict(iteration=done, loss_source=means[0], loss_uda=means[1], loss_mrm=means[2],
-                          loss_mic=means[3], loss_fd=means[4], pseudo_weight=means[5],
-                          lr=nets.optimizers[0].param_groups[0]["lr"], it_per_s=speed, time=time.time())
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(f"[{done}/{cfg.iters}] L_s {means[0]:.4f}  L_u {means[1]:.4f}  L_mrm {means[2]:.4f}"
-                  f"{f'  L_mic {means[3]:.4f}' if cfg.mic else ''}{f'  L_fd {means[4]:.4f}' if cfg.fd_weight else ''}"
-                  f"  weight {means[5]:.3f}  "
-                  f"{speed:.2f} it/s  ETA {format_eta((cfg.iters - done) / speed)}", flush=True)
+            if log is not None:
+                record = dict(iteration=done, loss_source=means[0], loss_uda=means[1], loss_mrm=means[2],
+                              loss_mic=means[3], loss_fd=means[4], pseudo_weight=means[5],
+                              lr=nets.optimizers[0].param_groups[0]["lr"], it_per_s=speed, time=time.time())
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            say(f"[{done}/{cfg.iters}] L_s {means[0]:.4f}  L_u {means[1]:.4f}  L_mrm {means[2]:.4f}"
+                f"{f'  L_mic {means[3]:.4f}' if cfg.mic else ''}{f'  L_fd {means[4]:.4f}' if cfg.fd_weight else ''}"
+                f"  weight {means[5]:.3f}  "
+                f"{speed:.2f} it/s  ETA {format_eta((cfg.iters - done) / speed)}", flush=True)
             sums.zero_()
             count = 0
-        if done % cfg.val_every == 0 and done != cfg.iters:
-            validate(cfg, nets, val, done, log)
+        if rank == 0 and done % cfg.val_every == 0 and done != cfg.iters:
+            validate(cfg, nets, val, done, log)  # the other ranks wait at their next collective
         if done % cfg.checkpoint_every == 0 or done == stop:
             save_checkpoint(cfg, nets, done)
+    if rank != 0:
+        return None
     if stop == cfg.iters:
         export_model(os.path.join(cfg.work_dir, "model.pth"), nets.model, nets.info, cfg.num_classes)
         return validate(cfg, nets, val, cfg.iters, log)
@@ -2182,6 +2286,11 @@ def check_data(cfg):
         print(f"{name} {split}: {len(Domain(name, cfg.data_root, split, cfg.seed))} image/label pairs")
 
 
+def rank_prefix():
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" else f"[rank {rank}] "
+
+
 def config_json(cfg):
     return json.dumps(vars(cfg), indent=1, sort_keys=True) + "\n"
 
@@ -2202,16 +2311,27 @@ def main(argv=None):
         else:
             train(cfg)
     except (ConfigError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {rank_prefix()}{error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:
-        print(f"error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process sees the same all-reduced NaN
+            print(f"error: {error}", file=sys.stderr)
         return 3
     except torch.OutOfMemoryError:
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
         print(f"error: out of GPU memory (peak {peak:.1f} GiB allocated). Reduce it with --amp bf16, "
               f"a smaller --crop, --checkpoint-blocks (MiT) or --batch-size 1", file=sys.stderr)
         return 4
+    except RuntimeError as error:
+        if not lost_a_process(error):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: another process of this run stopped ({one_line(error)[:120]}...); the last checkpoint "
+                  f"in {cfg.work_dir} is intact: continue with --resume", file=sys.stderr)
+        return 5
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
