@@ -2002,8 +2002,8 @@ def torchrun(tmp_path, args, env=None, wait=True):
     script = tmp_path / "run_toy.py"
     script.write_text(TORCHRUN_SCRIPT)
     repo = os.path.dirname(os.path.abspath(__file__))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(script), *args]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               *args]
     environment = dict(os.environ, REPO=repo, OMP_NUM_THREADS="1", **(env or {}))
     process = subprocess.Popen(command, cwd=repo, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                start_new_session=True, text=True)
@@ -2032,6 +2032,14 @@ def test_torchrun_ranks_stay_identical_and_rank_0_alone_writes(tmp_path):
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # each rank its own random stream
     # a different number of processes cannot continue this run: each rank's data and random state depend on it
     assert T.main(TORCHRUN_TOY + ["--iters", "6", "--work-dir", work, "--resume"]) == 2
+
+
+def test_a_nan_stops_every_process_with_one_message_and_keeps_the_checkpoint(tmp_path):
+    work = str(tmp_path / "run")
+    code, _, err = torchrun(tmp_path, TORCHRUN_TOY + ["--iters", "6", "--lr", "1e12", "--work-dir", work])
+    assert code != 0 and err.count("error: non-finite loss") == 1, err[-3000:]
+    iteration = state_of(work)["iteration"]
+    assert 0 < iteration < 6 and f"and {iteration + 1}:" in err  # the NaN step was not checkpointed
 
 
 def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path, monkeypatch):
