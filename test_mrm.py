@@ -388,12 +388,14 @@ def test_bn_affine_frozen_but_running_stats_update():
     assert not torch.equal(before, model.layer3[0].bn2.running_mean)
 
 
-def test_load_coco_init_layout(tmp_path):
+@pytest.mark.parametrize('name,prefix', [('DeepLab_resnet_pretrained_init-f81d91e8.pth', 'Scale.'),  # AdaptSegNet's
+                                         ('resnet101COCO-41f33a49.pth', '')])  # DACS's trainUDA.py
+def test_load_coco_init_layout(tmp_path, name, prefix):
     src = randomized_dlv2(ResNetDilated(**DLV2_TINY, style='caffe'))
-    sd = {f'Scale.{k}': v for k, v in src.state_dict().items() if not k.endswith('num_batches_tracked')}
-    sd.update({f'Scale.layer5.conv2d_list.{i}.{n}': torch.zeros(1) for i in range(4) for n in ('weight', 'bias')})
-    path = tmp_path / 'DeepLab_resnet_pretrained_init-f81d91e8.pth'
-    torch.save(sd, path, _use_new_zipfile_serialization=False)  # the 2017 file predates the zip format
+    sd = {f'{prefix}{k}': v for k, v in src.state_dict().items() if not k.endswith('num_batches_tracked')}
+    sd.update({f'{prefix}layer5.conv2d_list.{i}.{n}': torch.zeros(1) for i in range(4) for n in ('weight', 'bias')})
+    path = tmp_path / name
+    torch.save(sd, path, _use_new_zipfile_serialization=False)  # the 2017 files predate the zip format
 
     encoder, decoder, info = build_deeplab(19, pretrained=str(path), **DLV2_TINY)
     assert info == {'arch': 'dlv2', 'layers': [1, 1, 1, 1], 'width': 8, 'style': 'caffe', 'aspp_dilations': [6, 12],
@@ -1595,6 +1597,21 @@ def test_mic_block_mask_ratio_and_size():
     assert odd.shape == (1, 3, 100, 60)
     assert T.Normalize("caffe").zero_colour().flatten().tolist() == pytest.approx(
         [122.67891434 / 255, 116.66876762 / 255, 104.00698793 / 255])
+
+
+def test_mic_augments_its_batch_in_one_kornia_call(monkeypatch):
+    """MIC jitters and blurs the target batch in one call: factors per image, but one operation order and
+    one blur sigma for the batch (DACS/DAFormer call kornia per mixed image: an order and a sigma each)."""
+    torch.manual_seed(0)
+    twins = torch.rand(1, 3, 20, 30).expand(4, -1, -1, -1)
+    one, each = T.gaussian_blur(twins, 1.0, one_call=True), T.gaussian_blur(twins, 1.0)
+    assert all(torch.equal(one[0], img) for img in one) and not torch.equal(each[0], each[1])
+    orders = []
+    real = T.jitter_images
+    monkeypatch.setattr(T, "jitter_images", lambda x, *f: orders.append(f[-1]) or real(x, *f))
+    T.color_jitter(twins, 0.25, 1.0, one_call=True)
+    T.color_jitter(twins, 0.25, 1.0)
+    assert (orders[0] == orders[0][:1]).all() and len({tuple(o.tolist()) for o in orders[1]}) > 1
 
 
 def test_mic_loss_is_the_student_on_masked_targets_against_the_teachers_pseudo_labels(monkeypatch):
