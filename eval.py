@@ -31,9 +31,11 @@ def load_segmentation_model(path, device="cpu"):
     if not isinstance(state, dict) or "model" not in state or "arch" not in state:
         raise DataError(f"{path}: not a checkpoint of train_dacs_mrm.py (no 'model' and 'arch' entries)")
     info = state["arch"]
-    if not isinstance(info, dict) or "align_corners" not in info:
-        raise DataError(f"{path}: written by an older train_dacs_mrm.py (no align_corners in its architecture "
-                        f"record); retrain or add it to state['arch']")
+    needed = {"arch", "align_corners"} | ({"layers", "width", "style", "aspp_dilations", "decoder"}
+                                          if isinstance(info, dict) and info.get("arch", "").startswith("dlv2") else set())
+    if not isinstance(info, dict) or needed - info.keys():
+        raise DataError(f"{path}: written by an older train_dacs_mrm.py (its architecture record lacks "
+                        f"{sorted(needed - set(info or ()))}); retrain, or add them to state['arch']")
     num_classes = state["num_classes"] if "num_classes" in state else state["config"]["num_classes"]
     model, _ = build_model(info["arch"], num_classes, info=info)
     load_model_state(model, state["model"], path)
