@@ -2292,6 +2292,12 @@ def test_untrusted_or_foreign_checkpoints_are_refused_in_one_line(tmp_path, smal
     torch.save({"weight": torch.zeros(2)}, foreign)
     assert eval_main([foreign, "--task", "toy"]) == 2
     assert "not a checkpoint of train_dacs_mrm.py" in capsys.readouterr().err
+    older = str(tmp_path / "older.pth")  # an architecture record from before the decoder and align_corners
+    torch.save({"arch": {"arch": "dlv2-tiny", "layers": [1, 1, 1, 1], "width": 16, "style": "caffe",
+                         "aspp_dilations": [6, 12]}, "num_classes": 7, "model": {}}, older)
+    assert eval_main([older, "--task", "toy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "older train_dacs_mrm.py" in err and "['align_corners', 'decoder']" in err
     work = str(tmp_path / "run")
     assert T.main(TOY_FAST + ["--iters", "2", "--stop-after", "1", "--work-dir", work]) == 0
     assert T.main(TOY_FAST + ["--iters", "2", "--resume", "--arch", "mit-tiny", "--work-dir", work]) == 2
