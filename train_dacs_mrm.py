@@ -16,9 +16,10 @@ Each iteration (DACS, Tranheden et al. 2021, with MRM, Zhou et al. 2025, Algorit
      encoder features (mrm.py): one encoder pass, two decoder passes
   6. loss = L_s + L_u + lambda * L_mrm; optimiser step (the Rebuilder's: AdamW); EMA update of the teacher
 Recipes reproduce the official code around each baseline (DACS's trainUDA.py, DAFormer's mmseg code);
-README "Fidelity" lists what still differs. Sections: config, labels and data, toy scenes, DeepLabV2,
-MiT with the DAFormer and DeepLabV3+ heads, architectures and tasks, DACS operations, the training step, data
-streams, checkpoints and evaluation, training, other modes.
+README "Fidelity" lists what still differs. Under torchrun one run spans several processes (DDP).
+Sections: config, labels and data, toy scenes, DeepLabV2, MiT with the DAFormer and DeepLabV3+ heads,
+architectures and tasks, DACS operations, the training step, data streams, checkpoints and evaluation,
+several processes, training, other modes.
 """
 import argparse
 import contextlib
@@ -1618,12 +1619,13 @@ def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight):
     if cfg.mrm_trains == "decoder":
         features = [f.detach() for f in features] if isinstance(features, list) else features.detach()
     if cfg.mrm_objective == "cls":
-        decoder = nets.decoder
         if cfg.mrm_trains == "encoder":
             weights = {name: p.detach() for name, p in nets.model.decoder.named_parameters()}
 
             def decoder(f):
                 return torch.func.functional_call(nets.model.decoder, weights, (f,))
+        else:
+            decoder = nets.decoder
         return mrm_loss(decoder, nets.rebuild, features, labels, weight, align_corners=cfg.align_corners)
     mask = nets.rebuilder.random_mask(images.shape[0], images.device)
     rebuilt = nets.rebuild(features, mask)
@@ -1695,7 +1697,7 @@ def train_step(cfg, nets, batch, iteration):
         if cfg.mic:
             x_mic = mic_masked_images(x_t, model.encoder.normalize.zero_colour(), cfg.jitter, cfg.jitter_p,
                                       cfg.mic_mask_ratio, cfg.mic_block_size)
-            with autocast:
+            with autocast:  # clones: autograd may save them, which it refuses for inference tensors
                 loss_mic = segmentation_ce(decoder(encoder(x_mic.contiguous(memory_format=nets.memory_format))),
                                            pseudo.clone(), pixel_weight.clone(), align_corners=cfg.align_corners)
             scaler.scale(cfg.mic_weight * loss_mic).backward()
