@@ -1540,16 +1540,20 @@ def build_optimizers(cfg, nets):
                             dict(params=no_decay, initial_lr=lr, **{**options, "weight_decay": 0.0})) if g["params"]]
 
     model, fused = nets.model, nets.device.type == "cuda"
-    network = groups(model.encoder, cfg.lr) + groups(model.decoder, cfg.lr * cfg.head_lr_mult)
+    slotted = cfg.optimizer == "sgd" and cfg.recipe == "dacs" and cfg.dacs_param_slots == "official"
+    if slotted:
+        slots = dacs_parameter_slots(model.encoder.backbone)
+        encoder = [dict(params=[p for p in slots if slots[p] == k], initial_lr=cfg.lr, slots=k)
+                   for k in sorted(set(slots.values()))]
+    else:
+        encoder = groups(model.encoder, cfg.lr)
+    network = encoder + groups(model.decoder, cfg.lr * cfg.head_lr_mult)
     rebuilder = [group for module in (nets.rebuilder, nets.pixel_head) if module is not None
                  for group in groups(module, cfg.rebuilder_lr, weight_decay=cfg.rebuilder_weight_decay)]
     if cfg.optimizer == "adamw":
         return [torch.optim.AdamW(network + rebuilder, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                                   fused=fused)]
-    if cfg.recipe == "dacs" and cfg.dacs_param_slots == "official":
-        slots = dacs_parameter_slots(model.encoder.backbone)
-        network = [dict(params=[p for p in slots if slots[p] == k], initial_lr=cfg.lr, slots=k)
-                   for k in sorted(set(slots.values()))] + groups(model.decoder, cfg.lr * cfg.head_lr_mult)
+    if slotted:
         sgd = SlotSGD(network, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         sgd = torch.optim.SGD(network, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
