@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import random
 import re
 import struct
 import subprocess
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from types import SimpleNamespace
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from mrm import Masking, Rebuilder, mrm_loss, segmentation_ce, sincos_pos_embed_2d
 from train_dacs_mrm import (CITYSCAPES_ID_TO_TRAIN, CLASSES, MIT_B5, PALETTE, SYNTHIA_13, SYNTHIA_16,
@@ -1405,7 +1407,7 @@ def test_source_loss_reduction_and_ema_timing_follow_the_framework(arch, framewo
     nets = T.build_nets(cfg)
     before, teacher_before = copy.deepcopy(nets.model).train(), copy.deepcopy(nets.teacher)
     batch = fake_batch(source_label=label)
-    x_s, y_s, _ = T.to_device(batch, nets)
+    x_s, y_s, _ = T.step_inputs(nets, *T.to_device(batch, nets))
     with torch.no_grad():
         ce = F.cross_entropy(F.interpolate(before(x_s), size=(32, 32), mode="bilinear",
                                            align_corners=cfg.align_corners), y_s, ignore_index=255, reduction="none")
@@ -1497,9 +1499,10 @@ def test_rare_class_sampling_reruns_the_whole_pipeline_up_to_ten_more_times(monk
 def test_ema_follows_dacs_formula():
     student, teacher = nn.Linear(2, 2), nn.Linear(2, 2)
     before = teacher.weight.detach().clone()
-    T.update_ema(teacher, student, iteration=9, max_alpha=0.99)  # alpha = min(1 - 1/10, 0.99) = 0.9
+    assert T.ema_alpha(9, 0.99) == pytest.approx(0.9) and T.ema_alpha(999, 0.99) == 0.99
+    T.update_ema(teacher, student, T.ema_alpha(9, 0.99))  # alpha = min(1 - 1/10, 0.99) = 0.9
     torch.testing.assert_close(teacher.weight, 0.9 * before + 0.1 * student.weight)
-    T.update_ema(teacher, student, iteration=0, max_alpha=0.99)  # alpha 0: a copy of the student
+    T.update_ema(teacher, student, torch.tensor(T.ema_alpha(0, 0.99)))  # alpha 0: a copy of the student
     torch.testing.assert_close(teacher.weight, student.weight)
 
 
@@ -1560,6 +1563,181 @@ def test_reference_step_computes_what_train_step_computes():
     for a, b in zip(fast.teacher.parameters(), reference.teacher.parameters()):
         torch.testing.assert_close(a, b)
 
+
+
+# ----------------------------------------------------------------------------- the step as one CUDA graph
+# The DACS recipe (SlotSGD beside the Rebuilder's AdamW, EMA after the step) and DAFormer's (AdamW, EMA before
+# the next step, MIC and the feature distance on); short schedules, so that every iteration has its own lr.
+GRAPH_CASES = [["--task", "gta2cs", "--arch", "dlv2-tiny", "--iters", "8"],
+               ["--task", "gta2cs", "--arch", "mit-tiny", "--mic", "--iters", "8", "--warmup-iters", "2"]]
+HOST_READS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "unique", "_unique",
+              "_unique2", "unique_dim", "unique_consecutive", "bincount", "repeat_interleave", "lift_fresh"}
+
+
+def unchecked(function):
+    def run_outside_the_modes(*args, **kwargs):
+        with _disable_current_modes():
+            return function(*args, **kwargs)
+    return run_outside_the_modes
+
+
+class HostReads(TorchDispatchMode):
+    """Records the operations a CUDA graph cannot hold: those that read a tensor's values on the host, size a
+    result by them (boolean indexing included) or copy a new host tensor in."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        boolean_index = name.startswith("index") and len(args) > 1 and isinstance(args[1], (list, tuple)) and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1])
+        if name in HOST_READS or boolean_index:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("flags", GRAPH_CASES + [
+    ["--task", "gta2cs", "--arch", "dlv2-tiny", "--mrm-objective", "pixel"],
+    ["--task", "gta2cs", "--arch", "dlv2-tiny", "--mrm-mode", "mask-only", "--mic"],
+    ["--task", "gta2cs", "--arch", "mit-tiny", "--mrm-trains", "encoder", "--mrm-domain", "both"],
+    ["--task", "gta2cs", "--arch", "mit-tiny", "--mrm-objective", "feature-teacher"]])
+def test_device_step_reads_nothing_on_the_host(monkeypatch, flags):
+    """What CudaGraphStep captures after its warm-up, for every kind of step: no operation that reads values on
+    the host and no host random numbers. torch's own SGD and AdamW are left out: on the CPU they read a tensor
+    lr and their step count on the host, on CUDA they run fused and capturable (torch refuses to capture them
+    otherwise). The detector itself finds the .item() and torch.unique of the per-image reference."""
+    cfg = T.parse_config(flags + ["--device", "cpu"])
+    nets = T.build_nets(cfg)
+    T.device_learning_rates(nets)
+    T.train_step(cfg, nets, fake_batch(seed=1), 0)  # the warm-up: optimizer states exist
+    inputs = T.to_device(fake_batch(), nets)
+    for optimizer in nets.optimizers:
+        if type(optimizer) in (torch.optim.SGD, torch.optim.AdamW):
+            monkeypatch.setattr(optimizer, "step", unchecked(optimizer.step))
+
+    def host_random(*args, **kwargs):
+        raise AssertionError("host random numbers in the device step")
+
+    for name in ("random", "randint", "uniform", "choice", "shuffle", "sample"):
+        monkeypatch.setattr(random, name, host_random)
+    for name in ("choice", "rand", "randint", "default_rng", "permutation"):
+        monkeypatch.setattr(np.random, name, host_random)
+    with HostReads() as reads:
+        T.device_step(cfg, nets, *inputs)
+    assert reads.found == []
+    monkeypatch.undo()
+    if cfg.framework == "dacs" and not cfg.mic:
+        with HostReads() as reads:
+            T.reference_step(cfg, nets, fake_batch(), 0)
+        assert {"_local_scalar_dense", "_unique2"} <= set(reads.found)
+
+
+@pytest.mark.parametrize("flags", GRAPH_CASES)
+def test_graph_step_computes_what_train_step_computes(flags):
+    """CudaGraphStep without a GPU (capture=False: the same input buffers, device-tensor learning rates and EMA
+    weight, warm-up, then every iteration run from the buffers, only not captured) against the eager train_step
+    over 5 iterations of different batches: the same losses, weights, teacher and optimizer states."""
+    cfg = T.parse_config(flags + ["--device", "cpu"])
+    torch.manual_seed(0)
+    eager = T.build_nets(cfg)
+    torch.manual_seed(0)
+    graphed = T.build_nets(cfg)
+    initial = copy.deepcopy(graphed.model.state_dict())
+    step = T.CudaGraphStep(graphed, warmup=2, capture=False)
+    for iteration in range(5):
+        batch = fake_batch(seed=iteration)
+        torch.manual_seed(100 + iteration)
+        expected = T.train_step(cfg, eager, batch, iteration)
+        torch.manual_seed(100 + iteration)
+        torch.testing.assert_close(step(cfg, graphed, batch, iteration), expected)
+        graphed_lrs = [g["lr"] for o in graphed.optimizers for g in o.param_groups]
+        assert all(isinstance(lr, torch.Tensor) and lr.dim() == 0 for lr in graphed_lrs)
+        assert [float(lr) for lr in graphed_lrs] == pytest.approx([g["lr"] for o in eager.optimizers
+                                                                   for g in o.param_groups])
+    assert step.replay is not None and step.steps == 3  # 2 warm-up iterations, then captured (here: recorded)
+    for name in ("model", "teacher", "rebuilder"):
+        for (key, a), b in zip(getattr(graphed, name).state_dict().items(), getattr(eager, name).state_dict().values()):
+            torch.testing.assert_close(a, b, msg=f"{name}.{key}")
+    for a, b in zip(graphed.optimizers, eager.optimizers):
+        for p, q in zip([p for g in a.param_groups for p in g["params"]], [q for g in b.param_groups for q in g["params"]]):
+            for key, value in a.state[p].items():
+                torch.testing.assert_close(value, b.state[q][key])
+    moved = [(a - b).abs().max() for a, b in zip(graphed.model.state_dict().values(), initial.values())
+             if a.is_floating_point()]
+    assert max(moved) > 1e-4  # the iterations trained
+
+
+def test_a_graph_checkpoint_resumes_with_plain_learning_rates(tmp_path):
+    cfg = T.parse_config(GRAPH_CASES[0] + ["--device", "cpu", "--work-dir", str(tmp_path)])
+    nets = T.build_nets(cfg)
+    step = T.CudaGraphStep(nets, warmup=1, capture=False)
+    for iteration in range(2):
+        step(cfg, nets, fake_batch(seed=iteration), iteration)
+    T.save_checkpoint(cfg, nets, 2)
+    resumed = T.build_nets(cfg)
+    assert T.resume(cfg, resumed) == 2
+    lrs = [g["lr"] for o in resumed.optimizers for g in o.param_groups]
+    assert all(type(lr) is float for lr in lrs)
+    assert lrs == pytest.approx([float(g["lr"]) for o in nets.optimizers for g in o.param_groups])
+
+
+def test_the_step_is_one_cuda_graph_where_it_can_be():
+    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu"])
+    assert T.why_eager(cfg, 1) == "not on CUDA" and not T.build_nets(cfg).graph
+    on_gpu = SimpleNamespace(**{**vars(cfg), "device": "cuda"})
+    assert T.why_eager(on_gpu, 1) == ""
+    assert T.why_eager(on_gpu, 2).startswith("torchrun")
+    for key, value, why in (("amp", "fp16", "fp16"), ("checkpoint_blocks", True, "--checkpoint-blocks"),
+                            ("compile", True, "--compile"), ("cuda_graph", False, "--no-cuda-graph")):
+        assert T.why_eager(SimpleNamespace(**{**vars(on_gpu), key: value}), 1).startswith(why)
+
+
+def test_the_step_casts_each_weight_once_under_autocast():
+    """bf16 autocast keeps one low-precision copy of each trainable weight for the whole forward/backward part
+    of the step: the source, mixed and MRM passes share it (each pass cast them anew before)."""
+    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--amp", "bf16"])
+    nets = T.build_nets(cfg)
+    trainable = {p.data_ptr() for p in nets.model.parameters() if p.requires_grad}
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and (kwargs or {}).get("dtype") == torch.bfloat16 \
+                    and args[0].data_ptr() in trainable:
+                self.counts[args[0].data_ptr()] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Casts() as casts:
+        T.train_step(cfg, nets, fake_batch(), 0)
+    convolutions = sum(m.weight.requires_grad for m in nets.model.modules() if isinstance(m, nn.Conv2d))
+    assert len(casts.counts) >= convolutions and set(casts.counts.values()) == {1}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("flags", GRAPH_CASES)
+def test_cuda_graph_replays_what_the_eager_step_computes_on_the_gpu(flags):
+    """The capture itself, on a GPU: 6 iterations (2 eager warm-up, capture, replays) against eager ones with
+    the same seeds; fp32, so that only the order of floating-point sums differs."""
+    cfg = T.parse_config(flags + ["--device", "cuda", "--amp", "off"])
+    torch.manual_seed(0)
+    eager = T.build_nets(SimpleNamespace(**{**vars(cfg), "cuda_graph": False}))
+    torch.manual_seed(0)
+    graphed = T.build_nets(cfg)
+    assert graphed.graph and not eager.graph
+    step = T.CudaGraphStep(graphed, warmup=2)
+    for iteration in range(6):
+        batch = fake_batch(seed=iteration)
+        torch.manual_seed(100 + iteration)
+        expected = T.train_step(cfg, eager, batch, iteration)
+        torch.manual_seed(100 + iteration)
+        torch.testing.assert_close(step(cfg, graphed, batch, iteration), expected, rtol=1e-3, atol=1e-4)
+    for a, b in zip(graphed.model.state_dict().values(), eager.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 @pytest.mark.parametrize("arch,reference", [("dlv2", True), ("mitb5", False)])
 def test_bench_runs_on_cpu_with_the_tiny_model(capsys, arch, reference):
@@ -1624,7 +1802,7 @@ def test_mic_loss_is_the_student_on_masked_targets_against_the_teachers_pseudo_l
     monkeypatch.setattr(T, "mic_masked_images", lambda *args: masked)
     batch = fake_batch()
     losses = T.train_step(cfg, nets, batch, 0)
-    _, _, x_t = T.to_device(batch, nets)
+    _, _, x_t = T.step_inputs(nets, *T.to_device(batch, nets))
     with torch.no_grad():
         probs = F.interpolate(teacher(x_t), size=(32, 32), mode="bilinear", align_corners=True).softmax(dim=1)
         confidence, pseudo = probs.max(dim=1)

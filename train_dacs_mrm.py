@@ -69,6 +69,7 @@ DEFAULTS = dict(
     amp="off",              # off | bf16 | fp16
     channels_last=True,     # faster convolutions on CUDA
     compile=False,          # torch.compile the encoder and decoder
+    cuda_graph=True,        # on CUDA, capture the step once as a CUDA graph and replay it (--no-cuda-graph: eager)
     checkpoint_blocks=False,  # activation checkpointing of the MiT blocks (saves memory)
     workers=4,
     sync_bn=False,          # under torchrun: synchronise the student's BatchNorm statistics across processes
@@ -1114,8 +1115,9 @@ def feature_distance(student, imagenet, labels, thing_classes=(6, 7, 11, 12, 13,
         raise ValueError(f'feature_distance: labels {H}x{W} not a multiple of features {h}x{w}')
     kh, kw = H // h, W // w
     blocks = labels.long().reshape(B, h, kh, w, kw).permute(0, 1, 3, 2, 4).reshape(B, h, w, kh * kw)
-    major = blocks.mode(dim=-1).values
-    share = (blocks == major.unsqueeze(-1)).float().mean(dim=-1)
+    # label histogram per cell, DAFormer's one-hot average pooling (a share >= min_share > 0.5 has no ties)
+    counts = torch.zeros(B, h, w, 256, device=labels.device).scatter_add_(3, blocks, torch.ones_like(blocks).float())
+    share, major = (counts / (kh * kw)).max(dim=-1)
     cell = torch.where(share >= min_share, major, torch.full_like(major, 255))
     mask = torch.stack([cell == c for c in thing_classes]).any(dim=0)  # no class tensor to copy to the GPU
     dist = (student - imagenet.detach()).norm(dim=1)  # the ImageNet features are a fixed target
@@ -1397,11 +1399,18 @@ def mic_masked_images(x, fill, strength, p, mask_ratio, block_size):
     return torch.where(F.interpolate(keep.float(), size=(H, W), mode="nearest").bool(), x, fill)
 
 
+def ema_alpha(iteration, max_alpha):
+    """DACS: alpha = min(1 - 1/(it+1), max_alpha)."""
+    return min(1 - 1 / (iteration + 1), max_alpha)
+
+
 @torch.no_grad()
-def update_ema(teacher, student, iteration, max_alpha):
-    """DACS: alpha = min(1 - 1/(it+1), max_alpha); teacher = alpha * teacher + (1 - alpha) * student."""
-    alpha = min(1 - 1 / (iteration + 1), max_alpha)
-    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - alpha)
+def update_ema(teacher, student, alpha):
+    """teacher = alpha * teacher + (1 - alpha) * student, as DACS and DAFormer write it; alpha a float or a
+    0-dim device tensor (what a captured step reads)."""
+    teacher_params = list(teacher.parameters())
+    torch._foreach_mul_(teacher_params, alpha)
+    torch._foreach_add_(teacher_params, torch._foreach_mul(list(student.parameters()), 1 - alpha))
 
 
 def teacher_mode(teacher):
@@ -1450,7 +1459,8 @@ def build_nets(cfg, rank=0, world=1):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
     nets = SimpleNamespace(model=model, teacher=teacher, rebuilder=rebuilder, pixel_head=pixel_head, imagenet=imagenet,
-                           info=info, device=device, memory_format=memory_format, rank=rank, world=world)
+                           info=info, device=device, memory_format=memory_format, rank=rank, world=world,
+                           graph=not why_eager(cfg, world), ema_alpha=torch.zeros((), device=device))
     for name in ("model", "teacher", "rebuilder", "pixel_head", "imagenet"):
         if getattr(nets, name) is not None:
             setattr(nets, name, getattr(nets, name).to(device, memory_format=memory_format))
@@ -1458,6 +1468,15 @@ def build_nets(cfg, rank=0, world=1):
     nets.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     nets.encoder, nets.decoder, nets.rebuild, nets.predict_pixels = step_modules(cfg, nets)
     return nets
+
+
+def why_eager(cfg, world):
+    """Why the step cannot run as one CUDA graph here, or "" when it can (the default on one GPU)."""
+    reasons = ((not cfg.cuda_graph, "--no-cuda-graph"), (cfg.device != "cuda", "not on CUDA"),
+               (world > 1, "torchrun: DDP's all-reduce"), (cfg.compile, "--compile"),
+               (cfg.amp == "fp16", "fp16's loss scaler reads the gradients on the host"),
+               (cfg.checkpoint_blocks, "--checkpoint-blocks saves the random state on the host"))
+    return next((why for applies, why in reasons if applies), "")
 
 
 def step_modules(cfg, nets):
@@ -1505,12 +1524,19 @@ class SlotSGD(torch.optim.Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
-            buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            lr = group["lr"]
             for _ in range(group["slots"]):
                 steps = torch._foreach_add(grads, params, alpha=group["weight_decay"])
                 torch._foreach_mul_(buffers, group["momentum"])
                 torch._foreach_add_(buffers, steps)
-                torch._foreach_add_(params, buffers, alpha=-group["lr"])
+                if isinstance(lr, torch.Tensor):  # a device tensor under a CUDA graph: no host read
+                    torch._foreach_sub_(params, torch._foreach_mul(buffers, lr))
+                else:
+                    torch._foreach_add_(params, buffers, alpha=-lr)
 
 
 def dacs_parameter_slots(backbone):
@@ -1530,7 +1556,8 @@ def build_optimizers(cfg, nets):
     """[the network's optimizer] or, beside DACS's SGD, [SGD, the Rebuilder's own AdamW]: the Rebuilder always
     trains with AdamW (SPEC.md section 2). Parameter groups: encoder at lr, decoder at lr * head_lr_mult,
     Rebuilder at its own lr; LayerNorms without weight decay when the recipe says so. Frozen parameters (DACS's
-    BatchNorm) are left out. Under --recipe dacs the encoder's groups are split by DACS's slot counts."""
+    BatchNorm) are left out. Under --recipe dacs the encoder's groups are split by DACS's slot counts. AdamW is
+    capturable (its step count on the device) when the step runs as a CUDA graph."""
     def groups(module, lr, **options):
         params = [p for p in module.parameters() if p.requires_grad]
         norms = {p for m in module.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
@@ -1539,7 +1566,7 @@ def build_optimizers(cfg, nets):
         return [g for g in (dict(params=decay, initial_lr=lr, **options),
                             dict(params=no_decay, initial_lr=lr, **{**options, "weight_decay": 0.0})) if g["params"]]
 
-    model, fused = nets.model, nets.device.type == "cuda"
+    model, fused, capturable = nets.model, nets.device.type == "cuda", nets.graph
     slotted = cfg.optimizer == "sgd" and cfg.recipe == "dacs" and cfg.dacs_param_slots == "official"
     if slotted:
         slots = dacs_parameter_slots(model.encoder.backbone)
@@ -1552,12 +1579,13 @@ def build_optimizers(cfg, nets):
                  for group in groups(module, cfg.rebuilder_lr, weight_decay=cfg.rebuilder_weight_decay)]
     if cfg.optimizer == "adamw":
         return [torch.optim.AdamW(network + rebuilder, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                                  fused=fused)]
+                                  fused=fused, capturable=capturable)]
     if slotted:
         sgd = SlotSGD(network, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         sgd = torch.optim.SGD(network, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
-    return [sgd] + ([torch.optim.AdamW(rebuilder, lr=cfg.rebuilder_lr, betas=(0.9, 0.999), fused=fused)]
+    return [sgd] + ([torch.optim.AdamW(rebuilder, lr=cfg.rebuilder_lr, betas=(0.9, 0.999), fused=fused,
+                                       capturable=capturable)]
                     if rebuilder else [])
 
 
@@ -1570,9 +1598,21 @@ def lr_factor(cfg, iteration):
 
 
 def set_learning_rates(cfg, nets, iteration):
+    """Each group's initial_lr times the schedule; a device tensor lr (CUDA graph) is written in place."""
     for optimizer in nets.optimizers:
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = param_group["initial_lr"] * lr_factor(cfg, iteration)
+        for group in optimizer.param_groups:
+            lr = group["initial_lr"] * lr_factor(cfg, iteration)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+
+def device_learning_rates(nets):
+    """Every group's lr as a 0-dim float32 tensor on the device, which a captured optimizer step reads."""
+    for optimizer in nets.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=nets.device)
 
 
 def last_level(features):
@@ -1580,12 +1620,19 @@ def last_level(features):
     return features[-1] if isinstance(features, (list, tuple)) else features
 
 
+BATCH_KEYS = ("source_image", "source_label", "target_image")
+
+
 def to_device(batch, nets):
-    """uint8 images -> float RGB in [0, 1] on the device; labels -> int64."""
+    """The batch's uint8 images and labels, as they are, on the device."""
+    return [batch[key].to(nets.device, non_blocking=True) for key in BATCH_KEYS]
+
+
+def step_inputs(nets, source_image, source_label, target_image):
+    """uint8 images -> float RGB in [0, 1], labels -> int64: on the device, inside the step."""
     def image(t):
-        return t.to(nets.device, non_blocking=True).float().div_(255).contiguous(memory_format=nets.memory_format)
-    return (image(batch["source_image"]), batch["source_label"].to(nets.device, non_blocking=True).long(),
-            image(batch["target_image"]))
+        return t.float().div_(255).contiguous(memory_format=nets.memory_format)
+    return image(source_image), source_label.long(), image(target_image)
 
 
 PIXELS_PER_CELL = 8  # the pixel objective's target: each grid cell's image patch, area-resized to 8 x 8
@@ -1642,19 +1689,49 @@ def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight):
 
 
 def train_step(cfg, nets, batch, iteration):
-    """One DACS(+MRM, +MIC) iteration. Returns the detached losses [L_s, L_u, L_mrm, L_mic, L_fd, pseudo
-    weight] as one tensor (no host sync here). Source and mixed losses are backpropagated separately, which
-    frees the source graph before the mixed forward (same gradients, lower peak memory)."""
+    """One DACS(+MRM, +MIC) iteration, eagerly: the host's part, then the device's. Returns the detached
+    losses [L_s, L_u, L_mrm, L_mic, L_fd, pseudo weight] as one tensor (no host sync here)."""
+    begin_step(cfg, nets, iteration)
+    return device_step(cfg, nets, *to_device(batch, nets))
+
+
+def begin_step(cfg, nets, iteration):
+    """The host's part of an iteration: its learning rates and EMA weight, written where device_step reads them."""
+    set_learning_rates(cfg, nets, iteration)
+    # DACS updates the teacher after the step with alpha(it); DAFormer at the start of the next one, alpha(it + 1)
+    nets.ema_alpha.fill_(ema_alpha(iteration + 1 if cfg.framework == "mmseg" else iteration, cfg.ema))
+
+
+def device_step(cfg, nets, source_image, source_label, target_image):
+    """The device's part of an iteration, from the uint8 batch on the device to the EMA update: no host sync,
+    no host random numbers and no host values that change between iterations, so that CudaGraphStep can
+    capture it once."""
+    nets.model.train()
+    # Autocast drops its low-precision copies of the weights when the outermost autocast scope exits: this
+    # scope, closed before the optimizer step, makes the source, mixed and MIC passes cast each weight once.
+    with torch.autocast(nets.device.type, enabled=False):
+        losses = forward_backward(cfg, nets, *step_inputs(nets, source_image, source_label, target_image))
+    for optimizer in nets.optimizers:
+        nets.scaler.step(optimizer)
+    nets.scaler.update()
+    for optimizer in nets.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    if nets.teacher is not None:
+        update_ema(nets.teacher, nets.model, nets.ema_alpha)
+    return losses
+
+
+def forward_backward(cfg, nets, x_s, y_s, x_t):
+    """Steps (1)-(6) of the iteration: the losses and their gradients. Source and mixed losses are
+    backpropagated separately, which frees the source graph before the mixed forward (same gradients, lower
+    peak memory). Returns the detached losses as one tensor."""
     model, encoder, decoder, rebuilder, scaler = nets.model, nets.encoder, nets.decoder, nets.rebuilder, nets.scaler
     mmseg = cfg.framework == "mmseg"
-    x_s, y_s, x_t = to_device(batch, nets)
     autocast = torch.autocast(nets.device.type, dtype=torch.float16 if cfg.amp == "fp16" else torch.bfloat16,
                               enabled=cfg.amp != "off")
     zero = torch.zeros((), device=nets.device)
     loss_u = loss_mrm_s = loss_mrm_t = loss_mic = loss_fd = weight = zero
     source_weight = 1.0 if mmseg else None  # mmseg 0.16 averages over all pixels, DACS over labelled ones
-    model.train()
-    set_learning_rates(cfg, nets, iteration)
 
     # (1) supervised source loss, Eq. 1 (+ DAFormer's ImageNet feature distance)
     with without_gradient_sync(cfg, nets):
@@ -1679,8 +1756,8 @@ def train_step(cfg, nets, batch, iteration):
         pixel_weight = weight.expand_as(pseudo)  # inference tensors: read below, never saved for backward
         if cfg.pl_crop:  # DAFormer: the top and bottom rows (sky border, ego car) are unreliable
             pixel_weight = pixel_weight.clone()
-            pixel_weight[:, :15] = 0
-            pixel_weight[:, -120:] = 0
+            pixel_weight[:, :15].zero_()
+            pixel_weight[:, -120:].zero_()
         # (3) ClassMix source onto target; pasted source pixels keep their label, weight 1
         mix = class_mix_masks(y_s, batch_classes=mmseg)
         x_m = torch.where(mix[:, None], x_s, x_t)
@@ -1705,18 +1782,59 @@ def train_step(cfg, nets, batch, iteration):
                 loss_mic = segmentation_ce(decoder(encoder(x_mic.contiguous(memory_format=nets.memory_format))),
                                            pseudo.clone(), pixel_weight.clone(), align_corners=cfg.align_corners)
             scaler.scale(cfg.mic_weight * loss_mic).backward()
-
-    for optimizer in nets.optimizers:
-        scaler.step(optimizer)
-    scaler.update()
-    for optimizer in nets.optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    if nets.teacher is not None:
-        # DACS updates the teacher after the step with alpha(it); DAFormer at the start of the next iteration,
-        # with alpha(it + 1)
-        update_ema(nets.teacher, model, iteration + 1 if mmseg else iteration, cfg.ema)
     return torch.stack([loss_s, loss_u, loss_mrm_s + loss_mrm_t, loss_mic, loss_fd, weight]).detach().float()
 
+
+
+class CudaGraphStep:
+    """train_step as one CUDA graph: device_step is captured once and replayed every iteration, one launch
+    instead of thousands, which takes the host off the critical path (shapes are static: crop and batch).
+    Before each replay the host writes the batch into the graph's input buffers and, through begin_step, the
+    learning rates and EMA weight into device tensors; random numbers come from the CUDA generator, which
+    advances at each replay. The first `warmup` iterations run eagerly on a side stream, as CUDA graph capture
+    asks (optimizer states, cuDNN's algorithm search), and the next one is captured and replayed. The same
+    call order runs without a GPU (capture=False: the step runs from the same buffers, uncaptured), so that
+    the CPU tests check every piece but the capture itself."""
+
+    def __init__(self, nets, warmup=3, capture=True):
+        self.warmup, self.capture, self.steps, self.replay = warmup, capture, 0, None
+        device_learning_rates(nets)
+
+    def __call__(self, cfg, nets, batch, iteration):
+        begin_step(cfg, nets, iteration)
+        if self.replay is not None:
+            for buffer, key in zip(self.inputs, BATCH_KEYS):
+                buffer.copy_(batch[key], non_blocking=True)
+            self.replay()
+            return self.losses.clone()
+        self.steps += 1
+        self.inputs = to_device(batch, nets)
+        if self.steps <= self.warmup:
+            with self.side_stream(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+                return device_step(cfg, nets, *self.inputs)
+        if self.capture:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.losses = device_step(cfg, nets, *self.inputs)
+            self.replay = graph.replay
+        else:
+            def replay():
+                self.losses = device_step(cfg, nets, *self.inputs)
+            self.replay = replay
+        self.replay()
+        return self.losses.clone()
+
+    @contextlib.contextmanager
+    def side_stream(self):
+        if not self.capture:
+            yield
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream().wait_stream(side)
 
 # ============================================================================= data streams
 
@@ -1920,6 +2038,8 @@ def resume(cfg, nets):
                         f"{len(nets.optimizers)} (another --optimizer or --no-mrm?)")
     for optimizer, optimizer_state in zip(nets.optimizers, state["optimizers"]):
         optimizer.load_state_dict(optimizer_state)
+        for group in optimizer.param_groups:  # a CUDA graph's device-tensor lr comes back as a plain number
+            group["lr"] = float(group["lr"])
     nets.scaler.load_state_dict(state["scaler"])
     if state["world_size"] != nets.world:
         raise DataError(f"{path}: written by {state['world_size']} process(es), this run has {nets.world}: each "
@@ -2053,10 +2173,13 @@ def train(cfg):
     rcs = rcs_statistics(cfg, source, say) if cfg.rcs_temperature > 0 else None
     loader = make_loader(cfg, TrainBatches(cfg, source, target, rcs, rank, world), start)
     stop = min(cfg.iters, start + cfg.stop_after) if cfg.stop_after else cfg.iters
+    step = CudaGraphStep(nets) if nets.graph else train_step
     say(f"{cfg.task}: {cfg.arch} ({cfg.recipe} recipe), {'source only' if cfg.source_only else 'DACS'}"
         f"{' + MRM' if nets.rebuilder is not None else ''}{' + MIC' if cfg.mic else ''}, iterations {start}..{stop} "
         f"of {cfg.iters}, {len(source)} source / {len(target)} target images"
-        f"{f', {world} processes' if world > 1 else ''}, work dir {cfg.work_dir}", flush=True)
+        f"{f', {world} processes' if world > 1 else ''}, step {'as one CUDA graph' if nets.graph else 'eager'}"
+        f"{f' ({why_eager(cfg, world)})' if not nets.graph and cfg.device == 'cuda' else ''}, work dir {cfg.work_dir}",
+        flush=True)
 
     log = open(os.path.join(cfg.work_dir, "log.jsonl"), "a") if rank == 0 else None
     sums, count, skipped_total = torch.zeros(6, device=nets.device), 0, 0
@@ -2070,7 +2193,7 @@ def train(cfg):
             if skipped_total > cfg.max_skips:
                 raise DataError(f"{skipped_total} corrupt files skipped (more than --max-skips {cfg.max_skips}), "
                                 f"last: {skipped[-1]}")
-        sums += train_step(cfg, nets, batch, iteration)
+        sums += step(cfg, nets, batch, iteration)
         count += 1
         done = iteration + 1
         if done % cfg.log_every == 0 or done == stop or done % cfg.checkpoint_every == 0:
@@ -2086,7 +2209,7 @@ def train(cfg):
             if log is not None:
                 record = dict(iteration=done, loss_source=means[0], loss_uda=means[1], loss_mrm=means[2],
                               loss_mic=means[3], loss_fd=means[4], pseudo_weight=means[5],
-                              lr=nets.optimizers[0].param_groups[0]["lr"], it_per_s=speed, time=time.time())
+                              lr=float(nets.optimizers[0].param_groups[0]["lr"]), it_per_s=speed, time=time.time())
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             say(f"[{done}/{cfg.iters}] L_s {means[0]:.4f}  L_u {means[1]:.4f}  L_mrm {means[2]:.4f}"
@@ -2158,7 +2281,7 @@ def reference_step(cfg, nets, batch, iteration):
     fp32, per-image Python loops (ClassMix from torch.unique + np.random.choice, pseudo-label weight
     read back with .item(), augmentation decided by Python's random), one backward of the summed loss, EMA by a parameter loop."""
     model, rebuilder = nets.model, nets.rebuilder
-    x_s, y_s, x_t = to_device(batch, nets)
+    x_s, y_s, x_t = step_inputs(nets, *to_device(batch, nets))
     set_learning_rates(cfg, nets, iteration)
     model.train()
     loss_s = segmentation_ce(model(x_s), y_s, align_corners=cfg.align_corners)
