@@ -1740,13 +1740,28 @@ def test_cuda_graph_replays_what_the_eager_step_computes_on_the_gpu(flags):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 @pytest.mark.parametrize("arch,reference", [("dlv2", True), ("mitb5", False)])
-def test_bench_runs_on_cpu_with_the_tiny_model(capsys, arch, reference):
-    assert T.main(["--arch", arch, "--bench", "2", "--device", "cpu"]) == 0  # --task gta2cs by default
+def test_bench_runs_on_cpu_with_the_tiny_model(capsys, monkeypatch, arch, reference):
+    """The variants run interleaved after their warm-ups: the MRM and no-MRM steps alternate, 3 rounds."""
+    calls = []
+    real_step = T.device_step
+    monkeypatch.setattr(T, "device_step", lambda cfg, *args: calls.append(cfg.mrm) or real_step(cfg, *args))
+    results = T.main(["--arch", arch, "--bench", "3", "--device", "cpu", "--amp", "bf16"])  # --task gta2cs
+    assert results == 0
     out = capsys.readouterr().out
     tiny = "dlv2-tiny" if arch == "dlv2" else "mit-tiny"
-    assert f"tiny model {tiny}" in out and f"{tiny} amp=off DACS+MRM: " in out and f"{tiny} amp=off DACS: " in out
-    assert "ms/iteration" in out and "images/s" in out and "MRM step-time overhead: " in out
+    assert f"bench on {T.device_name('cpu')}" in out and f": {tiny} (" in out and "3 interleaved rounds" in out
+    for name in ("DACS+MRM (eager)", "DACS (eager)", "DACS+MRM fp32 (eager)"):
+        assert re.search(rf"  {re.escape(name)}: [0-9.]+ ms/iteration \(median\), [0-9.]+ images/s", out), name
+    assert "MRM step-time overhead " in out and "x as fast as DACS+MRM fp32 (eager)" in out
     assert ("fp32 per-image reference" in out) == reference
+    warmup = T.CudaGraphStep.warmup_steps + 2
+    assert calls[-9:] == [True, False, True] * 3 and calls[:warmup] == [True] * warmup
+
+
+def test_busy_time_is_the_union_of_intervals():
+    assert T.busy_time([]) == 0
+    assert T.busy_time([(0, 2), (1, 3), (5, 6), (5.5, 5.7), (10, 11)]) == pytest.approx(3 + 1 + 1)
+    assert T.busy_time([(4, 9), (0, 1), (2, 5)]) == pytest.approx(1 + 7)
 
 
 def test_bench_data_reports_pairs_per_second(capsys):

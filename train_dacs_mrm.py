@@ -27,6 +27,7 @@ import copy
 import json
 import math
 import os
+import platform
 import random
 import re
 import signal
@@ -1796,7 +1797,9 @@ class CudaGraphStep:
     call order runs without a GPU (capture=False: the step runs from the same buffers, uncaptured), so that
     the CPU tests check every piece but the capture itself."""
 
-    def __init__(self, nets, warmup=3, capture=True):
+    warmup_steps = 3
+
+    def __init__(self, nets, warmup=warmup_steps, capture=True):
         self.warmup, self.capture, self.steps, self.replay = warmup, capture, 0, None
         device_learning_rates(nets)
 
@@ -2318,14 +2321,17 @@ def reference_step(cfg, nets, batch, iteration):
 
 
 def bench(cfg):
-    """--bench N: median time of N training steps (after a warm-up) on random batches shaped like
-    gta2cs (1280x720 source, 1024x512 target, cropped), data loading excluded: with and without MRM,
-    and (DACS recipe) the fp32 per-image reference_step, in one run. On the CPU it swaps in the tiny
-    model of the same family so that a test can run it."""
+    """--bench N: training steps on random batches shaped like gta2cs (1280x720 source, 1024x512 target,
+    cropped), data loading excluded. Every variant warms up (and, on CUDA, captures its graph) first; then N
+    rounds time one step of each in turn (A, B, C, A, B, C ...), so that their ratios share the machine's state,
+    and each reports its median. Variants: the step as configured (DACS+MRM), without MRM, eager instead of one
+    CUDA graph, fp32 instead of --amp, and (DACS recipe) DACS's per-image fp32 reference_step. All are alive at
+    once: the run needs about their sum in memory. On CUDA, torch.profiler over 3 more steps of the first variant
+    gives the GPU-busy time and the kernels and host launches per step. On the CPU the tiny model of the same
+    family runs, so that a test can run it."""
     if cfg.device == "cpu":
         cfg = SimpleNamespace(**{**vars(cfg), "arch": cfg.arch if cfg.arch.endswith("tiny") else
                                  ("mit-tiny" if "mit" in cfg.arch else "dlv2-tiny"), "crop": min(cfg.crop or 64, 64)})
-        print(f"bench on the CPU: tiny model {cfg.arch}, {cfg.crop}x{cfg.crop} crops", flush=True)
     rng = np.random.default_rng(cfg.seed)
     crop = (cfg.crop, cfg.crop)
 
@@ -2342,39 +2348,101 @@ def bench(cfg):
     cuda = cfg.device == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    variants = {"DACS+MRM": (dict(mrm=True), train_step), "DACS": (dict(mrm=False), train_step)}
-    if cfg.fd_weight == 0 and not cfg.pl_crop:  # the reference implements the DACS recipe only
-        variants["DACS+MRM fp32 per-image reference"] = (dict(mrm=True, amp="off", channels_last=False),
-                                                         reference_step)
-    results = {}
-    for name, (overrides, step) in variants.items():
+    graph = not why_eager(cfg, 1)
+    mode = "CUDA graph" if graph else "eager"
+    variants = {f"DACS+MRM ({mode})": dict(mrm=True), f"DACS ({mode})": dict(mrm=False)}
+    if graph:
+        variants["DACS+MRM (eager)"] = dict(mrm=True, cuda_graph=False)
+    if cfg.amp != "off":
+        variants[f"DACS+MRM fp32 ({mode})"] = dict(mrm=True, amp="off")
+    if cfg.recipe == "dacs":  # the reference implements the DACS recipe only
+        variants["DACS+MRM fp32 per-image reference"] = dict(mrm=True, amp="off", channels_last=False,
+                                                             cuda_graph=False, reference=True)
+    print(f"bench on {device_name(cfg.device)}, torch {torch.__version__}: {cfg.arch} ({cfg.recipe} recipe), batch "
+          f"{cfg.batch_size}+{cfg.batch_size}, {cfg.crop}x{cfg.crop} crops, amp={cfg.amp}; {cfg.bench} interleaved "
+          f"rounds", flush=True)
+
+    def synchronize():
+        if cuda:
+            torch.cuda.synchronize()
+
+    runs, warmup = {}, max(CudaGraphStep.warmup_steps + 2, cfg.bench // 10)
+    for name, overrides in variants.items():
         run = SimpleNamespace(**{**vars(cfg), **overrides, "iters": 10 ** 9})
-        nets = build_nets(run)
-        warmup, times = max(3, cfg.bench // 10), []
+        before = torch.cuda.memory_allocated() if cuda else 0
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        for i in range(warmup + cfg.bench):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+        nets = build_nets(run)
+        step = reference_step if overrides.get("reference") else CudaGraphStep(nets) if nets.graph else train_step
+        for i in range(warmup):
             step(run, nets, batch, i)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        milliseconds = 1000 * float(np.median(times[warmup:]))
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
-        results[name] = (milliseconds, peak)
-        print(f"{cfg.arch} amp={run.amp} {name}: {milliseconds:.1f} ms/iteration, "
-              f"{2 * cfg.batch_size * 1000 / milliseconds:.1f} images/s, peak memory {peak:.2f} GiB, "
-              f"projected {milliseconds * RECIPES[cfg.recipe]['iters'] / 3.6e6:.1f} h for "
-              f"{RECIPES[cfg.recipe]['iters']} iterations", flush=True)
-        del nets
-        if cuda:
-            torch.cuda.empty_cache()
-    fast, baseline, *reference = (milliseconds for milliseconds, _ in results.values())
-    print(f"MRM step-time overhead: {fast / baseline:.3f}x" +
-          (f"; {reference[0] / fast:.2f}x faster than the fp32 per-image reference" if reference else ""), flush=True)
-    return results
+        synchronize()
+        peak = (torch.cuda.max_memory_allocated() - before) / 2 ** 30 if cuda else float("nan")
+        runs[name] = SimpleNamespace(run=run, nets=nets, step=step, peak=peak, times=[])
+    for i in range(warmup, warmup + cfg.bench):
+        for variant in runs.values():
+            synchronize()
+            start = time.perf_counter()
+            variant.step(variant.run, variant.nets, batch, i)
+            synchronize()
+            variant.times.append(time.perf_counter() - start)
+
+    iters = RECIPES[cfg.recipe]["iters"]
+    for name, variant in runs.items():
+        variant.ms = 1000 * float(np.median(variant.times))
+        peak = f"peak {variant.peak:.2f} GiB, " if cuda else ""
+        print(f"  {name}: {variant.ms:.1f} ms/iteration (median), {2 * cfg.batch_size * 1000 / variant.ms:.1f} "
+              f"images/s, {peak}{iters} iterations in {variant.ms * iters / 3.6e6:.1f} h", flush=True)
+    first, ms = next(iter(runs.values())), [variant.ms for variant in runs.values()]
+    if cuda:
+        activity = profile_steps(lambda i: first.step(first.run, first.nets, batch, i), warmup + cfg.bench, 3)
+        busy = activity["gpu_busy_ms"]
+        print(f"  GPU busy {busy:.1f} of {first.ms:.1f} ms per step ({100 * busy / first.ms:.0f}%), "
+              f"{activity['kernels']:.0f} kernels and {activity['launches']:.0f} host launches per step "
+              f"(torch.profiler, 3 steps of {next(iter(runs))})", flush=True)
+    others = [f"{variant.ms / ms[0]:.2f}x as fast as {name}" for name, variant in list(runs.items())[2:]]
+    print(f"  MRM step-time overhead {ms[0] / ms[1]:.3f}x" + (f"; {next(iter(runs))} is " + ", ".join(others)
+                                                              if others else ""), flush=True)
+    return {name: (variant.ms, variant.peak) for name, variant in runs.items()}
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def busy_time(intervals):
+    """Length of the union of (start, end) intervals: how long at least one of them ran."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def profile_steps(step, first_iteration, steps):
+    """torch.profiler over `steps` calls of step(iteration): GPU-busy milliseconds (the union of kernel, copy and
+    memset intervals), GPU kernels and host launch calls (kernels, graph launches, copies), each per step."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.autograd import DeviceType
+    launch_calls = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                    "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(first_iteration, first_iteration + steps):
+            step(i)
+        torch.cuda.synchronize()
+    events = prof.events()
+    gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    return dict(gpu_busy_ms=busy_time([(e.time_range.start, e.time_range.end) for e in gpu]) / 1000 / steps,
+                kernels=sum("memcpy" not in e.name.lower() and "memset" not in e.name.lower() for e in gpu) / steps,
+                launches=sum(e.name in launch_calls for e in events) / steps)
 
 
 def bench_data(cfg):
