@@ -1683,6 +1683,32 @@ def test_a_graph_checkpoint_resumes_with_plain_learning_rates(tmp_path):
     assert lrs == pytest.approx([float(g["lr"]) for o in nets.optimizers for g in o.param_groups])
 
 
+def test_a_failed_capture_stops_with_one_line_and_other_shapes_are_refused(monkeypatch, capsys):
+    cfg = T.parse_config(GRAPH_CASES[0] + ["--device", "cpu"])
+    nets = T.build_nets(cfg)
+
+    class RefusingCapture:
+        def __init__(self, graph, capture_error_mode):
+            assert capture_error_mode == "thread_local"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore lines")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", RefusingCapture)
+    with pytest.raises(T.CaptureFailed, match=r"operation not permitted when stream is capturing more lines\); run "
+                                              "with --no-cuda-graph") as failure:
+        T.CudaGraphStep(nets, warmup=0)(cfg, nets, fake_batch(), 0)
+    assert isinstance(failure.value, T.ConfigError) and "\n" not in str(failure.value)  # main: one line, exit 2
+    monkeypatch.undo()
+    step = T.CudaGraphStep(nets, warmup=0, capture=False)
+    step(cfg, nets, fake_batch(), 0)
+    with pytest.raises(ValueError, match=r"source_image \(2, 3, 16, 16\), captured with \(2, 3, 32, 32\)"):
+        step(cfg, nets, fake_batch(size=16), 1)
+
 def test_the_step_is_one_cuda_graph_where_it_can_be():
     cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu"])
     assert T.why_eager(cfg, 1) == "not on CUDA" and not T.build_nets(cfg).graph
@@ -1763,6 +1789,14 @@ def test_busy_time_is_the_union_of_intervals():
     assert T.busy_time([(0, 2), (1, 3), (5, 6), (5.5, 5.7), (10, 11)]) == pytest.approx(3 + 1 + 1)
     assert T.busy_time([(4, 9), (0, 1), (2, 5)]) == pytest.approx(1 + 7)
 
+
+def test_profile_steps_counts_no_gpu_work_on_the_cpu():
+    """The profiler plumbing --bench uses on CUDA: it runs each step once and finds no GPU activity here."""
+    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu"])
+    nets, iterations = T.build_nets(cfg), []
+    activity = T.profile_steps(lambda i: iterations.append(i) or T.train_step(cfg, nets, fake_batch(), i), 5, 2,
+                               cuda=False)
+    assert iterations == [5, 6] and activity == dict(gpu_busy_ms=0, kernels=0, launches=0)
 
 def test_bench_data_reports_pairs_per_second(capsys):
     assert T.main(["--bench-data", "1", "--batch-size", "1", "--workers", "1"]) == 0

@@ -1787,6 +1787,10 @@ def forward_backward(cfg, nets, x_s, y_s, x_t):
 
 
 
+class CaptureFailed(ConfigError):
+    pass
+
+
 class CudaGraphStep:
     """train_step as one CUDA graph: device_step is captured once and replayed every iteration, one launch
     instead of thousands, which takes the host off the critical path (shapes are static: crop and batch).
@@ -1795,7 +1799,8 @@ class CudaGraphStep:
     advances at each replay. The first `warmup` iterations run eagerly on a side stream, as CUDA graph capture
     asks (optimizer states, cuDNN's algorithm search), and the next one is captured and replayed. The same
     call order runs without a GPU (capture=False: the step runs from the same buffers, uncaptured), so that
-    the CPU tests check every piece but the capture itself."""
+    the CPU tests check every piece but the capture itself. A capture that fails stops the run with one line:
+    the CUDA generator may be left in capture mode, so continuing eagerly in this process is not safe."""
 
     warmup_steps = 3
 
@@ -1807,6 +1812,9 @@ class CudaGraphStep:
         begin_step(cfg, nets, iteration)
         if self.replay is not None:
             for buffer, key in zip(self.inputs, BATCH_KEYS):
+                if buffer.shape != batch[key].shape:
+                    raise ValueError(f"CUDA graph step: {key} {tuple(batch[key].shape)}, captured with "
+                                     f"{tuple(buffer.shape)}: every batch must have the same shape")
                 buffer.copy_(batch[key], non_blocking=True)
             self.replay()
             return self.losses.clone()
@@ -1818,8 +1826,14 @@ class CudaGraphStep:
                 return device_step(cfg, nets, *self.inputs)
         if self.capture:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.losses = device_step(cfg, nets, *self.inputs)
+            try:  # thread_local: the loader's pin-memory thread may allocate meanwhile
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.losses = device_step(cfg, nets, *self.inputs)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as error:
+                raise CaptureFailed(f"the step could not be captured as one CUDA graph ({one_line(error)[:200]}); "
+                                    f"run with --no-cuda-graph (and --resume, from the last checkpoint)") from error
             self.replay = graph.replay
         else:
             def replay():
@@ -2427,17 +2441,18 @@ def busy_time(intervals):
     return total
 
 
-def profile_steps(step, first_iteration, steps):
+def profile_steps(step, first_iteration, steps, cuda=True):
     """torch.profiler over `steps` calls of step(iteration): GPU-busy milliseconds (the union of kernel, copy and
     memset intervals), GPU kernels and host launch calls (kernels, graph launches, copies), each per step."""
     from torch.profiler import ProfilerActivity, profile
     from torch.autograd import DeviceType
     launch_calls = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
                     "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync")
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for i in range(first_iteration, first_iteration + steps):
             step(i)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
     events = prof.events()
     gpu = [e for e in events if e.device_type == DeviceType.CUDA]
     return dict(gpu_busy_ms=busy_time([(e.time_range.start, e.time_range.end) for e in gpu]) / 1000 / steps,
