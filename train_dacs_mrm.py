@@ -75,6 +75,7 @@ DEFAULTS = dict(
     workers=4,
     sync_bn=False,          # under torchrun: synchronise the student's BatchNorm statistics across processes
     aspp_dilations="6,12",  # DeepLabV2 classifier: the two branches every UDA baseline ran, or 6,12,18,24
+    aspp_depthwise="direct",  # direct | nchw | space-to-batch: how the separable ASPP's dilated depth-wise convs run
     # schedule and optimiser (set by the recipe)
     iters=0, batch_size=2, crop=512, optimizer="sgd", lr=2.5e-4, head_lr_mult=10.0, momentum=0.9,
     weight_decay=5e-4, norm_no_decay=False, poly_power=0.9, warmup_iters=0,
@@ -1002,16 +1003,45 @@ def load_mit_weights(encoder, path):
 # -----------------------------------------------------------------------------
 # DAFormer head
 
-def conv_bn_relu(in_ch, out_ch, kernel, dilation=1, groups=1):
-    conv = nn.Conv2d(in_ch, out_ch, kernel, padding=dilation * (kernel // 2), dilation=dilation,
-                     groups=groups, bias=False)  # BN supplies the bias
+def conv_bn_relu(in_ch, out_ch, kernel, dilation=1, groups=1, conv_class=nn.Conv2d):
+    conv = conv_class(in_ch, out_ch, kernel, padding=dilation * (kernel // 2), dilation=dilation,
+                      groups=groups, bias=False)  # BN supplies the bias
     nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu')  # mmcv ConvModule default
     return nn.Sequential(conv, nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
 
 
 def separable_conv_bn_relu(in_ch, out_ch, dilation=1):
     """mmcv's DepthwiseSeparableConvModule: a 3x3 depth-wise conv, then a 1x1 conv, each with BN and ReLU."""
-    return nn.Sequential(conv_bn_relu(in_ch, in_ch, 3, dilation=dilation, groups=in_ch), conv_bn_relu(in_ch, out_ch, 1))
+    return nn.Sequential(conv_bn_relu(in_ch, in_ch, 3, dilation=dilation, groups=in_ch, conv_class=DepthwiseConv3x3),
+                         conv_bn_relu(in_ch, out_ch, 1))
+
+
+DEPTHWISE_FORMS = ("direct", "nchw", "space-to-batch")
+
+
+class DepthwiseConv3x3(nn.Conv2d):
+    """The separable ASPP's 3x3 depth-wise convolution with dilation d (padding d), which a GPU may run slowly
+    (issue 12: a direct cuDNN kernel for bf16 channels_last). `form` picks one of three computations of the same
+    result (--aspp-depthwise): direct; nchw, in the contiguous layout (PyTorch's own depth-wise kernel); or
+    space-to-batch: the d x d interleaved sub-images of the zero-padded input as one batch, each convolved
+    without dilation (output pixel (r + d i, c + d j) only sees sub-image (r, c))."""
+    form = "direct"
+
+    def forward(self, x):
+        d = self.dilation[0]
+        if self.form == "direct" or d == 1:
+            return super().forward(x)
+        layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and \
+            not x.is_contiguous() else torch.contiguous_format
+        if self.form == "nchw":
+            return super().forward(x.contiguous()).contiguous(memory_format=layout)
+        B, C, H, W = x.shape
+        h, w = -(-H // d), -(-W // d)
+        x = F.pad(x, (0, w * d - W, 0, h * d - H)).reshape(B, C, h, d, w, d)
+        x = x.permute(0, 3, 5, 1, 2, 4).reshape(B * d * d, C, h, w).contiguous(memory_format=layout)
+        y = F.conv2d(x, self.weight, self.bias, padding=1, groups=self.groups)
+        y = y.reshape(B, d, d, C, h, w).permute(0, 3, 4, 1, 5, 2).reshape(B, C, h * d, w * d)
+        return y[:, :, :H, :W].contiguous(memory_format=layout)
 
 
 def classifier(in_ch, num_classes):
@@ -1245,6 +1275,10 @@ def parse_config(argv=None):
     if "dacs_param_slots" in given and not (recipe == "dacs" and cfg["optimizer"] == "sgd"):
         raise ConfigError(f"--dacs-param-slots applies to DACS's SGD only (--recipe dacs), not --recipe {recipe}")
     cfg["decoder"] = cfg["decoder"] or ARCHS[arch]["decoders"][0]
+    one_of("aspp-depthwise", cfg["aspp_depthwise"], DEPTHWISE_FORMS)
+    if "aspp_depthwise" in given and cfg["decoder"] not in ("daformer", "deeplabv3plus"):
+        raise ConfigError(f"--aspp-depthwise applies to the separable ASPP of --decoder daformer | deeplabv3plus, "
+                          f"not {cfg['decoder']}")
     if cfg["decoder"] not in ARCHS[arch]["decoders"]:
         fitting = [a for a, spec in ARCHS.items() if cfg["decoder"] in spec["decoders"]]
         raise ConfigError(f"--decoder {cfg['decoder']} does not fit --arch {arch}: it needs --arch {' | '.join(fitting)}")
@@ -1451,6 +1485,9 @@ def build_nets(cfg, rank=0, world=1):
     model, info = build_model(cfg.arch, cfg.num_classes, cfg.pretrained, cfg.checkpoint_blocks, aspp_dilations(cfg),
                               cfg.decoder)
     info["align_corners"] = cfg.align_corners  # evaluation must resample the logits as training did
+    for module in model.modules():  # a speed choice of training only: the same result, the same weights
+        if isinstance(module, DepthwiseConv3x3):
+            module.form = cfg.aspp_depthwise
     rebuilder, pixel_head = build_rebuilder(cfg, model.encoder) if cfg.mrm and not cfg.source_only else (None, None)
     imagenet = copy.deepcopy(model.encoder).requires_grad_(False).eval() if cfg.fd_weight > 0 else None
     teacher = None if cfg.source_only else copy.deepcopy(model).requires_grad_(False)
@@ -2339,7 +2376,8 @@ def bench(cfg):
     cropped), data loading excluded. Every variant warms up (and, on CUDA, captures its graph) first; then N
     rounds time one step of each in turn (A, B, C, A, B, C ...), so that their ratios share the machine's state,
     and each reports its median. Variants: the step as configured (DACS+MRM), without MRM, eager instead of one
-    CUDA graph, fp32 instead of --amp, and (DACS recipe) DACS's per-image fp32 reference_step. All are alive at
+    CUDA graph, fp32 instead of --amp, the other --aspp-depthwise forms (DAFormer and DeepLabV3+ heads), and
+    (DACS recipe) DACS's per-image fp32 reference_step. All are alive at
     once: the run needs about their sum in memory. On CUDA, torch.profiler over 3 more steps of the first variant
     gives the GPU-busy time and the kernels and host launches per step. On the CPU the tiny model of the same
     family runs, so that a test can run it."""
@@ -2369,6 +2407,10 @@ def bench(cfg):
         variants["DACS+MRM (eager)"] = dict(mrm=True, cuda_graph=False)
     if cfg.amp != "off":
         variants[f"DACS+MRM fp32 ({mode})"] = dict(mrm=True, amp="off")
+    if cfg.decoder in ("daformer", "deeplabv3plus"):
+        for form in DEPTHWISE_FORMS:
+            if form != cfg.aspp_depthwise:
+                variants[f"DACS+MRM ({mode}, --aspp-depthwise {form})"] = dict(mrm=True, aspp_depthwise=form)
     if cfg.recipe == "dacs":  # the reference implements the DACS recipe only
         variants["DACS+MRM fp32 per-image reference"] = dict(mrm=True, amp="off", channels_last=False,
                                                              cuda_graph=False, reference=True)
