@@ -1604,7 +1604,8 @@ def build_optimizers(cfg, nets):
         return [g for g in (dict(params=decay, initial_lr=lr, **options),
                             dict(params=no_decay, initial_lr=lr, **{**options, "weight_decay": 0.0})) if g["params"]]
 
-    model, fused, capturable = nets.model, nets.device.type == "cuda", nets.graph
+    model, fused = nets.model, nets.device.type == "cuda"
+    capturable = fused and nets.graph
     slotted = cfg.optimizer == "sgd" and cfg.recipe == "dacs" and cfg.dacs_param_slots == "official"
     if slotted:
         slots = dacs_parameter_slots(model.encoder.backbone)
@@ -1835,13 +1836,14 @@ class CudaGraphStep:
     learning rates and EMA weight into device tensors; random numbers come from the CUDA generator, which
     advances at each replay. The first `warmup` iterations run eagerly on a side stream, as CUDA graph capture
     asks (optimizer states, cuDNN's algorithm search), and the next one is captured and replayed. The same
-    call order runs without a GPU (capture=False: the step runs from the same buffers, uncaptured), so that
+    call order runs without a GPU (capture=False, the default there: the step runs from the same buffers), so that
     the CPU tests check every piece but the capture itself. A capture that fails stops the run with one line:
     the CUDA generator may be left in capture mode, so continuing eagerly in this process is not safe."""
 
     warmup_steps = 3
 
-    def __init__(self, nets, warmup=warmup_steps, capture=True):
+    def __init__(self, nets, warmup=warmup_steps, capture=None):
+        capture = nets.device.type == "cuda" if capture is None else capture
         self.warmup, self.capture, self.steps, self.replay = warmup, capture, 0, None
         device_learning_rates(nets)
 
