@@ -1500,9 +1500,13 @@ def test_ema_follows_dacs_formula():
     student, teacher = nn.Linear(2, 2), nn.Linear(2, 2)
     before = teacher.weight.detach().clone()
     assert T.ema_alpha(9, 0.99) == pytest.approx(0.9) and T.ema_alpha(999, 0.99) == 0.99
-    T.update_ema(teacher, student, T.ema_alpha(9, 0.99))  # alpha = min(1 - 1/10, 0.99) = 0.9
+    T.update_ema(teacher, student, 1 - T.ema_alpha(9, 0.99))  # alpha = min(1 - 1/10, 0.99) = 0.9
     torch.testing.assert_close(teacher.weight, 0.9 * before + 0.1 * student.weight)
-    T.update_ema(teacher, student, torch.tensor(T.ema_alpha(0, 0.99)))  # alpha 0: a copy of the student
+    as_float = copy.deepcopy(teacher)
+    T.update_ema(as_float, student, 1 - 0.99)
+    T.update_ema(teacher, student, torch.tensor(1 - 0.99))  # the graph step's device weight: the same bits
+    assert torch.equal(teacher.weight, as_float.weight) and torch.equal(teacher.bias, as_float.bias)
+    T.update_ema(teacher, student, torch.tensor(1 - T.ema_alpha(0, 0.99)))  # alpha 0: a copy of the student
     torch.testing.assert_close(teacher.weight, student.weight)
 
 
@@ -1610,7 +1614,7 @@ def test_device_step_reads_nothing_on_the_host(monkeypatch, flags):
     otherwise). The detector itself finds the .item() and torch.unique of the per-image reference."""
     cfg = T.parse_config(flags + ["--device", "cpu"])
     nets = T.build_nets(cfg)
-    T.device_learning_rates(nets)
+    T.device_scalars(nets)
     T.train_step(cfg, nets, fake_batch(seed=1), 0)  # the warm-up: optimizer states exist
     inputs = T.to_device(fake_batch(), nets)
     for optimizer in nets.optimizers:
@@ -1657,6 +1661,7 @@ def test_graph_step_computes_what_train_step_computes(flags):
         assert [float(lr) for lr in graphed_lrs] == pytest.approx([g["lr"] for o in eager.optimizers
                                                                    for g in o.param_groups])
     assert step.replay is not None and step.steps == 3  # 2 warm-up iterations, then captured (here: recorded)
+    assert isinstance(graphed.ema_weight, torch.Tensor) and float(graphed.ema_weight) == pytest.approx(eager.ema_weight)
     for name in ("model", "teacher", "rebuilder"):
         for (key, a), b in zip(getattr(graphed, name).state_dict().items(), getattr(eager, name).state_dict().values()):
             torch.testing.assert_close(a, b, msg=f"{name}.{key}")

@@ -1440,12 +1440,12 @@ def ema_alpha(iteration, max_alpha):
 
 
 @torch.no_grad()
-def update_ema(teacher, student, alpha):
-    """teacher = alpha * teacher + (1 - alpha) * student, as DACS and DAFormer write it; alpha a float or a
-    0-dim device tensor (what a captured step reads)."""
+def update_ema(teacher, student, weight):
+    """teacher = alpha * teacher + (1 - alpha) * student, as a lerp towards the student by weight = 1 - alpha: a
+    float, or a 0-dim device tensor (what a captured step reads; the same bits, one lerp per tensor)."""
     teacher_params = list(teacher.parameters())
-    torch._foreach_mul_(teacher_params, alpha)
-    torch._foreach_add_(teacher_params, torch._foreach_mul(list(student.parameters()), 1 - alpha))
+    weights = [weight] * len(teacher_params) if isinstance(weight, torch.Tensor) else weight
+    torch._foreach_lerp_(teacher_params, list(student.parameters()), weights)
 
 
 def teacher_mode(teacher):
@@ -1498,7 +1498,7 @@ def build_nets(cfg, rank=0, world=1):
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
     nets = SimpleNamespace(model=model, teacher=teacher, rebuilder=rebuilder, pixel_head=pixel_head, imagenet=imagenet,
                            info=info, device=device, memory_format=memory_format, rank=rank, world=world,
-                           graph=not why_eager(cfg, world), ema_alpha=torch.zeros((), device=device))
+                           graph=not why_eager(cfg, world), ema_weight=0.0)
     for name in ("model", "teacher", "rebuilder", "pixel_head", "imagenet"):
         if getattr(nets, name) is not None:
             setattr(nets, name, getattr(nets, name).to(device, memory_format=memory_format))
@@ -1647,11 +1647,13 @@ def set_learning_rates(cfg, nets, iteration):
                 group["lr"] = lr
 
 
-def device_learning_rates(nets):
-    """Every group's lr as a 0-dim float32 tensor on the device, which a captured optimizer step reads."""
+def device_scalars(nets):
+    """What the host changes between iterations, every group's lr and the EMA weight, as 0-dim float32 device
+    tensors, which a captured step reads and begin_step writes in place."""
     for optimizer in nets.optimizers:
         for group in optimizer.param_groups:
             group["lr"] = torch.tensor(float(group["lr"]), device=nets.device)
+    nets.ema_weight = torch.tensor(float(nets.ema_weight), device=nets.device)
 
 
 def last_level(features):
@@ -1738,7 +1740,11 @@ def begin_step(cfg, nets, iteration):
     """The host's part of an iteration: its learning rates and EMA weight, written where device_step reads them."""
     set_learning_rates(cfg, nets, iteration)
     # DACS updates the teacher after the step with alpha(it); DAFormer at the start of the next one, alpha(it + 1)
-    nets.ema_alpha.fill_(ema_alpha(iteration + 1 if cfg.framework == "mmseg" else iteration, cfg.ema))
+    weight = 1 - ema_alpha(iteration + 1 if cfg.framework == "mmseg" else iteration, cfg.ema)
+    if isinstance(nets.ema_weight, torch.Tensor):
+        nets.ema_weight.fill_(weight)
+    else:
+        nets.ema_weight = weight
 
 
 def device_step(cfg, nets, source_image, source_label, target_image):
@@ -1756,7 +1762,7 @@ def device_step(cfg, nets, source_image, source_label, target_image):
     for optimizer in nets.optimizers:
         optimizer.zero_grad(set_to_none=True)
     if nets.teacher is not None:
-        update_ema(nets.teacher, nets.model, nets.ema_alpha)
+        update_ema(nets.teacher, nets.model, nets.ema_weight)
     return losses
 
 
@@ -1845,7 +1851,7 @@ class CudaGraphStep:
     def __init__(self, nets, warmup=warmup_steps, capture=None):
         capture = nets.device.type == "cuda" if capture is None else capture
         self.warmup, self.capture, self.steps, self.replay = warmup, capture, 0, None
-        device_learning_rates(nets)
+        device_scalars(nets)
 
     def __call__(self, cfg, nets, batch, iteration):
         begin_step(cfg, nets, iteration)
