@@ -1706,7 +1706,7 @@ def test_a_failed_capture_stops_with_one_line_and_other_shapes_are_refused(monke
     monkeypatch.setattr(torch.cuda, "graph", RefusingCapture)
     with pytest.raises(T.CaptureFailed, match=r"operation not permitted when stream is capturing more lines\); run "
                                               "with --no-cuda-graph") as failure:
-        T.CudaGraphStep(nets, warmup=0)(cfg, nets, fake_batch(), 0)
+        T.CudaGraphStep(nets, warmup=0, capture=True)(cfg, nets, fake_batch(), 0)
     assert isinstance(failure.value, T.ConfigError) and "\n" not in str(failure.value)  # main: one line, exit 2
     monkeypatch.undo()
     step = T.CudaGraphStep(nets, warmup=0, capture=False)
@@ -2100,30 +2100,39 @@ def assert_states_equal(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
+def assert_checkpoints_equal(a, b):
+    """Model, teacher, Rebuilder and every optimizer state bit-identical."""
+    for part in ("model", "teacher", "rebuilder"):
+        assert_states_equal(a[part], b[part])
+    for optimizer_a, optimizer_b in zip(a["optimizers"], b["optimizers"], strict=True):
+        for key, state in optimizer_a["state"].items():
+            assert_states_equal(state, optimizer_b["state"][key])
+
+
+def tiny_dacs_run(tmp_path, iters, checkpoint_every):
+    """Arguments of a DACS-recipe run (dlv2-tiny, SlotSGD + the Rebuilder's AdamW) on a fake GTA/Cityscapes."""
+    root = str(tmp_path / "data")
+    write_fake_dataset(root, "gta", 3, (64, 48))
+    write_fake_dataset(root, "cityscapes", 2, (64, 32))
+    return ["--task", "gta2cs", "--data-root", root, "--arch", "dlv2-tiny", "--crop", "32", "--iters", str(iters),
+            "--rebuilder-dim", "32", "--rebuilder-heads", "4", "--rebuilder-grid", "4", "--workers", "0",
+            "--checkpoint-every", str(checkpoint_every), "--log-every", "1", "--val-every", "100"]
+
+
 def test_resume_is_bit_exact(tmp_path, small_toy):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     assert T.main(TOY_FAST + ["--iters", "6", "--work-dir", straight]) == 0
     assert T.main(TOY_FAST + ["--iters", "6", "--stop-after", "3", "--work-dir", split]) == 0
     assert state_of(split)["iteration"] == 3 and not os.path.exists(os.path.join(split, "model.pth"))
     assert T.main(TOY_FAST + ["--iters", "6", "--resume", "--work-dir", split]) == 0
-    a, b = state_of(straight), state_of(split)
-    for part in ("model", "teacher", "rebuilder"):
-        assert_states_equal(a[part], b[part])
-    for optimizer_a, optimizer_b in zip(a["optimizers"], b["optimizers"], strict=True):
-        for key, state in optimizer_a["state"].items():
-            assert_states_equal(state, optimizer_b["state"][key])
+    assert_checkpoints_equal(state_of(straight), state_of(split))
     lines = [json.loads(line) for line in open(os.path.join(split, "log.jsonl"))]
     assert [r["iteration"] for r in lines if "loss_source" in r] == [2, 3, 4, 6]
 
 
 def test_dacs_recipe_resume_restores_both_optimizers_bit_exactly(tmp_path):
     """The DACS recipe trains with SlotSGD plus the Rebuilder's AdamW; both come back on --resume."""
-    root = str(tmp_path / "data")
-    write_fake_dataset(root, "gta", 3, (64, 48))
-    write_fake_dataset(root, "cityscapes", 2, (64, 32))
-    args = ["--task", "gta2cs", "--data-root", root, "--arch", "dlv2-tiny", "--crop", "32", "--iters", "4",
-            "--rebuilder-dim", "32", "--rebuilder-heads", "4", "--rebuilder-grid", "4", "--workers", "0",
-            "--checkpoint-every", "1", "--log-every", "1", "--val-every", "100"]
+    args = tiny_dacs_run(tmp_path, iters=4, checkpoint_every=1)
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     assert T.main(args + ["--work-dir", straight]) == 0
     assert T.main(args + ["--work-dir", split, "--stop-after", "2"]) == 0
@@ -2131,11 +2140,7 @@ def test_dacs_recipe_resume_restores_both_optimizers_bit_exactly(tmp_path):
     a, b = state_of(straight), state_of(split)
     assert [g["slots"] for g in a["optimizers"][0]["param_groups"]] == [1, 3, 4, 1]  # stem, block, downsample; head
     assert len(a["optimizers"]) == 2 and a["optimizers"][1]["param_groups"][0]["lr"] > 0
-    for part in ("model", "teacher", "rebuilder"):
-        assert_states_equal(a[part], b[part])
-    for optimizer_a, optimizer_b in zip(a["optimizers"], b["optimizers"], strict=True):
-        for key, state in optimizer_a["state"].items():
-            assert_states_equal(state, optimizer_b["state"][key])
+    assert_checkpoints_equal(a, b)
     config = json.load(open(os.path.join(straight, "config.json")))
     assert (config["recipe"], config["framework"], config["aspp_dilations"], config["iters"]) == ("dacs", "dacs", "6,12", 4)
 
@@ -2144,12 +2149,7 @@ def test_training_with_the_graph_step_logs_checkpoints_and_resumes_bit_exactly(t
     """The training loop around CudaGraphStep (forced on; without a GPU it runs uncaptured): 8 iterations
     straight and 2 + 6 resumed end bit-identical (the capture falls at different iterations), the log holds
     plain decaying learning rates, and both end within float32 rounding of the eager loop."""
-    root = str(tmp_path / "data")
-    write_fake_dataset(root, "gta", 3, (64, 48))
-    write_fake_dataset(root, "cityscapes", 2, (64, 32))
-    args = ["--task", "gta2cs", "--data-root", root, "--arch", "dlv2-tiny", "--crop", "32", "--iters", "8",
-            "--rebuilder-dim", "32", "--rebuilder-heads", "4", "--rebuilder-grid", "4", "--workers", "0",
-            "--checkpoint-every", "2", "--log-every", "1", "--val-every", "100"]
+    args = tiny_dacs_run(tmp_path, iters=8, checkpoint_every=2)
     eager = str(tmp_path / "eager")
     assert T.main(args + ["--work-dir", eager]) == 0
     assert "step eager" in capsys.readouterr().out
@@ -2160,13 +2160,10 @@ def test_training_with_the_graph_step_logs_checkpoints_and_resumes_bit_exactly(t
     assert T.main(args + ["--work-dir", split, "--stop-after", "2"]) == 0
     assert T.main(args + ["--work-dir", split, "--resume"]) == 0
     a, b, c = state_of(straight), state_of(split), state_of(eager)
+    assert_checkpoints_equal(a, b)
     for part in ("model", "teacher", "rebuilder"):
-        assert_states_equal(a[part], b[part])
         for key in a[part]:
             torch.testing.assert_close(a[part][key], c[part][key], msg=f"{part}.{key}")
-    for optimizer_a, optimizer_b in zip(a["optimizers"], b["optimizers"], strict=True):
-        for key, state in optimizer_a["state"].items():
-            assert_states_equal(state, optimizer_b["state"][key])
     lrs = [json.loads(line)["lr"] for line in open(os.path.join(straight, "log.jsonl")) if "lr" in line]
     assert len(lrs) == 8 and all(type(lr) is float for lr in lrs) and lrs == sorted(lrs, reverse=True)
 
@@ -2582,7 +2579,8 @@ def test_bad_pretrained_files_and_checkpoints_are_one_line_exit_2(tmp_path, caps
                        "--iters", "1"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err, err
-    assert "not a state dict" in (T.main(["--task", "toy", "--pretrained", str(listing)]) and capsys.readouterr().err)
+    assert "not a state dict" in (T.main(["--task", "toy", "--pretrained", str(listing), "--work-dir",
+                                          str(tmp_path / "w")]) and capsys.readouterr().err)
     assert eval_main([str(truncated), "--task", "toy"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a readable checkpoint" in err and str(truncated) in err

@@ -1830,7 +1830,6 @@ def forward_backward(cfg, nets, x_s, y_s, x_t):
     return torch.stack([loss_s, loss_u, loss_mrm_s + loss_mrm_t, loss_mic, loss_fd, weight]).detach().float()
 
 
-
 class CaptureFailed(ConfigError):
     pass
 
@@ -1841,10 +1840,10 @@ class CudaGraphStep:
     Before each replay the host writes the batch into the graph's input buffers and, through begin_step, the
     learning rates and EMA weight into device tensors; random numbers come from the CUDA generator, which
     advances at each replay. The first `warmup` iterations run eagerly on a side stream, as CUDA graph capture
-    asks (optimizer states, cuDNN's algorithm search), and the next one is captured and replayed. The same
-    call order runs without a GPU (capture=False, the default there: the step runs from the same buffers), so that
-    the CPU tests check every piece but the capture itself. A capture that fails stops the run with one line:
-    the CUDA generator may be left in capture mode, so continuing eagerly in this process is not safe."""
+    asks (optimizer states, cuDNN's algorithm search), and the next one is captured and replayed. Without a GPU
+    (capture=False, the default there) the same calls run the step from the same buffers, so that the CPU tests
+    check every piece but the capture itself. A capture that fails stops the run with one line: the CUDA
+    generator may be left in capture mode, so continuing eagerly in this process is not safe."""
 
     warmup_steps = 3
 
