@@ -1688,10 +1688,9 @@ def test_a_graph_checkpoint_resumes_with_plain_learning_rates(tmp_path):
     assert lrs == pytest.approx([float(g["lr"]) for o in nets.optimizers for g in o.param_groups])
 
 
-def test_a_failed_capture_stops_with_one_line_and_other_shapes_are_refused(monkeypatch, capsys):
-    cfg = T.parse_config(GRAPH_CASES[0] + ["--device", "cpu"])
-    nets = T.build_nets(cfg)
-
+def test_a_failed_capture_stops_with_one_line_and_other_shapes_are_refused(tmp_path, monkeypatch, capsys):
+    """A training run whose capture fails (simulated: capture forced on, torch.cuda.graph refusing): one line
+    naming the cause and --no-cuda-graph, exit 2, no traceback. A replayed step refuses a batch of another shape."""
     class RefusingCapture:
         def __init__(self, graph, capture_error_mode):
             assert capture_error_mode == "thread_local"
@@ -1702,17 +1701,24 @@ def test_a_failed_capture_stops_with_one_line_and_other_shapes_are_refused(monke
         def __exit__(self, *exc):
             raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore lines")
 
+    real_step = T.CudaGraphStep
+    monkeypatch.setattr(T, "why_eager", lambda cfg, world: "")
+    monkeypatch.setattr(T, "CudaGraphStep", lambda nets: real_step(nets, warmup=0, capture=True))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
     monkeypatch.setattr(torch.cuda, "graph", RefusingCapture)
-    with pytest.raises(T.CaptureFailed, match=r"operation not permitted when stream is capturing more lines\); run "
-                                              "with --no-cuda-graph") as failure:
-        T.CudaGraphStep(nets, warmup=0, capture=True)(cfg, nets, fake_batch(), 0)
-    assert isinstance(failure.value, T.ConfigError) and "\n" not in str(failure.value)  # main: one line, exit 2
+    assert T.main(tiny_dacs_run(tmp_path, iters=2, checkpoint_every=1) + ["--work-dir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "could not be captured as one CUDA graph (RuntimeError: CUDA error: operation not permitted when stream " \
+           "is capturing more lines); run with --no-cuda-graph" in err
     monkeypatch.undo()
+    cfg = T.parse_config(GRAPH_CASES[0] + ["--device", "cpu"])
+    nets = T.build_nets(cfg)
     step = T.CudaGraphStep(nets, warmup=0, capture=False)
     step(cfg, nets, fake_batch(), 0)
     with pytest.raises(ValueError, match=r"source_image \(2, 3, 16, 16\), captured with \(2, 3, 32, 32\)"):
         step(cfg, nets, fake_batch(size=16), 1)
+
 
 def test_the_step_is_one_cuda_graph_where_it_can_be():
     cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu"])
