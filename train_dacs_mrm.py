@@ -2384,10 +2384,9 @@ def bench(cfg):
     rounds time one step of each in turn (A, B, C, A, B, C ...), so that their ratios share the machine's state,
     and each reports its median. Variants: the step as configured (DACS+MRM), without MRM, eager instead of one
     CUDA graph, fp32 instead of --amp, the other --aspp-depthwise forms (DAFormer and DeepLabV3+ heads), and
-    (DACS recipe) DACS's per-image fp32 reference_step. All are alive at
-    once: the run needs about their sum in memory. On CUDA, torch.profiler over 3 more steps of the first variant
-    gives the GPU-busy time and the kernels and host launches per step. On the CPU the tiny model of the same
-    family runs, so that a test can run it."""
+    (DACS recipe) DACS's per-image fp32 reference_step. All are alive at once: the run needs about their sum in
+    memory. On CUDA, torch.profiler over 3 more steps of the first variant gives the GPU-busy time and the kernels
+    and host launches per step. On the CPU the tiny model of the same family runs, so that a test can run it."""
     if cfg.device == "cpu":
         cfg = SimpleNamespace(**{**vars(cfg), "arch": cfg.arch if cfg.arch.endswith("tiny") else
                                  ("mit-tiny" if "mit" in cfg.arch else "dlv2-tiny"), "crop": min(cfg.crop or 64, 64)})
