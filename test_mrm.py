@@ -545,7 +545,7 @@ def test_load_mmcv_resnet_v1c_layout(tmp_path):
     assert all(c.bias.abs().sum() == 0 for c in decoder.conv2d_list)  # mmcv's NormalInit: bias 0
     del sd['stem.3.weight']
     torch.save(sd, path)
-    with pytest.raises(ValueError, match=r'missing \[stem.3.weight\]'):
+    with pytest.raises(ValueError, match=r"1 missing \[stem.3.weight\]"):
         build_deeplab(19, pretrained=str(path), layers=(1, 2, 2, 2), width=8, styles=('v1c',))
     caffe = tmp_path / 'coco.pth'
     torch.save(dict(ResNetDilated(**DLV2_TINY).state_dict(), **{'layer5.conv2d_list.0.weight': torch.zeros(1)}), caffe)
@@ -1690,7 +1690,7 @@ def test_a_graph_checkpoint_resumes_with_plain_learning_rates(tmp_path):
 
 def test_a_failed_capture_stops_with_one_line_and_other_shapes_are_refused(tmp_path, monkeypatch, capsys):
     """A training run whose capture fails (simulated: capture forced on, torch.cuda.graph refusing): one line
-    naming the cause and --no-cuda-graph, exit 2, no traceback. A replayed step refuses a batch of another shape."""
+    naming the cause and the eager step, exit 2, no traceback. A replayed step refuses a batch of another shape."""
     class RefusingCapture:
         def __init__(self, graph, capture_error_mode):
             assert capture_error_mode == "thread_local"
@@ -1710,7 +1710,7 @@ def test_a_failed_capture_stops_with_one_line_and_other_shapes_are_refused(tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert "could not be captured as one CUDA graph (RuntimeError: CUDA error: operation not permitted when stream " \
-           "is capturing more lines); run with --no-cuda-graph" in err
+           "is capturing more lines); run without --cuda-graph" in err
     monkeypatch.undo()
     cfg = T.parse_config(GRAPH_CASES[0] + ["--device", "cpu"])
     nets = T.build_nets(cfg)
@@ -1720,14 +1720,16 @@ def test_a_failed_capture_stops_with_one_line_and_other_shapes_are_refused(tmp_p
         step(cfg, nets, fake_batch(size=16), 1)
 
 
-def test_the_step_is_one_cuda_graph_where_it_can_be():
+def test_the_step_is_one_cuda_graph_only_when_asked_for_and_where_it_can_be():
     cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu"])
+    assert cfg.cuda_graph is False and T.why_eager(cfg, 1) == "without --cuda-graph" and not T.build_nets(cfg).graph
+    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--cuda-graph"])
     assert T.why_eager(cfg, 1) == "not on CUDA" and not T.build_nets(cfg).graph
     on_gpu = SimpleNamespace(**{**vars(cfg), "device": "cuda"})
     assert T.why_eager(on_gpu, 1) == ""
     assert T.why_eager(on_gpu, 2).startswith("torchrun")
     for key, value, why in (("amp", "fp16", "fp16"), ("checkpoint_blocks", True, "--checkpoint-blocks"),
-                            ("compile", True, "--compile"), ("cuda_graph", False, "--no-cuda-graph")):
+                            ("compile", True, "--compile"), ("cuda_graph", False, "without --cuda-graph")):
         assert T.why_eager(SimpleNamespace(**{**vars(on_gpu), key: value}), 1).startswith(why)
 
 
@@ -1761,7 +1763,7 @@ def test_cuda_graph_replays_what_the_eager_step_computes_on_the_gpu(monkeypatch,
     """The capture itself, on a GPU: 6 iterations (2 eager warm-up, capture, replays) against eager ones with
     the same seeds; fp32 and deterministic cuDNN, so that only atomic additions may order sums differently."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    cfg = T.parse_config(flags + ["--device", "cuda", "--amp", "off"])
+    cfg = T.parse_config(flags + ["--device", "cuda", "--amp", "off", "--cuda-graph"])
     torch.manual_seed(0)
     eager = T.build_nets(SimpleNamespace(**{**vars(cfg), "cuda_graph": False}))
     torch.manual_seed(0)
@@ -2045,7 +2047,7 @@ def test_new_pretrained_layouts_load_strictly(tmp_path):
     assert model.encoder.backbone.block3[5].mlp.fc1.weight.abs().sum() == 0
     del weights["block3.5.mlp.fc1.weight"]
     torch.save(weights, tmp_path / "broken_b2.pth")
-    with pytest.raises(DataError, match=r"1 missing keys: block3.5.mlp.fc1.weight"):
+    with pytest.raises(DataError, match=r"1 missing \[block3.5.mlp.fc1.weight\]"):
         T.build_model("mitb2", 19, pretrained=str(tmp_path / "broken_b2.pth"))
     with pytest.raises(DataError, match="missing"):  # B2's file does not fit B3
         T.build_model("mitb3", 19, pretrained=str(tmp_path / "mit_b2.pth"))
@@ -2177,7 +2179,7 @@ def test_toy_training_logs_and_exports_without_rebuilder(tmp_path, small_toy, ca
     work = str(tmp_path / "run")
     assert T.main(TOY_FAST + ["--iters", "4", "--work-dir", work]) == 0
     out = capsys.readouterr().out
-    assert "it/s" in out and "ETA" in out and "mIoU" in out
+    assert re.search(r"\d (it/s|s/it)  ETA", out) and "mIoU" in out
     records = [json.loads(line) for line in open(os.path.join(work, "log.jsonl"))]
     assert {"iteration", "loss_source", "loss_uda", "loss_mrm", "lr", "time"} <= records[0].keys()
     assert records[-1]["val_miou"] >= 0

@@ -55,49 +55,116 @@ from PIL import Image
 from mrm import Masking, Rebuilder, mrm_loss, resize_mask, segmentation_ce
 
 
-# ============================================================================= config
-# Defaults < recipe < task < command line. Every key is a flag: --mask-ratio 0.5, --no-mrm.
-DEFAULTS = dict(
-    task="toy",             # gta2cs | syn2cs | toy
-    arch="",                # dlv2 | dlv2-r50 | dlv2-v1c | dlv2-v1c-r50 | mitb5 | mitb3 | mitb2 | ...-tiny
-    decoder="",             # deeplabv2 | deeplabv3plus (ResNet encoders) | daformer (MiT); default: the arch's
-    recipe="",              # dacs | mmseg-dacs | daformer | toy (default: the arch's / task's)
-    data_root="data",
-    pretrained="",          # DeepLab COCO init, torchvision resnet101, mmcv resnet101_v1c or SegFormer mit_b5.pth
-    work_dir="",            # default: runs/<task>-<arch>-<method>-seed<seed>
-    seed=0,
-    device="",              # cpu | cuda (default: cuda when available)
-    amp="off",              # off | bf16 | fp16
-    channels_last=True,     # faster convolutions on CUDA
-    compile=False,          # torch.compile the encoder and decoder
-    cuda_graph=True,        # on CUDA, capture the step once as a CUDA graph and replay it (--no-cuda-graph: eager)
-    checkpoint_blocks=False,  # activation checkpointing of the MiT blocks (saves memory)
-    workers=4,
-    sync_bn=False,          # under torchrun: synchronise the student's BatchNorm statistics across processes
-    aspp_dilations="6,12",  # DeepLabV2 classifier: the two branches every UDA baseline ran, or 6,12,18,24
-    aspp_depthwise="direct",  # direct | nchw | space-to-batch: how the separable ASPP's dilated depth-wise convs run
-    # schedule and optimiser (set by the recipe)
-    iters=0, batch_size=2, crop=512, optimizer="sgd", lr=2.5e-4, head_lr_mult=10.0, momentum=0.9,
-    weight_decay=5e-4, norm_no_decay=False, poly_power=0.9, warmup_iters=0,
-    dacs_param_slots="official",  # official: SGD updates as DACS's duplicated parameter list did | unique
-    # DACS
-    source_only=False,      # the baseline: source loss only, no target, no MRM
-    ema=0.99, pseudo_threshold=0.968, jitter=0.25, jitter_p=0.8, blur_p=0.5, align_corners=True,
-    # DAFormer recipe parts (0 / False = off)
-    flip=False, cat_max_ratio=1.0, rcs_temperature=0.0, rcs_min_pixels=3000, fd_weight=0.0, pl_crop=False,
-    # MIC (Hoyer et al. 2023): masked image consistency on the target batch
-    mic=False, mic_mask_ratio=0.7, mic_block_size=32, mic_weight=1.0,
-    # MRM; the Rebuilder always trains with AdamW (SPEC.md section 2)
-    mrm=True, mrm_weight=1.0, mask_ratio=0.4, rebuilder_dim=512, rebuilder_depth=2, rebuilder_heads=16,
-    rebuilder_grid=16, rebuilder_lr=2e-4, rebuilder_weight_decay=0.01, mrm_domain="target",
-    mrm_mode="rebuild",     # rebuild | mask-only (Table 2c)
-    mrm_objective="cls",    # cls (Eq. 4) | pixel | feature-teacher | feature-student (Table 2e)
-    mrm_trains="both",      # both | encoder | decoder: what the MRM loss's gradient reaches (Table 4)
-    # run hygiene
-    log_every=50, val_every=5000, checkpoint_every=1000, stop_after=0, resume=False, max_skips=10,
-    # other modes
-    check_data=False, print_config=False, bench=0, bench_data=0, count_flops=False,
-)
+# ============================================================================= config: flags, recipes, architectures, tasks
+
+
+# Every key is a flag: --mask-ratio 0.5, and for a switch --mrm / --no-mrm. A value comes from, last wins: the
+# default here, the recipe, the task, the command line. --help prints each flag's help, default and choices.
+FLAGS = {
+    "run and data": dict(
+        task=("toy", "what to adapt: GTA5 -> Cityscapes, SYNTHIA -> Cityscapes, or generated toy scenes (CPU)"),
+        data_root=("data", "folder holding gta/, synthia/ and cityscapes/ (see README for the layout)"),
+        pretrained=("", "ImageNet / MS-COCO weights of the encoder; required for gta2cs and syn2cs, 'none' "
+                        "trains from scratch"),
+        work_dir=("", "where checkpoint.pth, config.json, log.jsonl and model.pth go "
+                      "(default runs/<task>-<arch>-<method>-seed<seed>)"),
+        seed=(0, "seed of every random draw: batches, masks, ClassMix, augmentation, initialisation"),
+        workers=(4, "data loader processes"),
+        log_every=(50, "iterations between progress lines and log.jsonl records (the first is printed at once)"),
+        val_every=(5000, "iterations between validations on the target val split"),
+        checkpoint_every=(1000, "iterations between checkpoints (atomic: a crash keeps the last one)"),
+        stop_after=(0, "stop after this many iterations of this run, checkpointed; continue with --resume (0: off)"),
+        resume=(False, "continue from the work dir's checkpoint"),
+        max_skips=(10, "corrupt files a run may skip (each is named) before it stops"),
+    ),
+    "model": dict(
+        arch=("", "encoder (default: the task's); *-tiny are for tests and the toy task"),
+        decoder=("", "segmentation head (default: the arch's first): deeplabv2 | deeplabv3plus (ResNets), "
+                     "daformer (MiT)"),
+        aspp_dilations=("6,12", "DeepLabV2 classifier branches: 6,12 as every UDA baseline ran it, or the "
+                                "four of the DeepLabV2 paper", ("6,12", "6,12,18,24")),
+    ),
+    "recipe and schedule": dict(
+        recipe=("", "the official training code to reproduce (default: the arch's; see README 'What the "
+                    "recipes do')"),
+        iters=(0, "training iterations"),
+        batch_size=(2, "source images and target images per iteration (per process under torchrun)"),
+        crop=(512, "square training crop (0: whole images)"),
+        optimizer=("sgd", "optimizer of the network", ("sgd", "adamw")),
+        lr=(2.5e-4, "encoder learning rate"),
+        head_lr_mult=(10.0, "decoder learning rate = lr x this"),
+        momentum=(0.9, "SGD momentum"),
+        weight_decay=(5e-4, "weight decay of the network"),
+        norm_no_decay=(False, "no weight decay on LayerNorm parameters (mmseg's paramwise_cfg)"),
+        poly_power=(0.9, "poly learning-rate decay to 0 at --iters"),
+        warmup_iters=(0, "linear warm-up iterations (mmcv's, ratio 1e-6)"),
+        dacs_param_slots=("official", "DACS's SGD: update each tensor once per time DACS's parameter list "
+                                      "holds it (official) or once (unique)", ("official", "unique")),
+    ),
+    "DACS": dict(
+        source_only=(False, "train on the source only: no target, no teacher, no MRM"),
+        ema=(0.99, "teacher EMA: alpha = min(1 - 1/(iteration+1), this)"),
+        pseudo_threshold=(0.968, "pseudo-label weight = share of target pixels at least this confident"),
+        jitter=(0.25, "colour jitter strength (brightness, contrast, saturation, hue) on the mixed images"),
+        jitter_p=(0.8, "probability that a batch is jittered"),
+        blur_p=(0.5, "probability that a batch is blurred"),
+        align_corners=(True, "align_corners of every logit upsampling, in training and evaluation"),
+        flip=(False, "random horizontal flip of the crops"),
+        cat_max_ratio=(1.0, "re-crop the source up to 10 times while one class covers this share or more (1: off)"),
+        rcs_temperature=(0.0, "rare class sampling of source images, DAFormer's temperature (0: off)"),
+        rcs_min_pixels=(3000, "rare class sampling: an image qualifies for a class with more pixels of it"),
+        fd_weight=(0.0, "weight of DAFormer's ImageNet feature distance on thing classes (0: off)"),
+        pl_crop=(False, "pseudo-label weight 0 on the top 15 and bottom 120 rows (DAFormer)"),
+    ),
+    "MRM and the paper's ablations": dict(
+        mrm=(True, "the MRM auxiliary task (--no-mrm: the baseline)"),
+        mrm_weight=(1.0, "lambda of Eq. 5"),
+        mask_ratio=(0.4, "share of the grid's cells masked"),
+        rebuilder_dim=(512, "Rebuilder width (Table 2a)"),
+        rebuilder_depth=(2, "Rebuilder transformer blocks (Table 2b)"),
+        rebuilder_heads=(16, "Rebuilder attention heads"),
+        rebuilder_grid=(16, "mask grid side (Table 2d)"),
+        rebuilder_lr=(2e-4, "Rebuilder learning rate; it always trains with AdamW"),
+        rebuilder_weight_decay=(0.01, "Rebuilder weight decay"),
+        mrm_domain=("target", "whose features MRM rebuilds (Table 3)", ("target", "source", "both")),
+        mrm_mode=("rebuild", "rebuild the masked cells, or only mask them (Table 2c)", ("rebuild", "mask-only")),
+        mrm_objective=("cls", "what the rebuilt features learn (Table 2e): the decoder's classes (Eq. 4), "
+                              "image patches or features", ("cls", "pixel", "feature-teacher", "feature-student")),
+        mrm_trains=("both", "what the MRM loss's gradient reaches besides the Rebuilder (Table 4)",
+                    ("both", "encoder", "decoder")),
+    ),
+    "MIC": dict(
+        mic=(False, "MIC's masked image consistency on the target batch (Hoyer et al. 2023)"),
+        mic_mask_ratio=(0.7, "share of MIC's image blocks masked"),
+        mic_block_size=(32, "MIC's block side in pixels"),
+        mic_weight=(1.0, "weight of MIC's loss"),
+    ),
+    "precision and speed": dict(
+        device=("", "cpu | cuda (default: cuda when available)", ("cpu", "cuda")),
+        amp=("off", "autocast precision: off (fp32, the official setting), bf16 (faster) or fp16",
+             ("off", "bf16", "fp16")),
+        channels_last=(True, "channels-last memory format on CUDA"),
+        compile=(False, "torch.compile the encoder and decoder"),
+        cuda_graph=(False, "capture the step once as a CUDA graph and replay it (one GPU; opt-in until measured "
+                           "on a GPU)"),
+        checkpoint_blocks=(False, "recompute the MiT blocks' activations in backward (less memory)"),
+        aspp_depthwise=("direct", "how the separable ASPP's dilated depth-wise convs run (the same result)",
+                        ("direct", "nchw", "space-to-batch")),
+    ),
+    "several GPUs (torchrun)": dict(
+        sync_bn=(False, "synchronise the student's BatchNorm statistics across processes (GPUs only)"),
+    ),
+    "modes (each does its work and exits)": dict(
+        check_data=(False, "list and pair every split the task reads, print the counts"),
+        print_config=(False, "print the resolved configuration as JSON"),
+        count_flops=(False, "count the forward multiply-adds of the model and of MRM's extra decoder pass"),
+        bench=(0, "time N training steps on random batches of the paper's sizes"),
+        bench_data=(0, "time N batches of the data pipeline on GTA-sized PNGs"),
+    ),
+}
+DEFAULTS = {key: entry[0] for group in FLAGS.values() for key, entry in group.items()}
+
+
 # A recipe's framework decides what the official code around it did: "dacs" is DACS's trainUDA.py (images
 # resized exactly with PIL, ClassMix classes per image, source loss over labelled pixels, EMA after the step);
 # "mmseg" is DAFormer's mmsegmentation code (resize keeping the aspect ratio, ClassMix classes of the whole
@@ -116,17 +183,10 @@ RECIPES["daformer"] = dict(RECIPES["mmseg-dacs"], ema=0.999, rcs_temperature=0.0
 RECIPES["toy"] = dict(RECIPES["dacs"], iters=1000, batch_size=8, crop=0, optimizer="adamw", lr=1e-3,
                       head_lr_mult=1.0, weight_decay=1e-4, align_corners=False, rebuilder_lr=1e-3,
                       rebuilder_dim=64, rebuilder_heads=4, rebuilder_grid=8, mic_block_size=8, log_every=50,
-                      val_every=500,
-                      checkpoint_every=500, workers=0)
-ASPP_DILATIONS = ("6,12", "6,12,18,24")
+                      val_every=500, checkpoint_every=500, workers=0)
 TOY_SIZES = {"train": 2000, "val": 200}  # scenes per toy split: a finite target set, as in real UDA
 
-
-# ============================================================================= labels and data
-
-# -----------------------------------------------------------------------------
-# label tables
-
+# Label tables: the 19 Cityscapes classes in train-id order (cityscapesscripts labels.py), Table 1's order.
 CLASSES = ('road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign',
            'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train', 'motorbike',
            'bicycle')
@@ -136,15 +196,1266 @@ PALETTE = np.array([(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156
                     (0, 80, 100), (0, 0, 230), (119, 11, 32)], dtype=np.uint8)
 SYNTHIA_16 = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)  # no terrain, truck, train
 SYNTHIA_13 = (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)  # additionally no wall, fence, pole
+TOY_CLASSES = ('road', 'sidewalk', 'building', 'vegetation', 'sky', 'car', 'pole')
+TOY_PALETTE = np.array([(128, 64, 128), (244, 35, 232), (70, 70, 70), (107, 142, 35),
+                        (70, 130, 180), (0, 0, 142), (153, 153, 153)], np.uint8)  # Cityscapes colours
+
+MIT_B5 = dict(embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3), num_heads=(1, 2, 5, 8), sr_ratios=(8, 4, 2, 1))
+MIT_B2, MIT_B3 = dict(MIT_B5, depths=(3, 4, 6, 3)), dict(MIT_B5, depths=(3, 4, 18, 3))  # SegFormer's
+MIT_TINY = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 2), sr_ratios=(8, 4, 2, 1))
+# framework: the recipes' framework an architecture belongs to (the toy recipe runs any); styles: RESNET_STYLES;
+# decoders: the first is the default of --decoder; weights: the pretrained file the paper's runs start from.
+RESNET = dict(decoders=("deeplabv2", "deeplabv3plus"))
+COCO_INIT = ("resnet101COCO-41f33a49.pth, the MS-COCO DeepLab init that DACS's trainUDA.py loads (AdvSemiSeg's "
+             "release), or torchvision's ImageNet resnet101")
+MMCV_V1C = "mmcv's ImageNet {} (open-mmlab://{} in mmcv's model_zoo/open_mmlab.json)"
+SEGFORMER = "SegFormer's ImageNet {} (NVlabs/SegFormer README, 'ImageNet-1K pretrained weights')"
+DACS_RESNET = dict(RESNET, recipe="dacs", framework="dacs", styles=("caffe", "torchvision"))
+MMSEG_RESNET = dict(RESNET, recipe="mmseg-dacs", framework="mmseg", styles=("v1c",))
+MIT = dict(recipe="daformer", framework="mmseg", decoders=("daformer",), head_dim=256)
+ARCHS = {
+    "dlv2": dict(DACS_RESNET, layers=(3, 4, 23, 3), width=64, weights=COCO_INIT),
+    "dlv2-r50": dict(DACS_RESNET, layers=(3, 4, 6, 3), width=64, weights="torchvision's ImageNet resnet50-11ad3fa6.pth"),
+    "dlv2-tiny": dict(DACS_RESNET, layers=(1, 1, 1, 1), width=16, weights=""),
+    "dlv2-v1c": dict(MMSEG_RESNET, layers=(3, 4, 23, 3), width=64,
+                     weights=MMCV_V1C.format("resnet101_v1c-e67eebb6.pth", "resnet101_v1c")),
+    "dlv2-v1c-r50": dict(MMSEG_RESNET, layers=(3, 4, 6, 3), width=64,
+                         weights=MMCV_V1C.format("resnet50_v1c-2cccc1ad.pth", "resnet50_v1c")),
+    "dlv2-v1c-tiny": dict(MMSEG_RESNET, layers=(1, 1, 1, 1), width=16, weights=""),
+    "mitb5": dict(MIT, mit=MIT_B5, weights=SEGFORMER.format("mit_b5.pth")),
+    "mitb3": dict(MIT, mit=MIT_B3, weights=SEGFORMER.format("mit_b3.pth")),
+    "mitb2": dict(MIT, mit=MIT_B2, weights=SEGFORMER.format("mit_b2.pth")),
+    "mit-tiny": dict(MIT, mit=MIT_TINY, head_dim=32, weights=""),
+}
+TASKS = {
+    "gta2cs": dict(source="gta", target="cityscapes", arch="dlv2", class_names=CLASSES, palette=PALETTE,
+                   eval_classes={"19": tuple(range(19))}),
+    "syn2cs": dict(source="synthia", target="cityscapes", arch="dlv2", class_names=CLASSES, palette=PALETTE,
+                   eval_classes={"16": SYNTHIA_16, "13": SYNTHIA_13}),
+    "toy": dict(source="toy-source", target="toy-target", arch="dlv2-tiny", recipe="toy", class_names=TOY_CLASSES,
+                palette=TOY_PALETTE, eval_classes={str(len(TOY_CLASSES)): tuple(range(len(TOY_CLASSES)))}),
+}
+TABLE_CHOICES = dict(task=TASKS, arch=ARCHS, recipe=RECIPES,
+                     decoder={d: None for spec in ARCHS.values() for d in spec["decoders"]})
+
+
+class ConfigError(Exception):
+    """A bad flag or combination of flags; main() prints it as one line and exits 2."""
+
+
+class DataError(Exception):
+    """A dataset, weights or checkpoint problem; the message is one line naming the path and what was expected."""
+
+
+class CorruptFile(DataError):
+    def __init__(self, path, reason='unreadable'):
+        self.path = path
+        reason = ' '.join(str(reason).split())  # the message must stay on one line
+        super().__init__(f'{path}: corrupt or unreadable file, expected a valid PNG ({reason})')
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ============================================================================= DACS operations, batched on the device
+
+
+def pseudo_label(teacher_logits, threshold):
+    """Argmax pseudo-label and DACS's weight: the share of target pixels whose max prob >= threshold."""
+    prob, label = teacher_logits.float().softmax(dim=1).max(dim=1)
+    return label, (prob >= threshold).float().mean()
+
+
+def class_mix_masks(labels, batch_classes=False):
+    """ClassMix: per source image, ceil(n/2) of n classes at random (the ignore value counts as a class, as in
+    DACS and DAFormer); the mask is 1 on their pixels. The n classes are the image's own (DACS), or with
+    batch_classes those of the whole source batch (DAFormer's get_class_masks takes torch.unique(labels)).
+    Batched: random ranks among the present classes."""
+    B = labels.shape[0]
+    flat = labels.reshape(B, -1).long()
+    present = torch.zeros(B, 256, dtype=torch.bool, device=labels.device).scatter_(1, flat, True)
+    if batch_classes:
+        present = present.any(dim=0, keepdim=True).expand(B, -1)
+    scores = torch.rand(B, 256, device=labels.device).masked_fill(~present, 2.0)
+    rank = scores.argsort(dim=1).argsort(dim=1)
+    chosen = rank < (present.sum(dim=1, keepdim=True) + 1) // 2
+    return chosen.gather(1, flat).view(labels.shape)
+
+
+def color_jitter(x, strength, p, one_call=False):
+    """kornia.augmentation.ColorJitter(brightness=s, contrast=s, saturation=s, hue=s) of (B, 3, H, W) RGB in
+    [0, 1], applied to the whole batch with probability p. Factors are drawn per image; the order of the
+    operations per kornia call: per image (DACS/DAFormer call it per mixed image), or one for the batch
+    with one_call (MIC calls it once on the target batch)."""
+    B, device = x.shape[0], x.device
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(B, device=device)
+    factors = (uniform(max(0.0, 1 - strength), min(2.0, 1 + strength)), uniform(max(0.0, 1 - strength), 1 + strength),
+               uniform(max(0.0, 1 - strength), 1 + strength), uniform(max(-0.5, -strength), min(0.5, strength)))
+    order = torch.rand(1 if one_call else B, 4, device=device).argsort(dim=1).expand(B, 4)  # random permutations
+    return torch.where(torch.rand((), device=device) < p, jitter_images(x, *factors, order), x)
+
+
+def jitter_images(x, brightness, contrast, saturation, hue, order):
+    """kornia 0.5.8 ColorJitter's apply_transform with per-image factors (B,) and orders (B, 4) of the operations
+    0 brightness: x + (b - 1); 1 contrast: x * c; 2 saturation: HSV saturation * a; 3 hue: HSV hue + h * 2 pi
+    (mod 2 pi); each clamps to [0, 1]. Each of the four steps computes the linear and the HSV kind for the batch
+    and keeps the one the image's order names (no host sync); the other factors are the identity there, which
+    leaves pixels bit-identical."""
+    B = x.shape[0]
+    brightness, contrast, saturation = (f.view(B, 1, 1, 1) for f in (brightness - 1, contrast, saturation))
+    hue = hue.view(B, 1, 1, 1) * 2 * math.pi
+    for step in range(4):
+        op = order[:, step].view(B, 1, 1, 1)
+        linear = ((x + torch.where(op == 0, brightness, 0)).clamp(0, 1) * torch.where(op == 1, contrast, 1)).clamp(0, 1)
+        h, s, v = rgb_to_hsv(x).split(1, dim=1)
+        hsv = torch.cat([torch.fmod(h + torch.where(op == 3, hue, 0), 2 * math.pi),
+                         (s * torch.where(op == 2, saturation, 1)).clamp(0, 1), v], dim=1)
+        x = torch.where(op >= 2, hsv_to_rgb(hsv), linear)
+    return x
+
+
+# colour jitter and blur as DACS and DAFormer draw them: one draw per iteration decides whether the whole batch
+# is jittered (p) and one whether it is blurred; the jitter factors and the blur sigma are drawn per image.
+# The jitter is kornia 0.5.8's ColorJitter (DAFormer's pin) in plain torch.
+def rgb_to_hsv(x, eps=1e-6):
+    """kornia's rgb_to_hsv of (B, 3, H, W) in [0, 1]: hue in [0, 2 pi), saturation (max - min) / (max + eps)."""
+    value, argmax = x.max(dim=1)
+    delta = value - x.min(dim=1).values
+    saturation = delta / (value + eps)
+    delta = torch.where(delta == 0, torch.ones_like(delta), delta)  # grey pixels: hue 0, no 0/0
+    rc, gc, bc = (value[:, None] - x).unbind(dim=1)
+    sextant = torch.stack([bc - gc, 2 * delta + rc - bc, 4 * delta + gc - rc], dim=1)
+    hue = sextant.gather(1, argmax[:, None])[:, 0] / delta
+    return torch.stack([2 * math.pi * ((hue / 6) % 1), saturation, value], dim=1)
+
+
+def hsv_to_rgb(hsv):
+    """kornia's hsv_to_rgb: the inverse of rgb_to_hsv (up to its eps), any real hue."""
+    hue, saturation, value = hsv.unbind(dim=1)
+    hue = hue / (2 * math.pi)
+    sector = torch.floor(hue * 6) % 6
+    fraction = (hue * 6) % 6 - sector
+    p = value * (1 - saturation)
+    q = value * (1 - fraction * saturation)
+    t = value * (1 - (1 - fraction) * saturation)
+    index = sector.long()[:, None]
+    red, green, blue = ([value, q, p, p, t, value], [t, value, value, q, p, p], [p, p, t, value, value, q])
+    return torch.cat([torch.stack(channel, dim=1).gather(1, index) for channel in (red, green, blue)], dim=1)
+
+
+def blur_kernel_size(side):
+    """DACS/DAFormer: about 10% of the side, odd (51 for 512)."""
+    k = math.ceil(0.1 * side)
+    return int(math.floor(k - 0.5 + k % 2))
+
+
+def gaussian_blur(x, p, sigma_range=(0.15, 1.15), one_call=False):
+    """kornia's GaussianBlur2d (reflect padding) with a kernel of ~10% of each side, for the whole batch with
+    probability p; sigma uniform in the range per image, or one for the batch with one_call (as color_jitter).
+    Separable: one grouped convolution per direction."""
+    B, C, H, W = x.shape
+    sigma = sigma_range[0] + torch.rand(1 if one_call else B, 1, device=x.device).expand(B, 1) * (
+        sigma_range[1] - sigma_range[0])
+    def kernel(size):
+        taps = torch.arange(size, device=x.device, dtype=torch.float32) - size // 2
+        weights = torch.exp(-taps ** 2 / (2 * sigma ** 2))
+        return (weights / weights.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0).to(x.dtype)
+    kh, kw = blur_kernel_size(H), blur_kernel_size(W)
+    y = F.pad(x.reshape(1, B * C, H, W), (kw // 2, kw // 2, kh // 2, kh // 2), mode="reflect")
+    y = F.conv2d(y, kernel(kw).view(B * C, 1, 1, kw), groups=B * C)
+    y = F.conv2d(y, kernel(kh).view(B * C, 1, kh, 1), groups=B * C).view(B, C, H, W)
+    return torch.where(torch.rand((), device=x.device) < p, y, x)
+
+
+def ema_alpha(iteration, max_alpha):
+    """DACS: alpha = min(1 - 1/(it+1), max_alpha)."""
+    return min(1 - 1 / (iteration + 1), max_alpha)
+
+
+@torch.no_grad()
+def update_ema(teacher, student, weight):
+    """teacher = alpha * teacher + (1 - alpha) * student, as a lerp towards the student by weight = 1 - alpha: a
+    float, or a 0-dim device tensor (what a captured step reads; the same bits, one lerp per tensor)."""
+    teacher_params = list(teacher.parameters())
+    weights = [weight] * len(teacher_params) if isinstance(weight, torch.Tensor) else weight
+    torch._foreach_lerp_(teacher_params, list(student.parameters()), weights)
+
+
+def teacher_mode(teacher):
+    """The teacher stays in train mode (BatchNorm on batch statistics, as DACS), without dropout."""
+    teacher.train()
+    for m in teacher.modules():
+        if isinstance(m, (nn.Dropout, nn.Dropout2d, DropPath)):
+            m.eval()
+
+
+# Rare class sampling
+def rcs_class_probabilities(class_pixel_counts, temperature=0.01):
+    """p(c) = softmax((1 - f_c) / T), f_c = class pixel share (ignore 255 not counted by the caller).
+    Returns a float64 numpy array."""
+    counts = np.asarray(class_pixel_counts, dtype=np.float64)
+    logits = (1.0 - counts / counts.sum()) / temperature
+    p = np.exp(logits - logits.max())  # shift for numerical stability
+    return p / p.sum()
+
+
+def rcs_pick(rng, probs, images_per_class):
+    """Sample a class by probs, then uniformly one source image holding enough pixels of it."""
+    # our choice: a class without any qualifying image gets probability 0, the rest is renormalised
+    p = np.asarray(probs, dtype=np.float64) * np.array([len(imgs) > 0 for imgs in images_per_class])
+    if p.sum() == 0:
+        raise ValueError('rcs_pick: no class has a qualifying source image')
+    c = int(rng.choice(len(p), p=p / p.sum()))
+    return c, int(images_per_class[c][rng.integers(len(images_per_class[c]))])
+
+
+def crop_has_enough(label_crop, cls, min_pixels=1500):
+    """The data loader re-crops (up to 10 times) until this holds."""
+    return int((label_crop == cls).sum()) > min_pixels
+
+
+# ImageNet feature distance
+def feature_distance(student, imagenet, labels, thing_classes=(6, 7, 11, 12, 13, 14, 15, 16, 17, 18),
+                     min_share=0.75):
+    """Mean L2 distance between student and frozen ImageNet features over cells showing a thing class.
+    labels (B,H,W) must be an exact multiple of the feature size (h,w), else ValueError. Each cell gets
+    the majority label of its block (255 counts as a label of its own, as in DAFormer) if that label
+    covers >= min_share of the block, else 255."""
+    B, _, h, w = student.shape
+    H, W = labels.shape[1:]
+    if H % h or W % w:
+        raise ValueError(f'feature_distance: labels {H}x{W} not a multiple of features {h}x{w}')
+    kh, kw = H // h, W // w
+    blocks = labels.long().reshape(B, h, kh, w, kw).permute(0, 1, 3, 2, 4).reshape(B, h, w, kh * kw)
+    # label histogram per cell, DAFormer's one-hot average pooling (a share >= min_share > 0.5 has no ties)
+    counts = torch.zeros(B, h, w, 256, device=labels.device).scatter_add_(3, blocks, torch.ones_like(blocks).float())
+    share, major = (counts / (kh * kw)).max(dim=-1)
+    cell = torch.where(share >= min_share, major, torch.full_like(major, 255))
+    mask = torch.stack([cell == c for c in thing_classes]).any(dim=0)  # no class tensor to copy to the GPU
+    dist = (student - imagenet.detach()).norm(dim=1)  # the ImageNet features are a fixed target
+    # masked sum / count: no boolean indexing (a host sync), and an empty mask gives 0, not NaN
+    return (dist * mask).sum() / mask.sum().clamp(min=1)
+
+
+def mic_masked_images(x, fill, strength, p, mask_ratio, block_size):
+    """MIC's MaskingConsistencyModule ('separatetrgaug'): one colour-jitter and blur call of its own on the
+    target batch (the blur drawn with p 0.5 even where the recipe's blur is off), then a block mask per image:
+    round(H/b) x round(W/b) blocks, each kept iff U(0, 1) > mask_ratio, nearest-upsampled. Masked pixels
+    take `fill`, the colour that normalises to 0: MIC multiplies the normalised image by the mask."""
+    x = gaussian_blur(color_jitter(x, strength, p, one_call=True), 0.5, one_call=True)
+    B, _, H, W = x.shape
+    grid = (round(H / block_size), round(W / block_size))
+    keep = torch.rand(B, 1, *grid, device=x.device) > mask_ratio
+    return torch.where(F.interpolate(keep.float(), size=(H, W), mode="nearest").bool(), x, fill)
+
+
+# ============================================================================= MRM's auxiliary losses
+
+
+def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight):
+    """L_mrm on the encoder's `features` of `images`: Eq. 4's CE(D(R(f)), y) (--mrm-objective cls) or one of
+    Table 2(e)'s regressions at masked cells (README). --mrm-trains (Table 4) holds a part fixed for this loss
+    only: decoder: the features are detached; encoder: the decoder runs with detached weights."""
+    if cfg.mrm_trains == "decoder":
+        features = [f.detach() for f in features] if isinstance(features, list) else features.detach()
+    if cfg.mrm_objective == "cls":
+        if cfg.mrm_trains == "encoder":
+            weights = {name: p.detach() for name, p in nets.model.decoder.named_parameters()}
+            def decoder(f):
+                return torch.func.functional_call(nets.model.decoder, weights, (f,))
+        else:
+            decoder = nets.calls.decoder
+        return mrm_loss(decoder, nets.calls.rebuilder, features, labels, weight, align_corners=cfg.align_corners)
+    mask = nets.rebuilder.random_mask(images.shape[0], images.device)
+    rebuilt = nets.calls.rebuilder(features, mask)
+    if cfg.mrm_objective == "pixel":
+        return masked_pixel_loss(nets.calls.pixel_head, last_level(rebuilt), images, mask)
+    if cfg.mrm_objective == "feature-teacher":
+        with torch.no_grad():
+            features = nets.teacher.encoder(images)
+    return masked_feature_loss(rebuilt, features, mask)
+
+
+PIXELS_PER_CELL = 8  # the pixel objective's target: each grid cell's image patch, area-resized to 8 x 8
+
+
+def masked_pixel_loss(head, rebuilt, images, mask):
+    """Table 2(e) "pixel rec. (w/ norm)", MAE-style: a linear head on the rebuilt last-level features, pooled to
+    the mask grid, predicts each cell's image patch (area-resized to PIXELS_PER_CELL^2 pixels), normalised by
+    the patch's own mean and variance; squared error averaged over the masked cells only."""
+    grid = mask.shape[-1]
+    prediction = head(F.adaptive_avg_pool2d(rebuilt, grid)).float()
+    patches = F.pixel_unshuffle(F.adaptive_avg_pool2d(images.float(), grid * PIXELS_PER_CELL), PIXELS_PER_CELL)
+    mean, var = patches.mean(dim=1, keepdim=True), patches.var(dim=1, keepdim=True)
+    target = (patches - mean) / (var + 1e-6).sqrt()
+    error = (prediction - target).pow(2).mean(dim=1, keepdim=True)
+    return (error * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_feature_loss(rebuilt, targets, mask):
+    """Table 2(e) "feature rec.": squared error between rebuilt and target features, averaged over channels
+    and the masked cells of each level, then over the levels."""
+    levels = list(zip(rebuilt, targets)) if isinstance(rebuilt, list) else [(rebuilt, targets)]
+    losses = []
+    for f_r, f_target in levels:
+        level_mask = resize_mask(mask, f_r.shape[-2:])
+        error = (f_r.float() - f_target.detach().float()).pow(2).mean(dim=1, keepdim=True)
+        losses.append((error * level_mask).sum() / level_mask.sum().clamp(min=1))
+    return sum(losses) / len(losses)
+
+
+# ============================================================================= one training step
+
+
+def forward_backward(cfg, nets, x_s, y_s, x_t):
+    """Steps (1)-(6) of the iteration: the losses and their gradients. Source and mixed losses are
+    backpropagated separately, which frees the source graph before the mixed forward (same gradients, lower
+    peak memory). Returns the detached losses as one tensor."""
+    model, rebuilder, scaler = nets.model, nets.rebuilder, nets.scaler
+    encoder, decoder = nets.calls.encoder, nets.calls.decoder
+    mmseg = cfg.framework == "mmseg"
+    autocast = torch.autocast(nets.device.type, dtype=torch.float16 if cfg.amp == "fp16" else torch.bfloat16,
+                              enabled=cfg.amp != "off")
+    zero = torch.zeros((), device=nets.device)
+    loss_u = loss_mrm_s = loss_mrm_t = loss_mic = loss_fd = weight = zero
+    source_weight = 1.0 if mmseg else None  # mmseg 0.16 averages over all pixels, DACS over labelled ones
+    # (1) supervised source loss, Eq. 1 (+ DAFormer's ImageNet feature distance)
+    with without_gradient_sync(cfg, nets):
+        with autocast:
+            f_s = encoder(x_s)
+            loss_s = segmentation_ce(decoder(f_s), y_s, source_weight, align_corners=cfg.align_corners)
+            if nets.imagenet is not None:
+                with torch.no_grad():
+                    f_imagenet = last_level(nets.imagenet(x_s))
+                loss_fd = feature_distance(last_level(f_s), f_imagenet, y_s)
+            if rebuilder is not None and cfg.mrm_domain in ("source", "both"):
+                loss_mrm_s = mrm_auxiliary_loss(cfg, nets, f_s, x_s, y_s, source_weight)
+        scaler.scale(loss_s + cfg.fd_weight * loss_fd + cfg.mrm_weight * loss_mrm_s).backward()
+    del f_s
+    if not cfg.source_only:
+        # (2) pseudo-labels from the EMA teacher on the un-augmented target batch
+        with torch.inference_mode(), autocast:
+            teacher_logits = F.interpolate(nets.teacher(x_t), size=x_t.shape[-2:], mode="bilinear",
+                                           align_corners=cfg.align_corners)
+            pseudo, weight = pseudo_label(teacher_logits, cfg.pseudo_threshold)
+        pixel_weight = weight.expand_as(pseudo)  # inference tensors: read below, never saved for backward
+        if cfg.pl_crop:  # DAFormer: the top and bottom rows (sky border, ego car) are unreliable
+            pixel_weight = pixel_weight.clone()
+            pixel_weight[:, :15].zero_()
+            pixel_weight[:, -120:].zero_()
+        # (3) ClassMix source onto target; pasted source pixels keep their label, weight 1
+        mix = class_mix_masks(y_s, batch_classes=mmseg)
+        x_m = torch.where(mix[:, None], x_s, x_t)
+        y_m = torch.where(mix, y_s, pseudo)
+        w_m = torch.where(mix, 1.0, pixel_weight)
+        # (4) colour jitter and blur on the mixed images
+        x_m = gaussian_blur(color_jitter(x_m, cfg.jitter, cfg.jitter_p), cfg.blur_p)
+        # (5) L_u on the mixed batch, and MRM on the same encoder features (Algorithm 1, Eq. 5)
+        with autocast:
+            f_m = encoder(x_m.contiguous(memory_format=nets.memory_format))
+            loss_u = segmentation_ce(decoder(f_m), y_m, w_m, align_corners=cfg.align_corners)
+            if rebuilder is not None and cfg.mrm_domain in ("target", "both"):
+                loss_mrm_t = mrm_auxiliary_loss(cfg, nets, f_m, x_m, y_m, w_m)
+        scaler.scale(loss_u + cfg.mrm_weight * loss_mrm_t).backward()
+        del f_m
+        # (6) MIC: the student on block-masked target images against the teacher's pseudo-labels of the
+        # clean ones, with the un-mixed pixel weight; its own backward
+        if cfg.mic:
+            x_mic = mic_masked_images(x_t, model.encoder.normalize.zero_colour(), cfg.jitter, cfg.jitter_p,
+                                      cfg.mic_mask_ratio, cfg.mic_block_size)
+            with autocast:  # clones: autograd may save them, which it refuses for inference tensors
+                loss_mic = segmentation_ce(decoder(encoder(x_mic.contiguous(memory_format=nets.memory_format))),
+                                           pseudo.clone(), pixel_weight.clone(), align_corners=cfg.align_corners)
+            scaler.scale(cfg.mic_weight * loss_mic).backward()
+    return torch.stack([loss_s, loss_u, loss_mrm_s + loss_mrm_t, loss_mic, loss_fd, weight]).detach().float()
+
+
+def device_step(cfg, nets, source_image, source_label, target_image):
+    """The device's part of an iteration, from the uint8 batch on the device to the EMA update: no host sync,
+    no host random numbers and no host values that change between iterations, so that CudaGraphStep can
+    capture it once."""
+    nets.model.train()
+    # Autocast drops its low-precision copies of the weights when the outermost autocast scope exits: this
+    # scope, closed before the optimizer step, makes the source, mixed and MIC passes cast each weight once.
+    with torch.autocast(nets.device.type, enabled=False):
+        losses = forward_backward(cfg, nets, *step_inputs(nets, source_image, source_label, target_image))
+    for optimizer in nets.optimizers:
+        nets.scaler.step(optimizer)
+    nets.scaler.update()
+    for optimizer in nets.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    if nets.teacher is not None:
+        update_ema(nets.teacher, nets.model, nets.ema_weight)
+    return losses
+
+
+def begin_step(cfg, nets, iteration):
+    """The host's part of an iteration: its learning rates and EMA weight, written where device_step reads them."""
+    set_learning_rates(cfg, nets, iteration)
+    # DACS updates the teacher after the step with alpha(it); DAFormer at the start of the next one, alpha(it + 1)
+    weight = 1 - ema_alpha(iteration + 1 if cfg.framework == "mmseg" else iteration, cfg.ema)
+    if isinstance(nets.ema_weight, torch.Tensor):
+        nets.ema_weight.fill_(weight)
+    else:
+        nets.ema_weight = weight
+
+
+def train_step(cfg, nets, batch, iteration):
+    """One DACS(+MRM, +MIC) iteration, eagerly: the host's part, then the device's. Returns the detached
+    losses [L_s, L_u, L_mrm, L_mic, L_fd, pseudo weight] as one tensor (no host sync here)."""
+    begin_step(cfg, nets, iteration)
+    return device_step(cfg, nets, *to_device(batch, nets))
+
+
+def lr_factor(cfg, iteration):
+    """Poly decay to 0 at cfg.iters, times a linear warm-up (mmcv's, ratio 1e-6) over warmup_iters."""
+    factor = (1 - iteration / cfg.iters) ** cfg.poly_power
+    if iteration < cfg.warmup_iters:
+        factor *= 1 - (1 - iteration / cfg.warmup_iters) * (1 - 1e-6)
+    return factor
+
+
+def set_learning_rates(cfg, nets, iteration):
+    """Each group's initial_lr times the schedule; a device tensor lr (CUDA graph) is written in place."""
+    for optimizer in nets.optimizers:
+        for group in optimizer.param_groups:
+            lr = group["initial_lr"] * lr_factor(cfg, iteration)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+
+def last_level(features):
+    """The coarsest level of a hierarchical encoder's list, or a single-scale encoder's one map."""
+    return features[-1] if isinstance(features, (list, tuple)) else features
+
+
+BATCH_KEYS = ("source_image", "source_label", "target_image")
+
+
+def to_device(batch, nets):
+    """The batch's uint8 images and labels, as they are, on the device."""
+    return [batch[key].to(nets.device, non_blocking=True) for key in BATCH_KEYS]
+
+
+def step_inputs(nets, source_image, source_label, target_image):
+    """uint8 images -> float RGB in [0, 1], labels -> int64: on the device, inside the step."""
+    def image(t):
+        return t.float().div_(255).contiguous(memory_format=nets.memory_format)
+    return image(source_image), source_label.long(), image(target_image)
+
+
+# ============================================================================= the training loop and main
+
+
+def train(cfg):
+    rank, world = init_distributed(cfg)
+    say = print if rank == 0 else (lambda *args, **kwargs: None)  # the other processes stay quiet
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if cfg.device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    source = Domain(cfg.source, cfg.data_root, "train", cfg.seed, cfg.framework)
+    target = Domain(cfg.target, cfg.data_root, "train", cfg.seed, cfg.framework)
+    val = Domain(cfg.target, cfg.data_root, "val", cfg.seed)  # the mmseg protocol, whatever the recipe
+    if rank == 0:
+        os.makedirs(cfg.work_dir, exist_ok=True)
+        atomic_write(os.path.join(cfg.work_dir, "config.json"), lambda f: f.write(config_json(cfg).encode()))
+    nets = build_nets(cfg, rank, world)  # the same seed everywhere: identical initial models on every rank
+    if world > 1:  # from here each process draws its own random numbers (masks, ClassMix, jitter)
+        seed = int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0])
+        torch.manual_seed(seed)
+        random.seed(seed)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun --max-restarts
+    if restarted and os.path.exists(os.path.join(cfg.work_dir, "checkpoint.pth")):
+        cfg.resume = True
+    start = resume(cfg, nets) if cfg.resume else 0
+    rcs = rcs_statistics(cfg, source, say) if cfg.rcs_temperature > 0 else None
+    loader = make_loader(cfg, TrainBatches(cfg, source, target, rcs, rank, world), start)
+    stop = min(cfg.iters, start + cfg.stop_after) if cfg.stop_after else cfg.iters
+    step = CudaGraphStep(nets) if nets.graph else train_step
+    initialisation = cfg.pretrained if cfg.pretrained not in ("", "none") else "random weights"
+    say(f"{cfg.task}: {cfg.arch} ({cfg.recipe} recipe), {'source only' if cfg.source_only else 'DACS'}"
+        f"{' + MRM' if nets.rebuilder is not None else ''}{' + MIC' if cfg.mic else ''}, iterations {start}..{stop} "
+        f"of {cfg.iters}, {len(source)} source / {len(target)} target images{f', {world} processes' if world > 1 else ''}"
+        f"\n  from {initialisation}; {'fp32' if cfg.amp == 'off' else cfg.amp} on {cfg.device}, step "
+        f"{'as one CUDA graph' if nets.graph else 'eager'}{f' ({why_eager(cfg, world)})' if not nets.graph else ''}; "
+        f"work dir {cfg.work_dir}", flush=True)
+    log = open(os.path.join(cfg.work_dir, "log.jsonl"), "a") if rank == 0 else None
+    sums, count, skipped_total = torch.zeros(6, device=nets.device), 0, 0
+    clock, clock_iteration = time.time(), start
+    for iteration, batch in zip(range(start, stop), loader):
+        skipped = batch.pop("skipped")
+        if skipped:
+            skipped_total += len(skipped)
+            for message in skipped:
+                print(f"skipped: {message}", file=sys.stdout if rank == 0 else sys.stderr, flush=True)
+            if skipped_total > cfg.max_skips:
+                raise DataError(f"{skipped_total} corrupt files skipped (more than --max-skips {cfg.max_skips}), "
+                                f"last: {skipped[-1]}")
+        sums += step(cfg, nets, batch, iteration)
+        count += 1
+        done = iteration + 1
+        logged = done % cfg.log_every == 0 or done == stop or done % cfg.checkpoint_every == 0
+        if done == start + 1 and not logged and world == 1:  # a first sign of life, at once; no log record
+            say(progress_line(cfg, done, (sums / count).tolist(), 1 / (time.time() - clock)), flush=True)
+        if logged:
+            if world > 1:  # every rank sees the mean over all ranks, and stops together on a NaN
+                dist.all_reduce(sums)
+                sums /= world
+            means = (sums / count).tolist()  # the one host sync, every log_every iterations
+            if not all(map(math.isfinite, means)):
+                raise NonFiniteLoss(f"non-finite loss between iterations {done - count} and {done}: {means}; "
+                                    f"the last checkpoint in {cfg.work_dir} is untouched")
+            speed = (done - clock_iteration) / (time.time() - clock)
+            clock, clock_iteration = time.time(), done
+            if log is not None:
+                record = dict(iteration=done, loss_source=means[0], loss_uda=means[1], loss_mrm=means[2],
+                              loss_mic=means[3], loss_fd=means[4], pseudo_weight=means[5],
+                              lr=float(nets.optimizers[0].param_groups[0]["lr"]), it_per_s=speed, time=time.time())
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            say(progress_line(cfg, done, means, speed), flush=True)
+            sums.zero_()
+            count = 0
+        if rank == 0 and done % cfg.val_every == 0 and done != cfg.iters:
+            validate(cfg, nets, val, done, log)  # the other ranks wait at their next collective
+        if done % cfg.checkpoint_every == 0 or done == stop:
+            save_checkpoint(cfg, nets, done)
+    if rank != 0:
+        return None
+    if stop == cfg.iters:
+        export_model(os.path.join(cfg.work_dir, "model.pth"), nets.model, nets.info, cfg.num_classes)
+        return validate(cfg, nets, val, cfg.iters, log)
+    print(f"stopped after iteration {stop} (--stop-after); continue with --resume", flush=True)
+    return None
+
+
+def validate(cfg, nets, val, iteration, log):
+    conf = evaluate(nets.model, val, cfg.num_classes, nets.device, cfg.align_corners, cfg.amp,
+                    workers=min(cfg.workers, 4))
+    table, miou = miou_report(conf, cfg.eval_classes, cfg.class_names)
+    print(f"validation at iteration {iteration} on {len(val)} {cfg.target} images:\n{table}", flush=True)
+    log.write(json.dumps(dict(iteration=iteration, val_miou=miou)) + "\n")
+    log.flush()
+    return miou
+
+
+def progress_line(cfg, done, means, speed):
+    rate = f"{speed:.2f} it/s" if speed >= 1 else f"{1 / speed:.1f} s/it"
+    return (f"[{done}/{cfg.iters}] L_s {means[0]:.4f}  L_u {means[1]:.4f}  L_mrm {means[2]:.4f}"
+            f"{f'  L_mic {means[3]:.4f}' if cfg.mic else ''}{f'  L_fd {means[4]:.4f}' if cfg.fd_weight else ''}"
+            f"  weight {means[5]:.3f}  {rate}  ETA {format_eta((cfg.iters - done) / speed)}")
+
+
+def format_eta(seconds):
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(argv)
+        if cfg.print_config:
+            print(config_json(cfg), end="")
+        elif cfg.count_flops:
+            print_flops(cfg)
+        elif cfg.check_data:
+            check_data(cfg)
+        elif cfg.bench:
+            bench(cfg)
+        elif cfg.bench_data:
+            bench_data(cfg)
+        else:
+            train(cfg)
+    except (ConfigError, DataError) as error:
+        print(f"error: {rank_prefix()}{error}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as error:
+        if os.environ.get("RANK", "0") == "0":  # every process sees the same all-reduced NaN
+            print(f"error: {error}", file=sys.stderr)
+        return 3
+    except torch.OutOfMemoryError:
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
+        print(f"error: out of GPU memory (peak {peak:.1f} GiB allocated). Reduce it with --amp bf16, "
+              f"a smaller --crop, --checkpoint-blocks (MiT) or --batch-size 1", file=sys.stderr)
+        return 4
+    except RuntimeError as error:
+        if not lost_a_process(error):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: another process of this run stopped ({one_line(error)[:120]}...); the last checkpoint "
+                  f"in {cfg.work_dir} is intact: continue with --resume", file=sys.stderr)
+        return 5
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+# ============================================================================= appendix: models
+
+
+def aspp_dilations(cfg):
+    return tuple(int(d) for d in cfg.aspp_dilations.split(","))
+
+
+def build_nets(cfg, rank=0, world=1):
+    """The student, EMA teacher, Rebuilder, frozen ImageNet encoder (FD) and optimizers, on the device; under
+    torchrun (world > 1) what the step calls is wrapped in DistributedDataParallel."""
+    device = torch.device(cfg.device)
+    pretrained = "" if cfg.pretrained == "none" else cfg.pretrained
+    model, info = build_model(cfg.arch, cfg.num_classes, pretrained, cfg.checkpoint_blocks, aspp_dilations(cfg),
+                              cfg.decoder)
+    info["align_corners"] = cfg.align_corners  # evaluation must resample the logits as training did
+    for module in model.modules():  # a speed choice of training only: the same result, the same weights
+        if isinstance(module, DepthwiseConv3x3):
+            module.form = cfg.aspp_depthwise
+    rebuilder, pixel_head = build_rebuilder(cfg, model.encoder) if cfg.mrm and not cfg.source_only else (None, None)
+    imagenet = copy.deepcopy(model.encoder).requires_grad_(False).eval() if cfg.fd_weight > 0 else None
+    teacher = None if cfg.source_only else copy.deepcopy(model).requires_grad_(False)
+    if teacher is not None:
+        teacher_mode(teacher)
+    if cfg.sync_bn and world > 1:  # the student only: the teacher and ImageNet copies keep per-process statistics
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
+    nets = SimpleNamespace(model=model, teacher=teacher, rebuilder=rebuilder, pixel_head=pixel_head, imagenet=imagenet,
+                           info=info, device=device, memory_format=memory_format, rank=rank, world=world,
+                           graph=not why_eager(cfg, world), ema_weight=0.0)
+    for name in ("model", "teacher", "rebuilder", "pixel_head", "imagenet"):
+        if getattr(nets, name) is not None:
+            setattr(nets, name, getattr(nets, name).to(device, memory_format=memory_format))
+    nets.optimizers = build_optimizers(cfg, nets)
+    nets.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    nets.calls = step_calls(cfg, nets)
+    return nets
+
+
+def build_rebuilder(cfg, encoder):
+    """The Rebuilder (or Table 2(c)'s Masking), and the linear pixel head of Table 2(e)'s pixel objective."""
+    if cfg.mrm_mode == "mask-only":
+        return Masking(cfg.rebuilder_grid, cfg.mask_ratio), None
+    rebuilder = Rebuilder(encoder.out_channels, embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth,
+                          num_heads=cfg.rebuilder_heads, grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio,
+                          scale_factors=rebuilder_scales(encoder))
+    last_channels = rebuilder.in_channels[-1]
+    return rebuilder, nn.Conv2d(last_channels, 3 * PIXELS_PER_CELL ** 2, 1) if cfg.mrm_objective == "pixel" else None
+
+
+def rebuilder_scales(encoder):
+    """The projectors' upsampling per level: level size / 16 at the paper's 512 crops (stride 8: 4)."""
+    return [max(1, 32 // stride) for stride in encoder.out_strides]
+
+
+def build_optimizers(cfg, nets):
+    """[the network's optimizer] or, beside DACS's SGD, [SGD, the Rebuilder's own AdamW]: the Rebuilder always
+    trains with AdamW (SPEC.md section 2). Parameter groups: encoder at lr, decoder at lr * head_lr_mult,
+    Rebuilder at its own lr; LayerNorms without weight decay when the recipe says so. Frozen parameters (DACS's
+    BatchNorm) are left out. Under --recipe dacs the encoder's groups are split by DACS's slot counts. AdamW is
+    capturable (its step count on the device) when the step runs as a CUDA graph."""
+    def groups(module, lr, **options):
+        params = [p for p in module.parameters() if p.requires_grad]
+        norms = {p for m in module.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+        no_decay = [p for p in params if cfg.norm_no_decay and p in norms]
+        decay = [p for p in params if not (cfg.norm_no_decay and p in norms)]
+        return [g for g in (dict(params=decay, initial_lr=lr, **options),
+                            dict(params=no_decay, initial_lr=lr, **{**options, "weight_decay": 0.0})) if g["params"]]
+    model, fused = nets.model, nets.device.type == "cuda"
+    capturable = fused and nets.graph
+    slotted = cfg.optimizer == "sgd" and cfg.recipe == "dacs" and cfg.dacs_param_slots == "official"
+    if slotted:
+        slots = dacs_parameter_slots(model.encoder.backbone)
+        encoder = [dict(params=[p for p in slots if slots[p] == k], initial_lr=cfg.lr, slots=k)
+                   for k in sorted(set(slots.values()))]
+    else:
+        encoder = groups(model.encoder, cfg.lr)
+    network = encoder + groups(model.decoder, cfg.lr * cfg.head_lr_mult)
+    rebuilder = [group for module in (nets.rebuilder, nets.pixel_head) if module is not None
+                 for group in groups(module, cfg.rebuilder_lr, weight_decay=cfg.rebuilder_weight_decay)]
+    if cfg.optimizer == "adamw":
+        return [torch.optim.AdamW(network + rebuilder, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
+                                  fused=fused, capturable=capturable)]
+    if slotted:
+        sgd = SlotSGD(network, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        sgd = torch.optim.SGD(network, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
+    return [sgd] + ([torch.optim.AdamW(rebuilder, lr=cfg.rebuilder_lr, betas=(0.9, 0.999), fused=fused,
+                                       capturable=capturable)]
+                    if rebuilder else [])
+
+
+class SlotSGD(torch.optim.Optimizer):
+    """Momentum SGD as DACS's optimizer really ran (SPEC.md section 3). DACS hands torch.optim.SGD a parameter
+    list in which a tensor occurs several times (dacs_parameter_slots); torch 1.x then updated it once per
+    occurrence, each time with its unchanged gradient and the ONE momentum buffer it kept per tensor. Here a
+    parameter group holds tensors with the same count `slots` and applies that many updates in a row; with
+    slots=1 this is torch's SGD (dampening 0, no Nesterov)."""
+    def __init__(self, params, lr, momentum, weight_decay):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, slots=1))
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            lr = group["lr"]
+            for _ in range(group["slots"]):
+                steps = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                torch._foreach_mul_(buffers, group["momentum"])
+                torch._foreach_add_(buffers, steps)
+                if isinstance(lr, torch.Tensor):  # a device tensor under a CUDA graph: no host read
+                    torch._foreach_sub_(params, torch._foreach_mul(buffers, lr))
+                else:
+                    torch._foreach_add_(params, buffers, alpha=-lr)
+
+
+def dacs_parameter_slots(backbone):
+    """How often DACS's get_1x_lr_params_NOscale yields each trainable backbone tensor: it walks modules() of
+    conv1, bn1 and layer1-4 and yields the parameters of every module, so a tensor comes once per module that
+    contains it (a conv in a bottleneck: layer, block, conv = 3; a downsample conv: 4; the stem conv: 1)."""
+    slots = {}
+    for top in (backbone.conv1, backbone.bn1, backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
+        for module in top.modules():
+            for p in module.parameters():
+                if p.requires_grad:
+                    slots[p] = slots.get(p, 0) + 1
+    return slots
+
+
+class SegModel(nn.Module):
+    """encoder -> decoder; takes RGB images in [0, 1], returns logits at the decoder's resolution."""
+    def __init__(self, encoder, decoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+def build_model(arch, num_classes, pretrained="", checkpoint_blocks=False, aspp_dilations=(6, 12), decoder="",
+                info=None):
+    """(SegModel, info). info records what the weights decided (DeepLab style), the decoder and the classifier's
+    dilations, so that eval.py rebuilds the same network from a checkpoint without the pretrained file."""
+    spec = ARCHS[arch]
+    if pretrained and not os.path.isfile(pretrained):
+        raise DataError(f"{pretrained}: pretrained weights file not found")
+    try:
+        if "mit" in spec:
+            encoder = MiTEncoder(spec["mit"], checkpoint_blocks)
+            if pretrained:
+                load_mit_weights(encoder.backbone, pretrained)
+            decoder = DAFormerHead(encoder.out_channels, num_classes, embed_dim=spec["head_dim"])
+            info = dict(arch=arch)
+        elif info is not None:
+            encoder, decoder = build_deeplab_from_info(num_classes, info)
+        else:
+            encoder, decoder, info = build_deeplab(num_classes, pretrained or None, spec["layers"], spec["width"],
+                                                   spec["styles"], aspp_dilations, decoder or spec["decoders"][0])
+            info["arch"] = arch
+    except ValueError as error:  # the loaders' one-line key/shape report
+        raise DataError(str(error)) from None
+    return SegModel(encoder, decoder), info
+
+
+# Dilated ResNet (output stride 8) + the DeepLabV2 classifier, in the styles that UDA code uses:
+#   caffe        DACS / AdaptSegNet (MS-COCO DeepLab init): stride in the first 1x1 conv of a bottleneck
+#   torchvision  the same network for torchvision's ImageNet weights: stride in the 3x3 conv
+#   v1c          mmseg's ResNetV1c (DAFormer, MIC, MRM): deep 3x3 stem, floor-mode max-pool, contract dilation
+# caffe and torchvision keep DACS's 7x7 stem, ceil-mode max-pool (65x65 features at 512) and frozen BatchNorm
+# affine parameters; v1c trains its BatchNorm and gives 64x64 features at 512.
+RESNET_STYLES = {
+    'caffe': dict(stride_in_1x1=True, deep_stem=False, frozen_bn=True, norm='caffe'),
+    'torchvision': dict(stride_in_1x1=False, deep_stem=False, frozen_bn=True, norm='imagenet'),
+    'v1c': dict(stride_in_1x1=False, deep_stem=True, frozen_bn=False, norm='imagenet'),
+}
+
+
+CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)  # 0-255 scale, BGR order
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    """Maps our RGB [0, 1] input to what the pretrained weights were trained on."""
+    def __init__(self, kind: str):
+        super().__init__()
+        if kind == 'caffe':
+            mean, std = CAFFE_MEAN_BGR, (1.0, 1.0, 1.0)
+        elif kind == 'imagenet':
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        else:
+            raise ValueError(f"unknown normalisation {kind!r} (expected 'caffe' or 'imagenet')")
+        self.kind = kind
+        # non-persistent: constants, so they stay out of the state dict
+        self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+    def forward(self, x):
+        if self.kind == 'caffe':
+            x = x.flip(1) * 255.0  # RGB -> BGR, 0-255
+        return (x - self.mean) / self.std
+    def zero_colour(self):
+        """The RGB [0, 1] colour that normalises to 0, (1, 3, 1, 1)."""
+        return self.mean.flip(1) / 255.0 if self.kind == 'caffe' else self.mean
+
+
+def frozen_bn(channels):
+    # affine params stay at their pretrained values; running stats still update in train mode
+    bn = nn.BatchNorm2d(channels)
+    for p in bn.parameters():
+        p.requires_grad = False
+    return bn
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, stride_in_1x1=True,
+                 norm=frozen_bn):
+        super().__init__()
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=s1, bias=False)
+        self.bn1 = norm(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=s3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = norm(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = norm(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ResNetDilated(nn.Module):
+    """ResNet with layer3/layer4 dilated (2, 4) instead of strided: output stride 8. style: RESNET_STYLES."""
+    def __init__(self, layers=(3, 4, 23, 3), width=64, style='caffe'):
+        super().__init__()
+        self.style = style
+        options = RESNET_STYLES[style]
+        self.stride_in_1x1 = options['stride_in_1x1']
+        self.norm = frozen_bn if options['frozen_bn'] else nn.BatchNorm2d
+        if options['deep_stem']:  # mmseg: 3x3 convs 3 -> w/2 (stride 2) -> w/2 -> w, keys stem.0 ... stem.7
+            half = width // 2
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False), self.norm(half), nn.ReLU(inplace=True),
+                nn.Conv2d(half, half, 3, padding=1, bias=False), self.norm(half), nn.ReLU(inplace=True),
+                nn.Conv2d(half, width, 3, padding=1, bias=False), self.norm(width), nn.ReLU(inplace=True))
+        else:
+            self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+            self.bn1 = self.norm(width)
+            self.relu = nn.ReLU(inplace=True)
+        # the caffe DeepLab pools in ceil mode: 512 -> 256 -> 129 (mmseg: 128)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=not options['deep_stem'])
+        self.inplanes = width
+        self.layer1 = self._make_layer(width, layers[0])
+        self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(width * 4, layers[2], dilation=2)
+        self.layer4 = self._make_layer(width * 8, layers[3], dilation=4)
+        self.out_channels = width * 8 * Bottleneck.expansion
+    def _make_layer(self, planes, blocks, stride=1, dilation=1):
+        out = planes * Bottleneck.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out or dilation in (2, 4):
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, 1, stride=stride, bias=False), self.norm(out))
+        # mmseg's contract_dilation: the first block of a dilated stage uses half the dilation
+        first_dilation = dilation // 2 if self.style == 'v1c' and dilation > 1 else dilation
+        block = [Bottleneck(self.inplanes, planes, stride, first_dilation, downsample, self.stride_in_1x1, self.norm)]
+        self.inplanes = out
+        block += [Bottleneck(out, planes, 1, dilation, None, self.stride_in_1x1, self.norm) for _ in range(1, blocks)]
+        return nn.Sequential(*block)
+    def forward(self, x, with_layer1=False):
+        x = self.stem(x) if hasattr(self, 'stem') else self.relu(self.bn1(self.conv1(x)))
+        c1 = self.layer1(self.maxpool(x))
+        c4 = self.layer4(self.layer3(self.layer2(c1)))
+        return [c1, c4] if with_layer1 else c4
+
+
+class ResNetEncoder(nn.Module):
+    """Normalisation + dilated ResNet: layer4 (stride 8) for DeepLabV2, [layer1 (stride 4), layer4] with_layer1
+    for DeepLabV3+'s low-level skip."""
+    def __init__(self, layers=(3, 4, 23, 3), width=64, style='caffe', with_layer1=False):
+        super().__init__()
+        self.normalize = Normalize(RESNET_STYLES[style]['norm'])
+        self.backbone = ResNetDilated(layers, width, style)
+        self.with_layer1 = with_layer1
+        last = self.backbone.out_channels
+        self.out_channels, self.out_strides = ([width * 4, last], [4, 8]) if with_layer1 else (last, [8])
+    def forward(self, x):
+        return self.backbone(self.normalize(x), self.with_layer1)
+
+
+class ASPPClassifier(nn.Module):
+    """DeepLabV2 'layer5' (DACS) / DLV2Head (mmseg): the sum of parallel dilated 3x3 convs, each straight to
+    class logits. Every published UDA DeepLabV2 number used dilations (6, 12): AdaptSegNet's code, copied by
+    DACS, returns inside its loop over four branches, and DAFormer's deeplabv2red config sets two on purpose."""
+    def __init__(self, in_channels, num_classes, dilations=(6, 12), zero_bias=False):
+        super().__init__()
+        self.conv2d_list = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d) for d in dilations)
+        for conv in self.conv2d_list:
+            nn.init.normal_(conv.weight, 0.0, 0.01)
+            if zero_bias:  # mmcv's NormalInit; DACS keeps PyTorch's default bias
+                nn.init.zeros_(conv.bias)
+    def forward(self, f):
+        return sum(conv(f) for conv in self.conv2d_list)
+
+
+# pretrained weights: DeepLab MS-COCO init (caffe), torchvision ImageNet, mmcv ResNetV1c ImageNet
+TOP_LEVEL = {'conv1', 'bn1', 'stem', 'layer1', 'layer2', 'layer3', 'layer4', 'layer5', 'fc'}
+
+
+CLASSIFIER_PREFIXES = ('layer5.', 'fc.')
+
+
+def load_state_file(path):
+    """{name: tensor} from a .pth file, unwrapped from a 'state_dict' or 'model' entry. Weights files are
+    untrusted input: torch.load with weights_only; any other content is one ValueError line naming the file."""
+    try:
+        sd = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:
+        raise ValueError(f'{path}: not a readable PyTorch weights file ({one_line(error)})') from None
+    for wrapper in ('state_dict', 'model'):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f'{path}: not a state dict of tensors (nor one under a "state_dict" or "model" key)')
+    return sd
+
+
+def read_pretrained(path):
+    """A backbone file as a flat state dict with any wrapper prefix ('Scale.', 'module.', 'backbone.') removed."""
+    sd = load_state_file(path)
+    # the official DeepLab loaders drop the first dotted component; do so only where there is one
+    return {(k if k.split('.')[0] in TOP_LEVEL else k.split('.', 1)[-1]): v for k, v in sd.items()}
+
+
+def detect_style(sd, path):
+    """The RESNET_STYLES entry matching how the file's weights were trained."""
+    if 'stem.0.weight' in sd:
+        return 'v1c'  # mmcv's resnet101_v1c: deep stem
+    if 'fc.weight' in sd:
+        return 'torchvision'  # stride in the 3x3 conv, RGB ImageNet statistics
+    if any(k.startswith('layer5.') for k in sd):
+        return 'caffe'  # DeepLab COCO init: stride in the 1x1 conv, BGR 0-255 minus mean
+    raise ValueError(f"{path}: cannot tell the weights' kind (no 'stem.*', 'fc.*' nor 'layer5.*' keys)")
+
+
+def _ignored(key):
+    return key.endswith('num_batches_tracked') or key.startswith(CLASSIFIER_PREFIXES)
+
+
+def load_backbone_state(backbone, sd, path):
+    """Strict load of a flat backbone state dict (from read_pretrained); BatchNorm counters and the classifier are
+    not compared."""
+    strict_load(backbone, sd, path, "the backbone", ignore=_ignored)
+
+
+def build_deeplab_from_info(num_classes, info):
+    if info['decoder'] == 'deeplabv3plus':
+        encoder = ResNetEncoder(tuple(info['layers']), info['width'], info['style'], with_layer1=True)
+        return encoder, DeepLabV3PlusHead(encoder.out_channels, num_classes)
+    encoder = ResNetEncoder(tuple(info['layers']), info['width'], info['style'])
+    decoder = ASPPClassifier(encoder.out_channels, num_classes, tuple(info['aspp_dilations']),
+                             zero_bias=info['style'] == 'v1c')
+    return encoder, decoder
+
+
+def build_deeplab(num_classes, pretrained=None, layers=(3, 4, 23, 3), width=64, styles=('caffe', 'torchvision'),
+                  aspp_dilations=(6, 12), decoder='deeplabv2'):
+    """Returns (encoder, decoder, info); info rebuilds the same architecture without the file. styles: those the
+    architecture takes; the file's keys choose among them (no file: the first). decoder: 'deeplabv2' (the ASPP
+    classifier) or 'deeplabv3plus'."""
+    style, sd = styles[0], None
+    if pretrained is not None:
+        sd = read_pretrained(pretrained)
+        style = detect_style(sd, pretrained)
+        if style not in styles:
+            raise ValueError(f"{pretrained}: holds {style}-style ResNet weights; this architecture takes "
+                             f"{' or '.join(styles)} (--arch dlv2 for caffe/torchvision, dlv2-v1c for v1c)")
+    info = {'arch': 'dlv2', 'layers': list(layers), 'width': width, 'style': style,
+            'aspp_dilations': list(aspp_dilations), 'decoder': decoder}
+    encoder, decoder = build_deeplab_from_info(num_classes, info)
+    if sd is not None:
+        load_backbone_state(encoder.backbone, sd, pretrained)
+    return encoder, decoder, info
+
+
+class MiTEncoder(nn.Module):
+    def __init__(self, config, checkpoint_blocks=False):
+        super().__init__()
+        self.normalize = Normalize("imagenet")
+        self.backbone = MixVisionTransformer(**config, checkpoint_blocks=checkpoint_blocks)
+        self.out_channels, self.out_strides = self.backbone.out_channels, [4, 8, 16, 32]
+    def forward(self, x):
+        return self.backbone(self.normalize(x))
+
+
+# MiT encoder
+def tokens_to_map(x, H, W):
+    return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample."""
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(keep)
+        return x * mask / keep
+
+
+class OverlapPatchEmbed(nn.Module):
+    def __init__(self, in_ch, dim, kernel, stride):
+        super().__init__()
+        self.proj = nn.Conv2d(in_ch, dim, kernel, stride, padding=kernel // 2)
+        self.norm = nn.LayerNorm(dim)  # eps 1e-5, unlike the block norms
+    def forward(self, x):
+        x = self.proj(x)
+        H, W = x.shape[2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), H, W
+
+
+class Attention(nn.Module):
+    """Efficient self-attention: keys/values come from a map shrunk by sr."""
+    def __init__(self, dim, num_heads, sr_ratio):
+        super().__init__()
+        self.num_heads = num_heads
+        self.sr_ratio = sr_ratio
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+    def forward(self, x, H, W):
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+        if self.sr_ratio > 1:
+            x = self.norm(self.sr(tokens_to_map(x, H, W)).flatten(2).transpose(1, 2))
+        # kv output channels are [K | V], each split into heads
+        k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # default scale = head_dim**-0.5, as SegFormer
+        return self.proj(y.transpose(1, 2).reshape(B, N, C))
+
+
+class DWConv(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+    def forward(self, x, H, W):
+        return self.dwconv(tokens_to_map(x, H, W)).flatten(2).transpose(1, 2)
+
+
+class MixFFN(nn.Module):
+    """MLP with a 3x3 depth-wise conv: gives positional information instead of a pos embedding."""
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = DWConv(hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+    def forward(self, x, H, W):
+        return self.fc2(F.gelu(self.dwconv(self.fc1(x), H, W)))
+
+
+class MiTBlock(nn.Module):
+    def __init__(self, dim, num_heads, sr_ratio, mlp_ratio, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, sr_ratio)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MixFFN(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+    def forward(self, x, H, W):
+        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+
+
+class MixVisionTransformer(nn.Module):
+    """Takes ImageNet-normalised images, returns 4 NCHW maps at strides 4, 8, 16, 32."""
+    def __init__(self, embed_dims, depths, num_heads, sr_ratios, mlp_ratio=4,
+                 drop_path_rate=0.1, checkpoint_blocks=False):
+        super().__init__()
+        self.out_channels = list(embed_dims)
+        self.checkpoint_blocks = checkpoint_blocks
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()  # floats, even under a meta device
+        in_chs = [3] + list(embed_dims[:-1])
+        for i in range(4):
+            kernel, stride = (7, 4) if i == 0 else (3, 2)
+            setattr(self, f'patch_embed{i + 1}', OverlapPatchEmbed(in_chs[i], embed_dims[i], kernel, stride))
+            start = sum(depths[:i])
+            setattr(self, f'block{i + 1}', nn.ModuleList(
+                MiTBlock(embed_dims[i], num_heads[i], sr_ratios[i], mlp_ratio, dpr[start + j])
+                for j in range(depths[i])))
+            setattr(self, f'norm{i + 1}', nn.LayerNorm(embed_dims[i], eps=1e-6))
+        self.apply(self._init_weights)
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            nn.init.zeros_(m.bias)
+    def forward(self, x):
+        outs = []
+        for i in range(1, 5):
+            x, H, W = getattr(self, f'patch_embed{i}')(x)
+            for blk in getattr(self, f'block{i}'):
+                if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                    # recompute activations in backward; RNG state is replayed so DropPath matches
+                    x = checkpoint(blk, x, H, W, use_reentrant=False)
+                else:
+                    x = blk(x, H, W)
+            x = tokens_to_map(getattr(self, f'norm{i}')(x), H, W).contiguous()
+            outs.append(x)
+        return outs
+
+
+def load_mit_weights(encoder, path):
+    """Strictly load SegFormer's ImageNet mit_b*.pth (its classifier head.* is dropped)."""
+    sd = {k: v for k, v in load_state_file(path).items() if not k.startswith('head.')}
+    strict_load(encoder, sd, path, "the MiT encoder")
+
+
+# DAFormer head
+def conv_bn_relu(in_ch, out_ch, kernel, dilation=1, groups=1, conv_class=nn.Conv2d):
+    conv = conv_class(in_ch, out_ch, kernel, padding=dilation * (kernel // 2), dilation=dilation,
+                      groups=groups, bias=False)  # BN supplies the bias
+    nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu')  # mmcv ConvModule default
+    return nn.Sequential(conv, nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+
+
+def separable_conv_bn_relu(in_ch, out_ch, dilation=1):
+    """mmcv's DepthwiseSeparableConvModule: a 3x3 depth-wise conv, then a 1x1 conv, each with BN and ReLU."""
+    return nn.Sequential(conv_bn_relu(in_ch, in_ch, 3, dilation=dilation, groups=in_ch, conv_class=DepthwiseConv3x3),
+                         conv_bn_relu(in_ch, out_ch, 1))
+
+
+DEPTHWISE_FORMS = ("direct", "nchw", "space-to-batch")
+
+
+class DepthwiseConv3x3(nn.Conv2d):
+    """The separable ASPP's 3x3 depth-wise convolution with dilation d (padding d), which a GPU may run slowly
+    (issue 12: a direct cuDNN kernel for bf16 channels_last). `form` picks one of three computations of the same
+    result (--aspp-depthwise): direct; nchw, in the contiguous layout (PyTorch's own depth-wise kernel); or
+    space-to-batch: the d x d interleaved sub-images of the zero-padded input as one batch, each convolved
+    without dilation (output pixel (r + d i, c + d j) only sees sub-image (r, c))."""
+    form = "direct"
+    def forward(self, x):
+        d = self.dilation[0]
+        if self.form == "direct" or d == 1:
+            return super().forward(x)
+        layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and \
+            not x.is_contiguous() else torch.contiguous_format
+        if self.form == "nchw":
+            return super().forward(x.contiguous()).contiguous(memory_format=layout)
+        B, C, H, W = x.shape
+        h, w = -(-H // d), -(-W // d)
+        x = F.pad(x, (0, w * d - W, 0, h * d - H)).reshape(B, C, h, d, w, d)
+        x = x.permute(0, 3, 5, 1, 2, 4).reshape(B * d * d, C, h, w).contiguous(memory_format=layout)
+        y = F.conv2d(x, self.weight, self.bias, padding=1, groups=self.groups)
+        y = y.reshape(B, d, d, C, h, w).permute(0, 3, 4, 1, 5, 2).reshape(B, C, h * d, w * d)
+        return y[:, :, :H, :W].contiguous(memory_format=layout)
+
+
+def classifier(in_ch, num_classes):
+    """mmseg's conv_seg: a 1x1 conv, weights normal(0, 0.01), bias 0."""
+    conv = nn.Conv2d(in_ch, num_classes, 1)
+    nn.init.normal_(conv.weight, 0.0, 0.01)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class DAFormerHead(nn.Module):
+    """Context-aware fusion: embed each level, upsample to stride 4, fuse with a separable ASPP."""
+    def __init__(self, in_channels, num_classes, embed_dim=256, fusion_dilations=(6, 12, 18), dropout=0.1):
+        super().__init__()
+        self.embed_layers = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
+        cat_ch = embed_dim * len(in_channels)
+        self.branches = nn.ModuleList([conv_bn_relu(cat_ch, embed_dim, 1)] + [
+            separable_conv_bn_relu(cat_ch, embed_dim, d) for d in fusion_dilations])
+        self.bottleneck = conv_bn_relu(embed_dim * len(self.branches), embed_dim, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = classifier(embed_dim, num_classes)
+    def forward(self, feats):
+        size = feats[0].shape[2:]
+        embedded = []
+        for f, embed in zip(feats, self.embed_layers):
+            H, W = f.shape[2:]
+            e = tokens_to_map(embed(f.flatten(2).transpose(1, 2)), H, W)
+            if e.shape[2:] != size:
+                e = F.interpolate(e, size=size, mode='bilinear', align_corners=False)
+            embedded.append(e)
+        x = torch.cat(embedded, dim=1)
+        x = self.bottleneck(torch.cat([branch(x) for branch in self.branches], dim=1))
+        return self.conv_seg(self.dropout(x))
+
+
+# DeepLabV3+ head (mmseg's DepthwiseSeparableASPPHead, deeplabv3plus_r50-d8 config)
+class DeepLabV3PlusHead(nn.Module):
+    """Separable ASPP with image pooling on layer4 (dilations 1, 12, 24, 36, 512 channels), a 3x3
+    bottleneck, then upsampled to layer1's stride-4 grid and fused with its 48-channel projection by two
+    separable 3x3 convs; dropout 0.1, 1x1 classifier. in_channels: [layer1, layer4] channels."""
+    def __init__(self, in_channels, num_classes, channels=512, dilations=(1, 12, 24, 36), c1_channels=48,
+                 dropout=0.1):
+        super().__init__()
+        c1_in, c4_in = in_channels
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(c4_in, channels, 1))
+        self.aspp = nn.ModuleList(conv_bn_relu(c4_in, channels, 1) if d == 1 else
+                                  separable_conv_bn_relu(c4_in, channels, d) for d in dilations)
+        self.bottleneck = conv_bn_relu((len(dilations) + 1) * channels, channels, 3)
+        self.c1_bottleneck = conv_bn_relu(c1_in, c1_channels, 1)
+        self.sep_bottleneck = nn.Sequential(separable_conv_bn_relu(channels + c1_channels, channels),
+                                            separable_conv_bn_relu(channels, channels))
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = classifier(channels, num_classes)
+    def forward(self, feats):
+        c1, x = feats
+        pooled = F.interpolate(self.image_pool(x), size=x.shape[2:], mode='bilinear', align_corners=False)
+        x = self.bottleneck(torch.cat([pooled] + [branch(x) for branch in self.aspp], dim=1))
+        x = F.interpolate(x, size=c1.shape[2:], mode='bilinear', align_corners=False)
+        x = self.sep_bottleneck(torch.cat([x, self.c1_bottleneck(c1)], dim=1))
+        return self.conv_seg(self.dropout(x))
+
+
+# ============================================================================= appendix: data
+
 
 # Cityscapes label ids of the 19 evaluated classes, in train-id order (cityscapesscripts labels.py)
 CITYSCAPES_ID_TO_TRAIN = np.full(256, 255, dtype=np.uint8)
+
+
 CITYSCAPES_ID_TO_TRAIN[[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]] = np.arange(19)
+
+
 # SYNTHIA ids are stored in 16 bits; ids of classes SYNTHIA lacks (16 terrain, 18 truck, 20 train) stay 255
 SYNTHIA_ID_TO_TRAIN = np.full(65536, 255, dtype=np.uint8)
+
+
 for _raw, _train in {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 10, 10: 11, 17: 12, 8: 13,
                      19: 15, 12: 17, 11: 18}.items():
     SYNTHIA_ID_TO_TRAIN[_raw] = _train
+
 
 # Training sizes (w, h). DACS resizes to exactly this size with PIL (GTA and SYNTHIA bicubic, Cityscapes
 # bilinear); mmseg keeps the aspect ratio to fit it (a 1914x1052 GTA image becomes 1280x704).
@@ -152,11 +1463,12 @@ DATASETS = {'gta': dict(size=(1280, 720), dacs_filter=Image.Resampling.BICUBIC),
             'cityscapes': dict(size=(1024, 512), dacs_filter=Image.Resampling.BILINEAR),
             'synthia': dict(size=(1280, 760), dacs_filter=Image.Resampling.BICUBIC)}
 
-# -----------------------------------------------------------------------------
+
 # folder discovery. Under ROOT: image and label folders; name patterns are regexes over the path relative
 # to the folder whose group 1 pairs an image with its label; 'naming' is what error messages show.
-
 _CITY = r'(([a-z][\w-]*)/\2_\d{6}_\d{6})'
+
+
 _LAYOUT = {
     'gta': dict(images='gta/images', labels='gta/labels', image_re=r'(\d{5})\.png', label_re=r'(\d{5})\.png',
                 naming=('NNNNN.png', 'NNNNN.png'),
@@ -172,15 +1484,120 @@ _LAYOUT = {
 }
 
 
-class DataError(Exception):
-    """A dataset problem; the message is one line naming the path and what was expected."""
+class Domain:
+    """One dataset, indexable: load(i) -> (uint8 HxWx3 RGB image, uint8 HxW train-id label), already
+    resized as `framework` resizes ("dacs" or "mmseg", see resize_pair). Folder datasets read files; the toy
+    domains draw scene i."""
+    def __init__(self, name, root="data", split="train", seed=0, framework="mmseg"):
+        self.name = name
+        if name.startswith("toy-"):
+            self.style = name[4:]
+            self.count = TOY_SIZES[split]
+            self.seed = (seed, 0 if split == "train" else 1, 0 if self.style == "source" else 1)
+        else:
+            self.pairs = find_pairs(name, root, split)
+            self.count = len(self.pairs)
+            self.size = DATASETS[name]["size"]
+            self.dacs_filter = DATASETS[name]["dacs_filter"] if framework == "dacs" else None
+    def __len__(self):
+        return self.count
+    def load(self, i, full_label=False):
+        """full_label: keep the label at its original size (the mmseg evaluation protocol)."""
+        if self.name.startswith("toy-"):
+            return make_toy_scene(np.random.default_rng([*self.seed, i]), self.style)
+        image, label = read_image(self.pairs[i][0]), self.full_label(i)
+        return resize_pair(image, label, self.size, self.dacs_filter, resize_label=not full_label)
+    def full_label(self, i):
+        return self.load(i)[1] if self.name.startswith("toy-") else read_label(self.pairs[i][1], self.name)
 
 
-class CorruptFile(DataError):
-    def __init__(self, path, reason='unreadable'):
-        self.path = path
-        reason = ' '.join(str(reason).split())  # the message must stay on one line
-        super().__init__(f'{path}: corrupt or unreadable file, expected a valid PNG ({reason})')
+class TrainBatches(torch.utils.data.Dataset):
+    """Item `it` is the whole batch of iteration `it`, a pure function of (seed, it) (and of the rank under
+    torchrun): loader workers need no shared state, and a resumed run reads exactly the batches it would have read."""
+    def __init__(self, cfg, source, target, rcs=None, rank=0, world=1):
+        self.cfg, self.source, self.target, self.rcs = cfg, source, target, rcs
+        self.stream = [rank] if world > 1 else []  # under torchrun each process draws its own batch
+    def __len__(self):
+        return self.cfg.iters
+    def __getitem__(self, iteration):
+        rng = np.random.default_rng([self.cfg.seed, iteration, *self.stream])
+        skipped = []
+        source = [self.sample(self.source, rng, skipped, is_source=True) for _ in range(self.cfg.batch_size)]
+        target = [self.sample(self.target, rng, skipped) for _ in range(self.cfg.batch_size)]
+        return dict(source_image=torch.from_numpy(np.stack([s[0] for s in source])).permute(0, 3, 1, 2),
+                    source_label=torch.from_numpy(np.stack([s[1] for s in source])),
+                    target_image=torch.from_numpy(np.stack([t[0] for t in target])).permute(0, 3, 1, 2),
+                    skipped=skipped)
+    def sample(self, domain, rng, skipped, is_source=False):
+        """Pick an image (rare-class sampling on the source when on) and run the pipeline (crop, flip) on it. A
+        corrupt file is recorded and replaced by another draw; the training loop decides when that is too many."""
+        for _ in range(self.cfg.max_skips + 1):
+            rare_class, index = (rcs_pick(rng, *self.rcs) if is_source and self.rcs
+                                 else (None, int(rng.integers(len(domain)))))
+            try:
+                image, label = domain.load(index)
+            except CorruptFile as error:
+                skipped.append(str(error))
+                continue
+            sample = self.pipeline(image, label, rng, is_source)
+            if rare_class is not None:  # DAFormer re-runs the pipeline up to 10 more times, keeping the last
+                for _ in range(10):
+                    if crop_has_enough(sample[1], rare_class, self.cfg.rcs_min_pixels // 2):
+                        break
+                    sample = self.pipeline(image, label, rng, is_source)
+            return sample
+        raise DataError(f"{len(skipped)} corrupt files in a row (more than --max-skips {self.cfg.max_skips}), "
+                        f"last: {skipped[-1]}")
+    def pipeline(self, image, label, rng, is_source):
+        """Random crop, then flip. mmseg's RandomCrop checks up to 10 crops for no class covering cat_max_ratio
+        or more, drawing a new one after each failure and keeping the last unchecked (source only here: target
+        labels are never read)."""
+        if self.cfg.crop:
+            size = (self.cfg.crop, self.cfg.crop)
+            image_crop, label_crop = random_crop(image, label, size, rng)
+            if is_source and self.cfg.cat_max_ratio < 1:
+                for _ in range(10):
+                    counts = np.bincount(label_crop[label_crop != 255], minlength=256)
+                    if counts.max(initial=0) < self.cfg.cat_max_ratio * counts.sum():
+                        break
+                    image_crop, label_crop = random_crop(image, label, size, rng)
+            image, label = image_crop, label_crop
+        if self.cfg.flip and rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def make_loader(cfg, dataset, start_iteration):
+    # Its own generator: creating the loader must not draw from the global RNG, or a resumed run
+    # (which creates it at another point of the RNG stream) would diverge from a straight one.
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(start_iteration, cfg.iters), num_workers=cfg.workers,
+        pin_memory=cfg.device == "cuda", persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers else None, generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def rcs_statistics(cfg, source, say=print):
+    """Per-class pixel counts of every source label, computed once and cached beside the data (or in
+    the work dir when the data folder is read-only). Returns (class probabilities, images per class)."""
+    cache_name = f"rcs_stats_{source.name}_{len(source)}.json"
+    candidates = [os.path.join(cfg.data_root, source.name, cache_name), os.path.join(cfg.work_dir, cache_name)]
+    counts = next((json.load(open(p)) for p in candidates if os.path.exists(p)), None)
+    if counts is None:
+        say(f"rare class sampling: counting classes in {len(source)} source labels (once)...", flush=True)
+        counts = [np.bincount(source.full_label(i).ravel(), minlength=256)[:cfg.num_classes].tolist()
+                  for i in range(len(source))]
+        for path in candidates:
+            try:
+                atomic_write(path, lambda f: f.write(json.dumps(counts).encode()))
+                break
+            except OSError:
+                continue
+    counts = np.array(counts)
+    images_per_class = [np.flatnonzero(counts[:, c] > cfg.rcs_min_pixels).tolist() for c in range(cfg.num_classes)]
+    if not any(images_per_class):
+        raise DataError(f"rare class sampling: no {source.name} image has more than --rcs-min-pixels "
+                        f"{cfg.rcs_min_pixels} pixels of any class")
+    return rcs_class_probabilities(counts.sum(axis=0), cfg.rcs_temperature), images_per_class
 
 
 def _list_pngs(folder, pattern, skip, naming):
@@ -224,9 +1641,8 @@ def find_pairs(dataset, root, split):
             raise DataError(f'{folder}: missing {len(missing)} {what}, first: {have[missing[0]]}')
     return [(images[key], labels[key]) for key in sorted(images)]
 
-# -----------------------------------------------------------------------------
-# reading
 
+# reading
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
@@ -274,10 +1690,8 @@ def read_label(path, dataset):
                         f'got shape {ids.shape} of {ids.dtype}')
     return CITYSCAPES_ID_TO_TRAIN[ids]
 
-# -----------------------------------------------------------------------------
+
 # geometry
-
-
 def mmseg_rescale_size(width, height, size_wh):
     """mmcv.imrescale's size: the largest scale that fits the long side into max(size_wh) and the short side
     into min(size_wh), each side rounded."""
@@ -316,42 +1730,6 @@ def random_crop(image, label, crop, rng):
     y = rng.integers(0, label.shape[0] - h + 1)
     x = rng.integers(0, label.shape[1] - w + 1)
     return image[y:y + h, x:x + w], label[y:y + h, x:x + w]
-
-# -----------------------------------------------------------------------------
-# evaluation
-
-
-def confusion_matrix(pred, label, num_classes, ignore_index=255):
-    """int64 (num_classes, num_classes) pixel counts, rows = ground truth, columns = prediction."""
-    label = torch.as_tensor(label)
-    pred = torch.as_tensor(pred, device=label.device)
-    if pred.shape != label.shape:
-        raise ValueError(f'prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in shape')
-    label, pred = label.reshape(-1).long(), pred.reshape(-1).long()
-    keep = label != ignore_index
-    label, pred = label[keep], pred[keep]
-    # an out-of-range id would silently land in a neighbouring cell of the flattened matrix
-    if ((label < 0) | (label >= num_classes) | (pred < 0) | (pred >= num_classes)).any():
-        raise ValueError(f'labels and predictions must be in [0, {num_classes}) or {ignore_index}')
-    return torch.bincount(label * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
-
-
-def iou_per_class(conf):
-    """float64 IoU per class; nan for a class absent from both ground truth and prediction."""
-    conf = torch.as_tensor(conf).double()
-    hits = conf.diag()
-    return hits / (conf.sum(0) + conf.sum(1) - hits)
-
-
-def format_table(ious, class_ids, names=CLASSES):
-    """Two aligned rows like the paper's Table 1: class names + mIoU, then IoU * 100 (mIoU = nanmean over
-    class_ids)."""
-    ious = torch.as_tensor(ious, dtype=torch.float64).cpu().numpy() * 100
-    class_ids = list(class_ids)
-    header = [names[i] for i in class_ids] + ['mIoU']
-    values = [f'{v:.1f}' for v in list(ious[class_ids]) + [np.nanmean(ious[class_ids])]]
-    widths = [max(len(name), 5) for name in header]
-    return '\n'.join(' | '.join(cell.rjust(width) for cell, width in zip(row, widths)) for row in (header, values))
 
 
 def write_fake_dataset(root, dataset, n, size_wh, seed=0):
@@ -394,12 +1772,689 @@ def write_fake_dataset(root, dataset, n, size_wh, seed=0):
             f.write(_png(label_width, height, 16, 2, np.pad(scanlines, ((0, 0), (1, 0))).tobytes()))
 
 
-# ============================================================================= toy scenes
+# ============================================================================= appendix: checkpoints and evaluation
 
-TOY_CLASSES = ('road', 'sidewalk', 'building', 'vegetation', 'sky', 'car', 'pole')
+
+def one_line(error):
+    """An exception as one short line (PyTorch's load errors span many)."""
+    return ' '.join(f'{type(error).__name__}: {error}'.split())[:300]
+
+
+def atomic_write(path, write):
+    """Write to a temporary file, fsync, rename: a crash at any moment leaves the old file or the new."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(cfg, nets, iteration):
+    """Rank 0 writes the checkpoint; under torchrun every process sends it its random state first (a
+    collective: every rank calls this at the same iterations)."""
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
+               cuda=torch.cuda.get_rng_state() if nets.device.type == "cuda" else None)
+    rngs = [rng]
+    if nets.world > 1:
+        rngs = [None] * nets.world if nets.rank == 0 else None
+        dist.gather_object(rng, rngs, dst=0)
+    if nets.rank != 0:
+        return
+    state = dict(iteration=iteration, config=vars(cfg), arch=nets.info, model=nets.model.state_dict(),
+                 teacher=nets.teacher.state_dict() if nets.teacher is not None else None,
+                 rebuilder=nets.rebuilder.state_dict() if nets.rebuilder is not None else None,
+                 pixel_head=nets.pixel_head.state_dict() if nets.pixel_head is not None else None,
+                 optimizers=[optimizer.state_dict() for optimizer in nets.optimizers], scaler=nets.scaler.state_dict(),
+                 world_size=nets.world, rng=rngs)
+    atomic_write(os.path.join(cfg.work_dir, "checkpoint.pth"), lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path):
+    """Checkpoints are untrusted input: tensors and plain containers only (weights_only)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise DataError(f"{path}: not a readable checkpoint ({one_line(error)})") from None
+
+
+def strict_load(module, state, path, what, ignore=lambda key: False):
+    """load_state_dict(strict=True), its refusal one line: path, then up to 10 names of each kind of problem."""
+    state = {k: v for k, v in state.items() if not ignore(k)}
+    own = {k: v for k, v in module.state_dict().items() if not ignore(k)}
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+                  for k, v in own.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    for kind, keys in (("missing", own.keys() - state.keys()), ("unexpected", state.keys() - own.keys()),
+                       ("shape mismatch (file vs model)", mismatched)):
+        keys = sorted(keys)
+        if keys:
+            more = f" ... (+{len(keys) - 10} more)" if len(keys) > 10 else ""
+            problems.append(f"{len(keys)} {kind} [{', '.join(keys[:10])}]{more}")
+    if problems:
+        raise ValueError(f"{path} does not fit {what}: " + "; ".join(problems))
+    module.load_state_dict(state, strict=False)  # strict up to the ignored keys, compared above
+
+
+def load_model_state(model, state, path):
+    """A checkpoint's segmentation model, strictly; a misfit (another architecture or class count) is a DataError."""
+    try:
+        strict_load(model, state, path, "this model (another architecture or number of classes?)")
+    except ValueError as error:
+        raise DataError(str(error)) from None
+
+
+def resume(cfg, nets):
+    path = os.path.join(cfg.work_dir, "checkpoint.pth")
+    state = load_checkpoint(path)
+    if state["arch"] != nets.info:
+        raise DataError(f"{path}: checkpoint is {state['arch']}, this run builds {nets.info}")
+    load_model_state(nets.model, state["model"], path)
+    if nets.teacher is not None:
+        nets.teacher.load_state_dict(state["teacher"])
+    if nets.rebuilder is not None:
+        nets.rebuilder.load_state_dict(state["rebuilder"])
+    if nets.pixel_head is not None:
+        nets.pixel_head.load_state_dict(state["pixel_head"])
+    if len(state["optimizers"]) != len(nets.optimizers):
+        raise DataError(f"{path}: checkpoint holds {len(state['optimizers'])} optimizer(s), this run builds "
+                        f"{len(nets.optimizers)} (another --optimizer or --no-mrm?)")
+    for optimizer, optimizer_state in zip(nets.optimizers, state["optimizers"]):
+        optimizer.load_state_dict(optimizer_state)
+        for group in optimizer.param_groups:  # a CUDA graph's device-tensor lr comes back as a plain number
+            group["lr"] = float(group["lr"])
+    nets.scaler.load_state_dict(state["scaler"])
+    if state["world_size"] != nets.world:
+        raise DataError(f"{path}: written by {state['world_size']} process(es), this run has {nets.world}: each "
+                        f"process's data and random state depend on its rank, so resume with as many processes")
+    rng = state["rng"][nets.rank]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if nets.device.type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state["iteration"]
+
+
+def export_model(path, model, info, num_classes):
+    """Inference-only file: the segmentation model and how to build it; no Rebuilder, no optimiser."""
+    state = dict(arch=info, num_classes=num_classes, model=model.state_dict())
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+@torch.no_grad()
+def evaluate(model, domain, num_classes, device, align_corners, amp="off", protocol="mmseg", on_prediction=None,
+             workers=0):
+    """Confusion matrix over a labelled domain: the whole image at the training input size, logits
+    resized bilinearly (with the align_corners the model was trained with) to the label (mmseg protocol:
+    the full-resolution label; dacs: the label resized to the input size), argmax.
+    on_prediction(i, image, prediction) sees every prediction."""
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    items = torch.utils.data.DataLoader(EvalImages(domain, protocol == "mmseg"), batch_size=None,
+                                        num_workers=workers)
+    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                              enabled=amp != "off")
+    for i, (image, label) in enumerate(items):
+        x = image.to(device).permute(2, 0, 1)[None].float() / 255
+        with autocast:
+            logits = model(x)
+        prediction = F.interpolate(logits.float(), size=label.shape, mode="bilinear",
+                                   align_corners=align_corners).argmax(dim=1)[0]
+        conf += confusion_matrix(prediction, label.to(device), num_classes)
+        if on_prediction is not None:
+            on_prediction(i, image.numpy(), prediction.to(torch.uint8).cpu().numpy())
+    return conf
+
+
+class EvalImages(torch.utils.data.Dataset):
+    def __init__(self, domain, full_label):
+        self.domain, self.full_label = domain, full_label
+    def __len__(self):
+        return len(self.domain)
+    def __getitem__(self, i):
+        image, label = self.domain.load(i, full_label=self.full_label)
+        return torch.from_numpy(image), torch.from_numpy(label)
+
+
+def miou_report(conf, eval_classes, class_names):
+    """The per-class table (paper Table 1 order) for each class subset, and the first subset's mIoU."""
+    ious = iou_per_class(conf.cpu())
+    tables = [f"mIoU over {name} classes:\n{format_table(ious, ids, class_names)}"
+              for name, ids in eval_classes.items()]
+    first = next(iter(eval_classes.values()))
+    return "\n".join(tables), float(np.nanmean(np.asarray(ious)[list(first)]) * 100)
+
+
+# evaluation
+def confusion_matrix(pred, label, num_classes, ignore_index=255):
+    """int64 (num_classes, num_classes) pixel counts, rows = ground truth, columns = prediction."""
+    label = torch.as_tensor(label)
+    pred = torch.as_tensor(pred, device=label.device)
+    if pred.shape != label.shape:
+        raise ValueError(f'prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in shape')
+    label, pred = label.reshape(-1).long(), pred.reshape(-1).long()
+    keep = label != ignore_index
+    label, pred = label[keep], pred[keep]
+    # an out-of-range id would silently land in a neighbouring cell of the flattened matrix
+    if ((label < 0) | (label >= num_classes) | (pred < 0) | (pred >= num_classes)).any():
+        raise ValueError(f'labels and predictions must be in [0, {num_classes}) or {ignore_index}')
+    return torch.bincount(label * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def iou_per_class(conf):
+    """float64 IoU per class; nan for a class absent from both ground truth and prediction."""
+    conf = torch.as_tensor(conf).double()
+    hits = conf.diag()
+    return hits / (conf.sum(0) + conf.sum(1) - hits)
+
+
+def format_table(ious, class_ids, names=CLASSES):
+    """Two aligned rows like the paper's Table 1: class names + mIoU, then IoU * 100 (mIoU = nanmean over
+    class_ids)."""
+    ious = torch.as_tensor(ious, dtype=torch.float64).cpu().numpy() * 100
+    class_ids = list(class_ids)
+    header = [names[i] for i in class_ids] + ['mIoU']
+    values = [f'{v:.1f}' for v in list(ious[class_ids]) + [np.nanmean(ious[class_ids])]]
+    widths = [max(len(name), 5) for name in header]
+    return '\n'.join(' | '.join(cell.rjust(width) for cell, width in zip(row, widths)) for row in (header, values))
+
+
+# ============================================================================= appendix: several processes (torchrun)
+
+
+# One run on N processes (GPUs, or CPU processes with gloo) started by torchrun. Each process trains on its own
+# batch; DistributedDataParallel averages the gradients, so every process takes the same optimiser step from the
+# same weights: the students stay identical, and so do the EMA teachers computed from them. Rank 0 alone logs,
+# validates and writes checkpoints.
+class Stopped(RuntimeError):
+    """SIGTERM: torchrun stops this process because another one failed, or the job was cancelled."""
+
+
+def on_sigterm(signum, frame):
+    raise Stopped("stopped by torchrun (another process of this run failed, or the job was cancelled)")
+
+
+def lost_a_process(error):
+    """Whether `error` is how a collective fails when another process of the run died (NCCL: DistError;
+    gloo: a RuntimeError from its transport), or torchrun's SIGTERM."""
+    return dist.is_initialized() and (isinstance(error, (Stopped, dist.DistError)) or "gloo" in str(error))
+
+
+def init_distributed(cfg):
+    """(rank, world size) of this process; (0, 1) when not started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if cfg.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # long enough for rank 0's validation and checkpoint, during which the others wait in a collective
+    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", timeout=timedelta(hours=2))
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return dist.get_rank(), world
+
+
+def step_calls(cfg, nets):
+    """How the training step calls the student's encoder and decoder, the Rebuilder and the pixel head: the
+    modules themselves, or under torchrun each wrapped in DistributedDataParallel (Masking has no parameters to
+    wrap) and with --compile encoder and decoder compiled. The modules stay nets.model, nets.rebuilder and
+    nets.pixel_head (what checkpoints, the EMA and evaluation read)."""
+    def prepare(module, compile_it=False):
+        if module is None:
+            return None
+        if nets.world > 1 and any(p.requires_grad for p in module.parameters()):
+            device_ids = [torch.cuda.current_device()] if nets.device.type == "cuda" else None
+            module = DistributedDataParallel(module, device_ids=device_ids)
+        return torch.compile(module) if compile_it else module
+
+    return SimpleNamespace(encoder=prepare(nets.model.encoder, cfg.compile),
+                           decoder=prepare(nets.model.decoder, cfg.compile),
+                           rebuilder=prepare(nets.rebuilder), pixel_head=prepare(nets.pixel_head))
+
+
+def without_gradient_sync(cfg, nets):
+    """Under torchrun, the source pass skips the all-reduce of the modules the mixed pass uses again: that pass
+    then averages the sum of both passes' gradients (DDP's no_sync), one all-reduce per step instead of two."""
+    stack = contextlib.ExitStack()
+    if nets.world > 1 and not cfg.source_only:
+        calls = nets.calls
+        again = [calls.encoder, calls.decoder] + ([calls.rebuilder, calls.pixel_head] if cfg.mrm_domain == "both" else [])
+        for module in again:
+            if isinstance(getattr(module, "_orig_mod", module), DistributedDataParallel):
+                stack.enter_context(module.no_sync())
+    return stack
+
+
+def rank_prefix():
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" else f"[rank {rank}] "
+
+
+# ============================================================================= appendix: speed machinery
+
+
+def why_eager(cfg, world):
+    """Why the step cannot run as one CUDA graph here, or "" when it can (the default on one GPU)."""
+    reasons = ((not cfg.cuda_graph, "without --cuda-graph"), (cfg.device != "cuda", "not on CUDA"),
+               (world > 1, "torchrun: DDP's all-reduce"), (cfg.compile, "--compile"),
+               (cfg.amp == "fp16", "fp16's loss scaler reads the gradients on the host"),
+               (cfg.checkpoint_blocks, "--checkpoint-blocks saves the random state on the host"))
+    return next((why for applies, why in reasons if applies), "")
+
+
+def device_scalars(nets):
+    """What the host changes between iterations, every group's lr and the EMA weight, as 0-dim float32 device
+    tensors, which a captured step reads and begin_step writes in place."""
+    for optimizer in nets.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(float(group["lr"]), device=nets.device)
+    nets.ema_weight = torch.tensor(float(nets.ema_weight), device=nets.device)
+
+
+class CaptureFailed(ConfigError):
+    pass
+
+
+class CudaGraphStep:
+    """train_step as one CUDA graph: device_step is captured once and replayed every iteration, one launch
+    instead of thousands, which takes the host off the critical path (shapes are static: crop and batch).
+    Before each replay the host writes the batch into the graph's input buffers and, through begin_step, the
+    learning rates and EMA weight into device tensors; random numbers come from the CUDA generator, which
+    advances at each replay. The first `warmup` iterations run eagerly on a side stream, as CUDA graph capture
+    asks (optimizer states, cuDNN's algorithm search), and the next one is captured and replayed. Without a GPU
+    (capture=False, the default there) the same calls run the step from the same buffers, so that the CPU tests
+    check every piece but the capture itself. A capture that fails stops the run with one line: the CUDA
+    generator may be left in capture mode, so continuing eagerly in this process is not safe."""
+    warmup_steps = 3
+    def __init__(self, nets, warmup=warmup_steps, capture=None):
+        capture = nets.device.type == "cuda" if capture is None else capture
+        self.warmup, self.capture, self.steps, self.replay = warmup, capture, 0, None
+        device_scalars(nets)
+    def __call__(self, cfg, nets, batch, iteration):
+        begin_step(cfg, nets, iteration)
+        if self.replay is not None:
+            for buffer, key in zip(self.inputs, BATCH_KEYS):
+                if buffer.shape != batch[key].shape:
+                    raise ValueError(f"CUDA graph step: {key} {tuple(batch[key].shape)}, captured with "
+                                     f"{tuple(buffer.shape)}: every batch must have the same shape")
+                buffer.copy_(batch[key], non_blocking=True)
+            self.replay()
+            return self.losses.clone()
+        self.steps += 1
+        self.inputs = to_device(batch, nets)
+        if self.steps <= self.warmup:
+            with self.side_stream(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+                return device_step(cfg, nets, *self.inputs)
+        if self.capture:
+            graph = torch.cuda.CUDAGraph()
+            try:  # thread_local: the loader's pin-memory thread may allocate meanwhile
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.losses = device_step(cfg, nets, *self.inputs)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as error:
+                raise CaptureFailed(f"the step could not be captured as one CUDA graph ({one_line(error)[:200]}); "
+                                    f"run without --cuda-graph (and --resume, from the last checkpoint)") from error
+            self.replay = graph.replay
+        else:
+            def replay():
+                self.losses = device_step(cfg, nets, *self.inputs)
+            self.replay = replay
+        self.replay()
+        return self.losses.clone()
+    @contextlib.contextmanager
+    def side_stream(self):
+        if not self.capture:
+            yield
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream().wait_stream(side)
+
+
+def reference_step(cfg, nets, batch, iteration):
+    """The same iteration written as DACS's official code does it, for --bench to compare against:
+    fp32, per-image Python loops (ClassMix from torch.unique + np.random.choice, pseudo-label weight
+    read back with .item(), augmentation decided by Python's random), one backward of the summed loss, EMA by a parameter loop."""
+    model, rebuilder = nets.model, nets.rebuilder
+    x_s, y_s, x_t = step_inputs(nets, *to_device(batch, nets))
+    set_learning_rates(cfg, nets, iteration)
+    model.train()
+    loss_s = segmentation_ce(model(x_s), y_s, align_corners=cfg.align_corners)
+    with torch.no_grad():
+        teacher_logits = F.interpolate(nets.teacher(x_t), size=x_t.shape[-2:], mode="bilinear",
+                                       align_corners=cfg.align_corners)
+        prob, pseudo = teacher_logits.softmax(dim=1).max(dim=1)
+        weight = (prob >= cfg.pseudo_threshold).sum().item() / prob.numel()
+    images, labels, weights = [], [], []
+    jitter_p, blur_p = float(random.random() < cfg.jitter_p), float(random.random() < cfg.blur_p)
+    for i in range(x_s.shape[0]):
+        classes = torch.unique(y_s[i])
+        chosen = classes[torch.from_numpy(np.random.choice(len(classes), (len(classes) + 1) // 2, replace=False))]
+        mask = (y_s[i][..., None] == chosen).any(dim=-1)
+        image = torch.where(mask, x_s[i], x_t[i])[None]
+        images.append(gaussian_blur(color_jitter(image, cfg.jitter, jitter_p), blur_p))
+        labels.append(torch.where(mask, y_s[i], pseudo[i]))
+        weights.append(torch.where(mask, 1.0, weight))
+    x_m, y_m, w_m = torch.cat(images), torch.stack(labels), torch.stack(weights)
+    f_m = model.encoder(x_m)
+    loss = loss_s + segmentation_ce(model.decoder(f_m), y_m, w_m, align_corners=cfg.align_corners)
+    if rebuilder is not None:
+        loss = loss + cfg.mrm_weight * mrm_loss(model.decoder, rebuilder, f_m, y_m, w_m,
+                                                align_corners=cfg.align_corners)
+    loss.backward()
+    for optimizer in nets.optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    alpha = min(1 - 1 / (iteration + 1), cfg.ema)
+    with torch.no_grad():
+        for teacher_param, param in zip(nets.teacher.parameters(), model.parameters()):
+            teacher_param.mul_(alpha).add_(param, alpha=1 - alpha)
+    return loss.detach()
+
+
+def bench(cfg):
+    """--bench N: training steps on random batches shaped like gta2cs (1280x720 source, 1024x512 target,
+    cropped), data loading excluded. Every variant warms up (and, on CUDA, captures its graph) first; then N
+    rounds time one step of each in turn (A, B, C, A, B, C ...), so that their ratios share the machine's state,
+    and each reports its median. Variants: the step as configured (DACS+MRM), without MRM, eager instead of one
+    CUDA graph, fp32 instead of --amp, the other --aspp-depthwise forms (DAFormer and DeepLabV3+ heads), and
+    (DACS recipe) DACS's per-image fp32 reference_step. All are alive at once: the run needs about their sum in
+    memory. On CUDA, torch.profiler over 3 more steps of the first variant gives the GPU-busy time and the kernels
+    and host launches per step. On the CPU the tiny model of the same family runs, so that a test can run it."""
+    if cfg.device == "cpu":
+        cfg = SimpleNamespace(**{**vars(cfg), "arch": cfg.arch if cfg.arch.endswith("tiny") else
+                                 ("mit-tiny" if "mit" in cfg.arch else "dlv2-tiny"), "crop": min(cfg.crop or 64, 64)})
+    rng = np.random.default_rng(cfg.seed)
+    crop = (cfg.crop, cfg.crop)
+    def random_pair(width, height):
+        label = rng.integers(0, cfg.num_classes, size=(height // 64 + 1, width // 64 + 1)).repeat(64, 0).repeat(64, 1)
+        image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        return random_crop(image, label[:height, :width].astype(np.uint8), crop, rng)
+    source = [random_pair(1280, 720) for _ in range(cfg.batch_size)]
+    target = [random_pair(1024, 512) for _ in range(cfg.batch_size)]
+    batch = dict(source_image=torch.from_numpy(np.stack([s[0] for s in source])).permute(0, 3, 1, 2),
+                 source_label=torch.from_numpy(np.stack([s[1] for s in source])),
+                 target_image=torch.from_numpy(np.stack([t[0] for t in target])).permute(0, 3, 1, 2))
+    cuda = cfg.device == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    graph = not why_eager(cfg, 1)
+    mode = "CUDA graph" if graph else "eager"
+    variants = {f"DACS+MRM ({mode})": dict(mrm=True), f"DACS ({mode})": dict(mrm=False)}
+    if graph:
+        variants["DACS+MRM (eager)"] = dict(mrm=True, cuda_graph=False)
+    if cfg.amp != "off":
+        variants[f"DACS+MRM fp32 ({mode})"] = dict(mrm=True, amp="off")
+    if cfg.decoder in ("daformer", "deeplabv3plus"):
+        for form in DEPTHWISE_FORMS:
+            if form != cfg.aspp_depthwise:
+                variants[f"DACS+MRM ({mode}, --aspp-depthwise {form})"] = dict(mrm=True, aspp_depthwise=form)
+    if cfg.recipe == "dacs":  # the reference implements the DACS recipe only
+        variants["DACS+MRM fp32 per-image reference"] = dict(mrm=True, amp="off", channels_last=False,
+                                                             cuda_graph=False, reference=True)
+    print(f"bench on {device_name(cfg.device)}, torch {torch.__version__}: {cfg.arch} ({cfg.recipe} recipe), batch "
+          f"{cfg.batch_size}+{cfg.batch_size}, {cfg.crop}x{cfg.crop} crops, amp={cfg.amp}; {cfg.bench} interleaved "
+          f"rounds", flush=True)
+    def synchronize():
+        if cuda:
+            torch.cuda.synchronize()
+    runs, warmup = {}, max(CudaGraphStep.warmup_steps + 2, cfg.bench // 10)
+    for name, overrides in variants.items():
+        run = SimpleNamespace(**{**vars(cfg), **overrides, "iters": 10 ** 9})
+        before = torch.cuda.memory_allocated() if cuda else 0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        nets = build_nets(run)
+        step = reference_step if overrides.get("reference") else CudaGraphStep(nets) if nets.graph else train_step
+        for i in range(warmup):
+            step(run, nets, batch, i)
+        synchronize()
+        peak = (torch.cuda.max_memory_allocated() - before) / 2 ** 30 if cuda else float("nan")
+        runs[name] = SimpleNamespace(run=run, nets=nets, step=step, peak=peak, times=[])
+    for i in range(warmup, warmup + cfg.bench):
+        for variant in runs.values():
+            synchronize()
+            start = time.perf_counter()
+            variant.step(variant.run, variant.nets, batch, i)
+            synchronize()
+            variant.times.append(time.perf_counter() - start)
+    iters = RECIPES[cfg.recipe]["iters"]
+    for name, variant in runs.items():
+        variant.ms = 1000 * float(np.median(variant.times))
+        peak = f"peak {variant.peak:.2f} GiB, " if cuda else ""
+        print(f"  {name}: {variant.ms:.1f} ms/iteration (median), {2 * cfg.batch_size * 1000 / variant.ms:.1f} "
+              f"images/s, {peak}{iters} iterations in {variant.ms * iters / 3.6e6:.1f} h", flush=True)
+    first, ms = next(iter(runs.values())), [variant.ms for variant in runs.values()]
+    if cuda:
+        activity = profile_steps(lambda i: first.step(first.run, first.nets, batch, i), warmup + cfg.bench, 3)
+        busy = activity["gpu_busy_ms"]
+        print(f"  GPU busy {busy:.1f} of {first.ms:.1f} ms per step ({100 * busy / first.ms:.0f}%), "
+              f"{activity['kernels']:.0f} kernels and {activity['launches']:.0f} host launches per step "
+              f"(torch.profiler, 3 steps of {next(iter(runs))})", flush=True)
+    others = [f"{variant.ms / ms[0]:.2f}x as fast as {name}" for name, variant in list(runs.items())[2:]]
+    print(f"  MRM step-time overhead {ms[0] / ms[1]:.3f}x" + (f"; {next(iter(runs))} is " + ", ".join(others)
+                                                              if others else ""), flush=True)
+    return {name: (variant.ms, variant.peak) for name, variant in runs.items()}
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def busy_time(intervals):
+    """Length of the union of (start, end) intervals: how long at least one of them ran."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def profile_steps(step, first_iteration, steps, cuda=True):
+    """torch.profiler over `steps` calls of step(iteration): GPU-busy milliseconds (the union of kernel, copy and
+    memset intervals), GPU kernels and host launch calls (kernels, graph launches, copies), each per step."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.autograd import DeviceType
+    launch_calls = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                    "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for i in range(first_iteration, first_iteration + steps):
+            step(i)
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    return dict(gpu_busy_ms=busy_time([(e.time_range.start, e.time_range.end) for e in gpu]) / 1000 / steps,
+                kernels=sum("memcpy" not in e.name.lower() and "memset" not in e.name.lower() for e in gpu) / steps,
+                launches=sum(e.name in launch_calls for e in events) / steps)
+
+
+def bench_data(cfg):
+    """--bench-data N: decode + resize + crop speed of one loader worker on GTA-sized PNGs (1914x1052)
+    written to a temporary folder, then of the training DataLoader with --workers workers, so you know
+    how many workers keep the GPU busy."""
+    with tempfile.TemporaryDirectory() as root:
+        write_fake_dataset(root, "gta", 4, (1914, 1052), seed=cfg.seed)
+        write_fake_dataset(root, "cityscapes", 2, (2048, 1024), seed=cfg.seed)
+        run = SimpleNamespace(**{**vars(cfg), "source": "gta", "target": "cityscapes", "data_root": root,
+                                 "iters": cfg.bench_data + cfg.workers})
+        batches = TrainBatches(run, Domain("gta", root, framework=cfg.framework),
+                               Domain("cityscapes", root, framework=cfg.framework))
+        batches[0]
+        start = time.perf_counter()
+        for i in range(1, cfg.bench_data + 1):
+            batches[i]
+        seconds = time.perf_counter() - start
+        pairs = cfg.bench_data * 2 * cfg.batch_size
+        batches_per_s = cfg.bench_data / seconds
+        print(f"one worker: {pairs / seconds:.1f} image pairs/s ({batches_per_s:.2f} batches of "
+              f"{cfg.batch_size}+{cfg.batch_size}/s); a GPU step of T ms needs about {1000 / batches_per_s:.0f}/T "
+              f"workers", flush=True)
+        if cfg.workers:
+            # Timed from the batch at which every worker has delivered its first one: steady state.
+            for i, _ in enumerate(make_loader(run, batches, 0), start=1):
+                if i == cfg.workers:
+                    start = time.perf_counter()
+            loader_batches_per_s = cfg.bench_data / (time.perf_counter() - start)
+            print(f"the training loader with --workers {cfg.workers}: {loader_batches_per_s:.2f} batches/s "
+                  f"({1000 / loader_batches_per_s:.0f} ms per batch)", flush=True)
+    return pairs / seconds
+
+
+# ============================================================================= appendix: modes
+
+
+def flag_help(key, default, text):
+    """A flag's help line: its text, its default, and the recipes that set it otherwise."""
+    by_value = {}
+    for name, recipe in RECIPES.items():
+        if key in recipe and recipe[key] != default:
+            by_value.setdefault(recipe[key], []).append(name)
+    shown = "" if default == "" else f"; default {default}"
+    recipes = "; ".join(f"{', '.join(names)}: {value}" for value, names in by_value.items())
+    return (text + shown + (f" (recipe {recipes})" if recipes else "")).replace("%", "%%")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(usage="python train_dacs_mrm.py [--task T] [--arch A] [--pretrained FILE] [...]",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for title, flags in FLAGS.items():
+        group = parser.add_argument_group(title)
+        for key, (default, text, *choices) in flags.items():
+            choices = choices[0] if choices else tuple(TABLE_CHOICES.get(key, ()))
+            flag, help_text = "--" + key.replace("_", "-"), flag_help(key, default, text)
+            if isinstance(default, bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                   help=help_text)
+            else:
+                metavar = "|".join(choices) if choices else key.upper()
+                group.add_argument(flag, type=type(default), default=argparse.SUPPRESS, metavar=metavar,
+                                   help=help_text)
+    return parser
+
+
+def parse_config(argv=None):
+    given = vars(build_parser().parse_args(argv))
+    if given.get("bench") or given.get("bench_data"):  # the benchmarks measure the paper's setting
+        given.setdefault("task", "gta2cs")
+
+    def one_of(key, value, allowed):
+        if value not in allowed:
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: must be one of {' | '.join(allowed)}")
+
+    one_of("task", given.get("task", DEFAULTS["task"]), TASKS)
+    task = TASKS[given.get("task", DEFAULTS["task"])]
+    arch = given.get("arch") or task["arch"]
+    one_of("arch", arch, ARCHS)
+    recipe = given.get("recipe") or task.get("recipe") or ARCHS[arch]["recipe"]
+    one_of("recipe", recipe, RECIPES)
+    if recipe != "toy" and RECIPES[recipe]["framework"] != ARCHS[arch]["framework"]:
+        fitting = [a for a, spec in ARCHS.items() if spec["framework"] == RECIPES[recipe]["framework"]]
+        raise ConfigError(f"--recipe {recipe} does not run --arch {arch}: it runs {', '.join(fitting)}")
+    cfg = {**DEFAULTS, **RECIPES[recipe], **given, "arch": arch, "recipe": recipe}
+    cfg.update({k: v for k, v in task.items() if k not in ("arch", "recipe", "palette")},
+               num_classes=len(task["class_names"]))
+    cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg["decoder"] = cfg["decoder"] or ARCHS[arch]["decoders"][0]
+    for flags in FLAGS.values():
+        for key, (_, _, *choices) in flags.items():
+            if choices:
+                one_of(key, cfg[key], choices[0])
+    one_of("decoder", cfg["decoder"], TABLE_CHOICES["decoder"])
+    if "dacs_param_slots" in given and not (recipe == "dacs" and cfg["optimizer"] == "sgd"):
+        raise ConfigError(f"--dacs-param-slots applies to DACS's SGD only (--recipe dacs), not --recipe {recipe}")
+    if "aspp_depthwise" in given and cfg["decoder"] not in ("daformer", "deeplabv3plus"):
+        raise ConfigError(f"--aspp-depthwise applies to the separable ASPP of --decoder daformer | deeplabv3plus, "
+                          f"not {cfg['decoder']}")
+    if cfg["decoder"] not in ARCHS[arch]["decoders"]:
+        fitting = [a for a, spec in ARCHS.items() if cfg["decoder"] in spec["decoders"]]
+        raise ConfigError(f"--decoder {cfg['decoder']} does not fit --arch {arch}: it needs --arch {' | '.join(fitting)}")
+    mrm_flags = [f"--{k.replace('_', '-')} {given[k]}" for k in ("mrm_mode", "mrm_objective", "mrm_trains") if k in given]
+    if mrm_flags and (not cfg["mrm"] or cfg["source_only"]):
+        raise ConfigError(f"{mrm_flags[0]} needs MRM, which --no-mrm / --source-only switch off")
+    if cfg["mrm_objective"] != "cls" and (cfg["mrm_mode"] != "rebuild" or cfg["mrm_trains"] != "both"):
+        raise ConfigError(f"--mrm-objective {cfg['mrm_objective']} regresses the Rebuilder's output without the "
+                          f"decoder: it needs --mrm-mode rebuild and --mrm-trains both")
+    if cfg["sync_bn"] and cfg["device"] != "cuda":
+        raise ConfigError("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only)")
+    if cfg["mic"] and cfg["source_only"]:
+        raise ConfigError("--mic needs target images and pseudo-labels, which --source-only switches off")
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    if cfg["iters"] <= 0 or cfg["batch_size"] <= 0:
+        raise ConfigError("--iters and --batch-size must be positive")
+    mode = any(cfg[key] for key in FLAGS["modes (each does its work and exits)"])
+    weights = ARCHS[arch]["weights"]
+    if not cfg["pretrained"] and weights and cfg["task"] != "toy" and not mode:
+        raise ConfigError(f"--arch {arch} starts from pretrained weights: pass --pretrained FILE with {weights}; "
+                          f"--pretrained none trains from random weights")
+    if not cfg["work_dir"]:
+        method = "source-only" if cfg["source_only"] else "dacs-mrm" if cfg["mrm"] else "dacs"
+        cfg["work_dir"] = os.path.join("runs", f"{cfg['task']}-{arch}-{method}-seed{cfg['seed']}")
+    return SimpleNamespace(**cfg)
+
+
+def config_json(cfg):
+    return json.dumps(vars(cfg), indent=1, sort_keys=True) + "\n"
+
+
+def check_data(cfg):
+    """List and pair every split the task reads (no decoding) and print the counts."""
+    for name, split in ((cfg.source, "train"), (cfg.target, "train"), (cfg.target, "val")):
+        print(f"{name} {split}: {len(Domain(name, cfg.data_root, split, cfg.seed))} image/label pairs")
+
+
+def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None, dilations=(6, 12), decoder=""):
+    """Forward multiply-accumulates of D(E(x)) and of the extra D(R(f)) for one image, counted by
+    torch.utils.flop_counter on the meta device (shapes only: instant, no memory)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model, _ = build_model(arch, num_classes, aspp_dilations=dilations, decoder=decoder)
+        model.eval()  # the same FLOPs; BatchNorm of DeepLabV3+'s image pooling refuses one image in train mode
+        rebuilder = Rebuilder(model.encoder.out_channels, **(rebuilder_kw or {}),
+                              scale_factors=rebuilder_scales(model.encoder))
+        x = torch.empty(1, 3, *size)
+        with FlopCounterMode(display=False) as base:
+            features = model.encoder(x)
+            model.decoder(features)
+        with FlopCounterMode(display=False) as extra:
+            model.decoder(rebuilder(features))
+    trainable = sum(p.numel() for p in rebuilder.parameters() if p.requires_grad)
+    return dict(model_gmac=base.get_total_flops() / 2e9, extra_gmac=extra.get_total_flops() / 2e9,
+                rebuilder_params=trainable, ratio=1 + extra.get_total_flops() / base.get_total_flops(),
+                encoder_params=sum(p.numel() for p in model.encoder.parameters()),
+                decoder_params=sum(p.numel() for p in model.decoder.parameters()))
+
+
+def print_flops(cfg):
+    crop = cfg.crop or 512
+    kw = dict(embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth, num_heads=cfg.rebuilder_heads,
+              grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio)
+    r = count_flops(cfg.arch, (crop, crop), cfg.num_classes, kw, aspp_dilations(cfg), cfg.decoder)
+    print(f"{cfg.arch} + {cfg.decoder}: encoder {r['encoder_params']:,} + decoder {r['decoder_params']:,} parameters; "
+          f"Rebuilder {r['rebuilder_params']:,} trainable parameters\n"
+          f"at {crop}x{crop}: encoder+decoder {r['model_gmac']:.2f} GMAC; "
+          f"decoder(rebuilder(f)) adds {r['extra_gmac']:.2f} GMAC ({r['ratio']:.3f}x)")
+
+
+# ============================================================================= appendix: toy scenes
+
+
 ROAD, SIDEWALK, BUILDING, VEGETATION, SKY, CAR, POLE = range(len(TOY_CLASSES))
-TOY_PALETTE = np.array([(128, 64, 128), (244, 35, 232), (70, 70, 70), (107, 142, 35),
-                        (70, 130, 180), (0, 0, 142), (153, 153, 153)], np.uint8)  # Cityscapes colours
+
 
 # Base colour per class. Target objects blend towards the target colours (hue, brightness shifts
 # that avoid other classes' source colours), so shape, layout and relative brightness transfer.
@@ -407,20 +2462,30 @@ _BASE = {'source': np.array([(90, 90, 100), (200, 170, 150), (180, 110, 80), (60
                              (110, 180, 250), (0, 0, 0), (200, 190, 60)], float),
          'target': np.array([(115, 105, 100), (185, 150, 140), (185, 155, 110), (120, 140, 50),
                              (165, 195, 225), (0, 0, 0), (80, 80, 85)], float)}
+
+
 # Car paints replace the class base colour; a target car blends from its source paint.
 _CAR_PAINT = {'source': np.array([(220, 40, 40), (40, 80, 220), (240, 200, 30), (240, 240, 240),
                                   (30, 160, 160)]),
               'target': np.array([(60, 60, 65), (175, 175, 180), (150, 40, 40), (50, 70, 130),
                                   (220, 220, 215)])}
+
+
 # Geometry differs a little between domains: the target city is greener and has less traffic.
 _COUNTS = {'source': dict(trees=(0, 3), cars=(1, 5), poles=(1, 4), hedge=0.3),
            'target': dict(trees=(2, 6), cars=(0, 3), poles=(1, 4), hedge=0.6)}
+
+
 BODY, GLASS, DARK, MARKING = range(4)  # parts within an object, rendered differently per style
+
+
 # Per part: colour = object colour * mul + add (windows, tyres/trunks, lane paint).
 _PARTS = {'source': (np.array([[1], [0.6], [0.2], [0]], np.float32),
                     np.array([(0, 0, 0), (60, 70, 90), (40, 35, 30), (250, 250, 250)], np.float32)),
           'target': (np.array([[1], [0.3], [0.2], [0]], np.float32),
                     np.array([(0, 0, 0), (45, 60, 80), (40, 35, 30), (230, 225, 200)], np.float32))}
+
+
 # Target textures: weight per class of (fine noise, blotches, paving joints, facade stripes, height).
 _TEXTURE = np.array([(6, 10, 0, 0, 0), (5, 0, -25, 0, 0), (6, 0, 0, 8, 0), (30, 20, 0, 0, 0),
                      (0, 15, 0, 0, 40), (4, 0, 0, 0, 0), (4, 0, 0, 0, 0)], np.float32)
@@ -442,7 +2507,6 @@ def toy_layout(rng, style='source', size=(64, 128)):
     yy, xx = _grid(H, W)[:2]
     counts = _COUNTS[style]
     h0 = int(H * rng.uniform(0.35, 0.5))  # horizon row, also the road's vanishing row
-
     # Facades of random widths along the horizon; per-column lookups keep this vectorised.
     nb = 14  # enough facades of at least 0.08 W to span the image
     right = np.cumsum((W * rng.uniform(0.08, 0.22, nb)).astype(int)) - int(rng.uniform(0, 0.1) * W)
@@ -460,7 +2524,6 @@ def toy_layout(rng, style='source', size=(64, 128)):
     part[:h0] = GLASS * ((y > tc) & (y < h0 - 2) & (x > lc) & (x < rc - 1)
                          & ((y - tc) % pyc < pyc // 2) & ((x - lc) % pxc < pxc // 2))
     classes = [SKY] + [BUILDING] * nb
-
     # Ground: perspective road, sidewalks beside it, then facades or hedges at the image sides.
     vx, cb = W * rng.uniform(0.35, 0.65), W * rng.uniform(0.4, 0.6)
     rw, sw = rng.uniform(0.3, 0.45), rng.uniform(1.3, 1.7)
@@ -474,7 +2537,6 @@ def toy_layout(rng, style='source', size=(64, 128)):
     # Dashed centre line; dashes repeat in depth (1/t), so they shorten towards the horizon.
     dash = (2.0 / t) % 1 < 0.5
     part[h0:][(ad < np.maximum(0.5, 0.012 * W * t)[:, None]) & dash[:, None]] = MARKING
-
     def paint(cls, y0, y1, x0, x1, shape=None, p=BODY, i=None):
         """Painter's algorithm on a clipped box; `shape` carves a mask out of the box."""
         if i is None:
@@ -485,10 +2547,8 @@ def toy_layout(rng, style='source', size=(64, 128)):
             m = slice(None) if shape is None else shape(yy[ys, :1], xx[:1, xs])  # column x row
             obj[ys, xs][m], part[ys, xs][m] = i, p
         return i
-
     def uni(lo, hi):  # Generator.uniform costs ~5 us per scalar call, too slow here
         return lo + (hi - lo) * rng.random()
-
     # Trees, poles and cars, painted far-to-near; `near` is 0 at the horizon, 1 at the bottom.
     things = [(kind, h0 + uni(*span) * (H - h0))
               for kind, span in (('tree', (0, 0.4)), ('pole', (0.1, 0.8)), ('car', (0.1, 1.1)))
@@ -583,2016 +2643,6 @@ def make_toy_scene(rng, style, size=(64, 128)):
     if style not in _BASE:
         raise ValueError(f"style must be 'source' or 'target', got {style!r}")
     return toy_render(rng, toy_layout(rng, style, size), style)
-
-
-# ============================================================================= DeepLabV2
-# Dilated ResNet (output stride 8) + the DeepLabV2 classifier, in the styles that UDA code uses:
-#   caffe        DACS / AdaptSegNet (MS-COCO DeepLab init): stride in the first 1x1 conv of a bottleneck
-#   torchvision  the same network for torchvision's ImageNet weights: stride in the 3x3 conv
-#   v1c          mmseg's ResNetV1c (DAFormer, MIC, MRM): deep 3x3 stem, floor-mode max-pool, contract dilation
-# caffe and torchvision keep DACS's 7x7 stem, ceil-mode max-pool (65x65 features at 512) and frozen BatchNorm
-# affine parameters; v1c trains its BatchNorm and gives 64x64 features at 512.
-
-RESNET_STYLES = {
-    'caffe': dict(stride_in_1x1=True, deep_stem=False, frozen_bn=True, norm='caffe'),
-    'torchvision': dict(stride_in_1x1=False, deep_stem=False, frozen_bn=True, norm='imagenet'),
-    'v1c': dict(stride_in_1x1=False, deep_stem=True, frozen_bn=False, norm='imagenet'),
-}
-CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)  # 0-255 scale, BGR order
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class Normalize(nn.Module):
-    """Maps our RGB [0, 1] input to what the pretrained weights were trained on."""
-
-    def __init__(self, kind: str):
-        super().__init__()
-        if kind == 'caffe':
-            mean, std = CAFFE_MEAN_BGR, (1.0, 1.0, 1.0)
-        elif kind == 'imagenet':
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
-        else:
-            raise ValueError(f"unknown normalisation {kind!r} (expected 'caffe' or 'imagenet')")
-        self.kind = kind
-        # non-persistent: constants, so they stay out of the state dict
-        self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x):
-        if self.kind == 'caffe':
-            x = x.flip(1) * 255.0  # RGB -> BGR, 0-255
-        return (x - self.mean) / self.std
-
-    def zero_colour(self):
-        """The RGB [0, 1] colour that normalises to 0, (1, 3, 1, 1)."""
-        return self.mean.flip(1) / 255.0 if self.kind == 'caffe' else self.mean
-
-
-def frozen_bn(channels):
-    # affine params stay at their pretrained values; running stats still update in train mode
-    bn = nn.BatchNorm2d(channels)
-    for p in bn.parameters():
-        p.requires_grad = False
-    return bn
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, stride_in_1x1=True,
-                 norm=frozen_bn):
-        super().__init__()
-        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=s1, bias=False)
-        self.bn1 = norm(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=s3, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = norm(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = norm(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
-
-
-class ResNetDilated(nn.Module):
-    """ResNet with layer3/layer4 dilated (2, 4) instead of strided: output stride 8. style: RESNET_STYLES."""
-
-    def __init__(self, layers=(3, 4, 23, 3), width=64, style='caffe'):
-        super().__init__()
-        self.style = style
-        options = RESNET_STYLES[style]
-        self.stride_in_1x1 = options['stride_in_1x1']
-        self.norm = frozen_bn if options['frozen_bn'] else nn.BatchNorm2d
-        if options['deep_stem']:  # mmseg: 3x3 convs 3 -> w/2 (stride 2) -> w/2 -> w, keys stem.0 ... stem.7
-            half = width // 2
-            self.stem = nn.Sequential(
-                nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False), self.norm(half), nn.ReLU(inplace=True),
-                nn.Conv2d(half, half, 3, padding=1, bias=False), self.norm(half), nn.ReLU(inplace=True),
-                nn.Conv2d(half, width, 3, padding=1, bias=False), self.norm(width), nn.ReLU(inplace=True))
-        else:
-            self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
-            self.bn1 = self.norm(width)
-            self.relu = nn.ReLU(inplace=True)
-        # the caffe DeepLab pools in ceil mode: 512 -> 256 -> 129 (mmseg: 128)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=not options['deep_stem'])
-        self.inplanes = width
-        self.layer1 = self._make_layer(width, layers[0])
-        self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
-        self.layer3 = self._make_layer(width * 4, layers[2], dilation=2)
-        self.layer4 = self._make_layer(width * 8, layers[3], dilation=4)
-        self.out_channels = width * 8 * Bottleneck.expansion
-
-    def _make_layer(self, planes, blocks, stride=1, dilation=1):
-        out = planes * Bottleneck.expansion
-        downsample = None
-        if stride != 1 or self.inplanes != out or dilation in (2, 4):
-            downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, 1, stride=stride, bias=False), self.norm(out))
-        # mmseg's contract_dilation: the first block of a dilated stage uses half the dilation
-        first_dilation = dilation // 2 if self.style == 'v1c' and dilation > 1 else dilation
-        block = [Bottleneck(self.inplanes, planes, stride, first_dilation, downsample, self.stride_in_1x1, self.norm)]
-        self.inplanes = out
-        block += [Bottleneck(out, planes, 1, dilation, None, self.stride_in_1x1, self.norm) for _ in range(1, blocks)]
-        return nn.Sequential(*block)
-
-    def forward(self, x, with_layer1=False):
-        x = self.stem(x) if hasattr(self, 'stem') else self.relu(self.bn1(self.conv1(x)))
-        c1 = self.layer1(self.maxpool(x))
-        c4 = self.layer4(self.layer3(self.layer2(c1)))
-        return [c1, c4] if with_layer1 else c4
-
-
-class ResNetEncoder(nn.Module):
-    """Normalisation + dilated ResNet: layer4 (stride 8) for DeepLabV2, [layer1 (stride 4), layer4] with_layer1
-    for DeepLabV3+'s low-level skip."""
-
-    def __init__(self, layers=(3, 4, 23, 3), width=64, style='caffe', with_layer1=False):
-        super().__init__()
-        self.normalize = Normalize(RESNET_STYLES[style]['norm'])
-        self.backbone = ResNetDilated(layers, width, style)
-        self.with_layer1 = with_layer1
-        last = self.backbone.out_channels
-        self.out_channels, self.out_strides = ([width * 4, last], [4, 8]) if with_layer1 else (last, [8])
-
-    def forward(self, x):
-        return self.backbone(self.normalize(x), self.with_layer1)
-
-
-class ASPPClassifier(nn.Module):
-    """DeepLabV2 'layer5' (DACS) / DLV2Head (mmseg): the sum of parallel dilated 3x3 convs, each straight to
-    class logits. Every published UDA DeepLabV2 number used dilations (6, 12): AdaptSegNet's code, copied by
-    DACS, returns inside its loop over four branches, and DAFormer's deeplabv2red config sets two on purpose."""
-
-    def __init__(self, in_channels, num_classes, dilations=(6, 12), zero_bias=False):
-        super().__init__()
-        self.conv2d_list = nn.ModuleList(
-            nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d) for d in dilations)
-        for conv in self.conv2d_list:
-            nn.init.normal_(conv.weight, 0.0, 0.01)
-            if zero_bias:  # mmcv's NormalInit; DACS keeps PyTorch's default bias
-                nn.init.zeros_(conv.bias)
-
-    def forward(self, f):
-        return sum(conv(f) for conv in self.conv2d_list)
-
-# -----------------------------------------------------------------------------
-# pretrained weights: DeepLab MS-COCO init (caffe), torchvision ImageNet, mmcv ResNetV1c ImageNet
-
-TOP_LEVEL = {'conv1', 'bn1', 'stem', 'layer1', 'layer2', 'layer3', 'layer4', 'layer5', 'fc'}
-CLASSIFIER_PREFIXES = ('layer5.', 'fc.')
-
-
-def one_line(error):
-    """An exception as one short line (PyTorch's load errors span many)."""
-    return ' '.join(f'{type(error).__name__}: {error}'.split())[:300]
-
-
-def load_state_file(path):
-    """{name: tensor} from a .pth file, unwrapped from a 'state_dict' or 'model' entry. Weights files are
-    untrusted input: torch.load with weights_only; any other content is one ValueError line naming the file."""
-    try:
-        sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:
-        raise ValueError(f'{path}: not a readable PyTorch weights file ({one_line(error)})') from None
-    for wrapper in ('state_dict', 'model'):
-        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
-            sd = sd[wrapper]
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f'{path}: not a state dict of tensors (nor one under a "state_dict" or "model" key)')
-    return sd
-
-
-def read_pretrained(path):
-    """A backbone file as a flat state dict with any wrapper prefix ('Scale.', 'module.', 'backbone.') removed."""
-    sd = load_state_file(path)
-    # the official DeepLab loaders drop the first dotted component; do so only where there is one
-    return {(k if k.split('.')[0] in TOP_LEVEL else k.split('.', 1)[-1]): v for k, v in sd.items()}
-
-
-def detect_style(sd, path):
-    """The RESNET_STYLES entry matching how the file's weights were trained."""
-    if 'stem.0.weight' in sd:
-        return 'v1c'  # mmcv's resnet101_v1c: deep stem
-    if 'fc.weight' in sd:
-        return 'torchvision'  # stride in the 3x3 conv, RGB ImageNet statistics
-    if any(k.startswith('layer5.') for k in sd):
-        return 'caffe'  # DeepLab COCO init: stride in the 1x1 conv, BGR 0-255 minus mean
-    raise ValueError(f"{path}: cannot tell the weights' kind (no 'stem.*', 'fc.*' nor 'layer5.*' keys)")
-
-
-def _fmt(keys, limit=10):
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return f"[{', '.join(keys[:limit])}]{more}"
-
-
-def _ignored(key):
-    return key.endswith('num_batches_tracked') or key.startswith(CLASSIFIER_PREFIXES)
-
-
-def load_backbone_state(backbone, sd, path):
-    """Strict load of a flat backbone state dict (from read_pretrained) with a one-line report."""
-    sd = {k: v for k, v in sd.items() if not _ignored(k)}
-    own = {k: v for k, v in backbone.state_dict().items() if not _ignored(k)}
-    missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
-    mismatched = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}"
-                  for k, v in own.items() if k in sd and sd[k].shape != v.shape]
-    problems = [f"{name} {_fmt(keys)}" for name, keys in
-                (('missing', missing), ('unexpected', unexpected), ('shape mismatch (file vs model)', mismatched))
-                if keys]
-    if problems:
-        raise ValueError(f"{path} does not match the backbone: " + '; '.join(problems))
-    backbone.load_state_dict(sd, strict=False)  # strict=False only because num_batches_tracked was dropped
-
-
-def build_deeplab_from_info(num_classes, info):
-    if info['decoder'] == 'deeplabv3plus':
-        encoder = ResNetEncoder(tuple(info['layers']), info['width'], info['style'], with_layer1=True)
-        return encoder, DeepLabV3PlusHead(encoder.out_channels, num_classes)
-    encoder = ResNetEncoder(tuple(info['layers']), info['width'], info['style'])
-    decoder = ASPPClassifier(encoder.out_channels, num_classes, tuple(info['aspp_dilations']),
-                             zero_bias=info['style'] == 'v1c')
-    return encoder, decoder
-
-
-def build_deeplab(num_classes, pretrained=None, layers=(3, 4, 23, 3), width=64, styles=('caffe', 'torchvision'),
-                  aspp_dilations=(6, 12), decoder='deeplabv2'):
-    """Returns (encoder, decoder, info); info rebuilds the same architecture without the file. styles: those the
-    architecture takes; the file's keys choose among them (no file: the first). decoder: 'deeplabv2' (the ASPP
-    classifier) or 'deeplabv3plus'."""
-    style, sd = styles[0], None
-    if pretrained is not None:
-        sd = read_pretrained(pretrained)
-        style = detect_style(sd, pretrained)
-        if style not in styles:
-            raise ValueError(f"{pretrained}: holds {style}-style ResNet weights; this architecture takes "
-                             f"{' or '.join(styles)} (--arch dlv2 for caffe/torchvision, dlv2-v1c for v1c)")
-    info = {'arch': 'dlv2', 'layers': list(layers), 'width': width, 'style': style,
-            'aspp_dilations': list(aspp_dilations), 'decoder': decoder}
-    encoder, decoder = build_deeplab_from_info(num_classes, info)
-    if sd is not None:
-        load_backbone_state(encoder.backbone, sd, pretrained)
-    return encoder, decoder, info
-
-
-# ============================================================================= MiT, the DAFormer head, DeepLabV3+
-
-MIT_B5 = dict(embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3),
-              num_heads=(1, 2, 5, 8), sr_ratios=(8, 4, 2, 1))
-MIT_B2, MIT_B3 = dict(MIT_B5, depths=(3, 4, 6, 3)), dict(MIT_B5, depths=(3, 4, 18, 3))  # SegFormer's
-
-# -----------------------------------------------------------------------------
-# MiT encoder
-
-def tokens_to_map(x, H, W):
-    return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(keep)
-        return x * mask / keep
-
-
-class OverlapPatchEmbed(nn.Module):
-
-    def __init__(self, in_ch, dim, kernel, stride):
-        super().__init__()
-        self.proj = nn.Conv2d(in_ch, dim, kernel, stride, padding=kernel // 2)
-        self.norm = nn.LayerNorm(dim)  # eps 1e-5, unlike the block norms
-
-    def forward(self, x):
-        x = self.proj(x)
-        H, W = x.shape[2:]
-        return self.norm(x.flatten(2).transpose(1, 2)), H, W
-
-class Attention(nn.Module):
-    """Efficient self-attention: keys/values come from a map shrunk by sr."""
-
-    def __init__(self, dim, num_heads, sr_ratio):
-        super().__init__()
-        self.num_heads = num_heads
-        self.sr_ratio = sr_ratio
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-        if sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio)
-            self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x, H, W):
-        B, N, C = x.shape
-        q = self.q(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
-        if self.sr_ratio > 1:
-            x = self.norm(self.sr(tokens_to_map(x, H, W)).flatten(2).transpose(1, 2))
-        # kv output channels are [K | V], each split into heads
-        k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)  # default scale = head_dim**-0.5, as SegFormer
-        return self.proj(y.transpose(1, 2).reshape(B, N, C))
-
-class DWConv(nn.Module):
-
-    def __init__(self, dim):
-        super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-
-    def forward(self, x, H, W):
-        return self.dwconv(tokens_to_map(x, H, W)).flatten(2).transpose(1, 2)
-
-class MixFFN(nn.Module):
-    """MLP with a 3x3 depth-wise conv: gives positional information instead of a pos embedding."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = DWConv(hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x, H, W):
-        return self.fc2(F.gelu(self.dwconv(self.fc1(x), H, W)))
-
-class Block(nn.Module):
-
-    def __init__(self, dim, num_heads, sr_ratio, mlp_ratio, drop_path):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, sr_ratio)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MixFFN(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x, H, W):
-        x = x + self.drop_path(self.attn(self.norm1(x), H, W))
-        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
-
-class MixVisionTransformer(nn.Module):
-    """Takes ImageNet-normalised images, returns 4 NCHW maps at strides 4, 8, 16, 32."""
-
-    def __init__(self, embed_dims, depths, num_heads, sr_ratios, mlp_ratio=4,
-                 drop_path_rate=0.1, checkpoint_blocks=False):
-        super().__init__()
-        self.out_channels = list(embed_dims)
-        self.checkpoint_blocks = checkpoint_blocks
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()  # floats, even under a meta device
-        in_chs = [3] + list(embed_dims[:-1])
-        for i in range(4):
-            kernel, stride = (7, 4) if i == 0 else (3, 2)
-            setattr(self, f'patch_embed{i + 1}', OverlapPatchEmbed(in_chs[i], embed_dims[i], kernel, stride))
-            start = sum(depths[:i])
-            setattr(self, f'block{i + 1}', nn.ModuleList(
-                Block(embed_dims[i], num_heads[i], sr_ratios[i], mlp_ratio, dpr[start + j])
-                for j in range(depths[i])))
-            setattr(self, f'norm{i + 1}', nn.LayerNorm(embed_dims[i], eps=1e-6))
-        self.apply(self._init_weights)
-
-    def _init_weights(self, m):
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
-            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            nn.init.zeros_(m.bias)
-
-    def forward(self, x):
-        outs = []
-        for i in range(1, 5):
-            x, H, W = getattr(self, f'patch_embed{i}')(x)
-            for blk in getattr(self, f'block{i}'):
-                if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
-                    # recompute activations in backward; RNG state is replayed so DropPath matches
-                    x = checkpoint(blk, x, H, W, use_reentrant=False)
-                else:
-                    x = blk(x, H, W)
-            x = tokens_to_map(getattr(self, f'norm{i}')(x), H, W).contiguous()
-            outs.append(x)
-        return outs
-
-def load_mit_weights(encoder, path):
-    """Strictly load SegFormer's ImageNet mit_b*.pth (its classifier head.* is dropped)."""
-    sd = {k: v for k, v in load_state_file(path).items() if not k.startswith('head.')}
-    own = encoder.state_dict()
-    missing = sorted(own.keys() - sd.keys())
-    unexpected = sorted(sd.keys() - own.keys())
-    shapes = sorted(f'{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}'
-                    for k in own.keys() & sd.keys() if sd[k].shape != own[k].shape)
-    problems = [(f'{len(items)} {name}: ' + ', '.join(items[:10]) + (' ...' if len(items) > 10 else ''))
-                for name, items in (('missing keys', missing), ('unexpected keys', unexpected),
-                                    ('shape mismatches', shapes)) if items]
-    if problems:
-        raise ValueError(f'cannot load MiT weights from {path}: ' + '; '.join(problems))
-    encoder.load_state_dict(sd, strict=True)
-
-# -----------------------------------------------------------------------------
-# DAFormer head
-
-def conv_bn_relu(in_ch, out_ch, kernel, dilation=1, groups=1, conv_class=nn.Conv2d):
-    conv = conv_class(in_ch, out_ch, kernel, padding=dilation * (kernel // 2), dilation=dilation,
-                      groups=groups, bias=False)  # BN supplies the bias
-    nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu')  # mmcv ConvModule default
-    return nn.Sequential(conv, nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
-
-
-def separable_conv_bn_relu(in_ch, out_ch, dilation=1):
-    """mmcv's DepthwiseSeparableConvModule: a 3x3 depth-wise conv, then a 1x1 conv, each with BN and ReLU."""
-    return nn.Sequential(conv_bn_relu(in_ch, in_ch, 3, dilation=dilation, groups=in_ch, conv_class=DepthwiseConv3x3),
-                         conv_bn_relu(in_ch, out_ch, 1))
-
-
-DEPTHWISE_FORMS = ("direct", "nchw", "space-to-batch")
-
-
-class DepthwiseConv3x3(nn.Conv2d):
-    """The separable ASPP's 3x3 depth-wise convolution with dilation d (padding d), which a GPU may run slowly
-    (issue 12: a direct cuDNN kernel for bf16 channels_last). `form` picks one of three computations of the same
-    result (--aspp-depthwise): direct; nchw, in the contiguous layout (PyTorch's own depth-wise kernel); or
-    space-to-batch: the d x d interleaved sub-images of the zero-padded input as one batch, each convolved
-    without dilation (output pixel (r + d i, c + d j) only sees sub-image (r, c))."""
-    form = "direct"
-
-    def forward(self, x):
-        d = self.dilation[0]
-        if self.form == "direct" or d == 1:
-            return super().forward(x)
-        layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and \
-            not x.is_contiguous() else torch.contiguous_format
-        if self.form == "nchw":
-            return super().forward(x.contiguous()).contiguous(memory_format=layout)
-        B, C, H, W = x.shape
-        h, w = -(-H // d), -(-W // d)
-        x = F.pad(x, (0, w * d - W, 0, h * d - H)).reshape(B, C, h, d, w, d)
-        x = x.permute(0, 3, 5, 1, 2, 4).reshape(B * d * d, C, h, w).contiguous(memory_format=layout)
-        y = F.conv2d(x, self.weight, self.bias, padding=1, groups=self.groups)
-        y = y.reshape(B, d, d, C, h, w).permute(0, 3, 4, 1, 5, 2).reshape(B, C, h * d, w * d)
-        return y[:, :, :H, :W].contiguous(memory_format=layout)
-
-
-def classifier(in_ch, num_classes):
-    """mmseg's conv_seg: a 1x1 conv, weights normal(0, 0.01), bias 0."""
-    conv = nn.Conv2d(in_ch, num_classes, 1)
-    nn.init.normal_(conv.weight, 0.0, 0.01)
-    nn.init.zeros_(conv.bias)
-    return conv
-
-class DAFormerHead(nn.Module):
-    """Context-aware fusion: embed each level, upsample to stride 4, fuse with a separable ASPP."""
-
-    def __init__(self, in_channels, num_classes, embed_dim=256, fusion_dilations=(6, 12, 18), dropout=0.1):
-        super().__init__()
-        self.embed_layers = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
-        cat_ch = embed_dim * len(in_channels)
-        self.branches = nn.ModuleList([conv_bn_relu(cat_ch, embed_dim, 1)] + [
-            separable_conv_bn_relu(cat_ch, embed_dim, d) for d in fusion_dilations])
-        self.bottleneck = conv_bn_relu(embed_dim * len(self.branches), embed_dim, 3)
-        self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = classifier(embed_dim, num_classes)
-
-    def forward(self, feats):
-        size = feats[0].shape[2:]
-        embedded = []
-        for f, embed in zip(feats, self.embed_layers):
-            H, W = f.shape[2:]
-            e = tokens_to_map(embed(f.flatten(2).transpose(1, 2)), H, W)
-            if e.shape[2:] != size:
-                e = F.interpolate(e, size=size, mode='bilinear', align_corners=False)
-            embedded.append(e)
-        x = torch.cat(embedded, dim=1)
-        x = self.bottleneck(torch.cat([branch(x) for branch in self.branches], dim=1))
-        return self.conv_seg(self.dropout(x))
-
-# -----------------------------------------------------------------------------
-# DeepLabV3+ head (mmseg's DepthwiseSeparableASPPHead, deeplabv3plus_r50-d8 config)
-
-class DeepLabV3PlusHead(nn.Module):
-    """Separable ASPP with image pooling on layer4 (dilations 1, 12, 24, 36, 512 channels), a 3x3
-    bottleneck, then upsampled to layer1's stride-4 grid and fused with its 48-channel projection by two
-    separable 3x3 convs; dropout 0.1, 1x1 classifier. in_channels: [layer1, layer4] channels."""
-
-    def __init__(self, in_channels, num_classes, channels=512, dilations=(1, 12, 24, 36), c1_channels=48,
-                 dropout=0.1):
-        super().__init__()
-        c1_in, c4_in = in_channels
-        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(c4_in, channels, 1))
-        self.aspp = nn.ModuleList(conv_bn_relu(c4_in, channels, 1) if d == 1 else
-                                  separable_conv_bn_relu(c4_in, channels, d) for d in dilations)
-        self.bottleneck = conv_bn_relu((len(dilations) + 1) * channels, channels, 3)
-        self.c1_bottleneck = conv_bn_relu(c1_in, c1_channels, 1)
-        self.sep_bottleneck = nn.Sequential(separable_conv_bn_relu(channels + c1_channels, channels),
-                                            separable_conv_bn_relu(channels, channels))
-        self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = classifier(channels, num_classes)
-
-    def forward(self, feats):
-        c1, x = feats
-        pooled = F.interpolate(self.image_pool(x), size=x.shape[2:], mode='bilinear', align_corners=False)
-        x = self.bottleneck(torch.cat([pooled] + [branch(x) for branch in self.aspp], dim=1))
-        x = F.interpolate(x, size=c1.shape[2:], mode='bilinear', align_corners=False)
-        x = self.sep_bottleneck(torch.cat([x, self.c1_bottleneck(c1)], dim=1))
-        return self.conv_seg(self.dropout(x))
-
-# -----------------------------------------------------------------------------
-# Rare class sampling
-
-def rcs_class_probabilities(class_pixel_counts, temperature=0.01):
-    """p(c) = softmax((1 - f_c) / T), f_c = class pixel share (ignore 255 not counted by the caller).
-    Returns a float64 numpy array."""
-    counts = np.asarray(class_pixel_counts, dtype=np.float64)
-    logits = (1.0 - counts / counts.sum()) / temperature
-    p = np.exp(logits - logits.max())  # shift for numerical stability
-    return p / p.sum()
-
-def rcs_pick(rng, probs, images_per_class):
-    """Sample a class by probs, then uniformly one source image holding enough pixels of it."""
-    # our choice: a class without any qualifying image gets probability 0, the rest is renormalised
-    p = np.asarray(probs, dtype=np.float64) * np.array([len(imgs) > 0 for imgs in images_per_class])
-    if p.sum() == 0:
-        raise ValueError('rcs_pick: no class has a qualifying source image')
-    c = int(rng.choice(len(p), p=p / p.sum()))
-    return c, int(images_per_class[c][rng.integers(len(images_per_class[c]))])
-
-def crop_has_enough(label_crop, cls, min_pixels=1500):
-    """The data loader re-crops (up to 10 times) until this holds."""
-    return int((label_crop == cls).sum()) > min_pixels
-
-# -----------------------------------------------------------------------------
-# ImageNet feature distance
-
-def feature_distance(student, imagenet, labels, thing_classes=(6, 7, 11, 12, 13, 14, 15, 16, 17, 18),
-                     min_share=0.75):
-    """Mean L2 distance between student and frozen ImageNet features over cells showing a thing class.
-    labels (B,H,W) must be an exact multiple of the feature size (h,w), else ValueError. Each cell gets
-    the majority label of its block (255 counts as a label of its own, as in DAFormer) if that label
-    covers >= min_share of the block, else 255."""
-    B, _, h, w = student.shape
-    H, W = labels.shape[1:]
-    if H % h or W % w:
-        raise ValueError(f'feature_distance: labels {H}x{W} not a multiple of features {h}x{w}')
-    kh, kw = H // h, W // w
-    blocks = labels.long().reshape(B, h, kh, w, kw).permute(0, 1, 3, 2, 4).reshape(B, h, w, kh * kw)
-    # label histogram per cell, DAFormer's one-hot average pooling (a share >= min_share > 0.5 has no ties)
-    counts = torch.zeros(B, h, w, 256, device=labels.device).scatter_add_(3, blocks, torch.ones_like(blocks).float())
-    share, major = (counts / (kh * kw)).max(dim=-1)
-    cell = torch.where(share >= min_share, major, torch.full_like(major, 255))
-    mask = torch.stack([cell == c for c in thing_classes]).any(dim=0)  # no class tensor to copy to the GPU
-    dist = (student - imagenet.detach()).norm(dim=1)  # the ImageNet features are a fixed target
-    # masked sum / count: no boolean indexing (a host sync), and an empty mask gives 0, not NaN
-    return (dist * mask).sum() / mask.sum().clamp(min=1)
-
-
-# ============================================================================= architectures and tasks
-
-class MiTEncoder(nn.Module):
-    def __init__(self, config, checkpoint_blocks=False):
-        super().__init__()
-        self.normalize = Normalize("imagenet")
-        self.backbone = MixVisionTransformer(**config, checkpoint_blocks=checkpoint_blocks)
-        self.out_channels, self.out_strides = self.backbone.out_channels, [4, 8, 16, 32]
-
-    def forward(self, x):
-        return self.backbone(self.normalize(x))
-
-
-class SegModel(nn.Module):
-    """encoder -> decoder; takes RGB images in [0, 1], returns logits at the decoder's resolution."""
-
-    def __init__(self, encoder, decoder):
-        super().__init__()
-        self.encoder, self.decoder = encoder, decoder
-
-    def forward(self, x):
-        return self.decoder(self.encoder(x))
-
-
-MIT_TINY = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 2), sr_ratios=(8, 4, 2, 1))
-# framework: the recipes' framework an architecture belongs to (the toy recipe runs any); styles: RESNET_STYLES;
-# decoders: the first is the default of --decoder
-RESNET = dict(decoders=("deeplabv2", "deeplabv3plus"))
-DACS_RESNET = dict(RESNET, recipe="dacs", framework="dacs", styles=("caffe", "torchvision"))
-MMSEG_RESNET = dict(RESNET, recipe="mmseg-dacs", framework="mmseg", styles=("v1c",))
-MIT = dict(recipe="daformer", framework="mmseg", decoders=("daformer",), head_dim=256)
-ARCHS = {
-    "dlv2": dict(DACS_RESNET, layers=(3, 4, 23, 3), width=64),
-    "dlv2-r50": dict(DACS_RESNET, layers=(3, 4, 6, 3), width=64),
-    "dlv2-tiny": dict(DACS_RESNET, layers=(1, 1, 1, 1), width=16),
-    "dlv2-v1c": dict(MMSEG_RESNET, layers=(3, 4, 23, 3), width=64),
-    "dlv2-v1c-r50": dict(MMSEG_RESNET, layers=(3, 4, 6, 3), width=64),
-    "dlv2-v1c-tiny": dict(MMSEG_RESNET, layers=(1, 1, 1, 1), width=16),
-    "mitb5": dict(MIT, mit=MIT_B5),
-    "mitb3": dict(MIT, mit=MIT_B3),
-    "mitb2": dict(MIT, mit=MIT_B2),
-    "mit-tiny": dict(MIT, mit=MIT_TINY, head_dim=32),
-}
-TASKS = {
-    "gta2cs": dict(source="gta", target="cityscapes", arch="dlv2", class_names=CLASSES, palette=PALETTE,
-                   eval_classes={"19": tuple(range(19))}),
-    "syn2cs": dict(source="synthia", target="cityscapes", arch="dlv2", class_names=CLASSES, palette=PALETTE,
-                   eval_classes={"16": SYNTHIA_16, "13": SYNTHIA_13}),
-    "toy": dict(source="toy-source", target="toy-target", arch="dlv2-tiny", recipe="toy", class_names=TOY_CLASSES,
-                palette=TOY_PALETTE,
-                eval_classes={str(len(TOY_CLASSES)): tuple(range(len(TOY_CLASSES)))}),
-}
-
-
-def build_model(arch, num_classes, pretrained="", checkpoint_blocks=False, aspp_dilations=(6, 12), decoder="",
-                info=None):
-    """(SegModel, info). info records what the weights decided (DeepLab style), the decoder and the classifier's
-    dilations, so that eval.py rebuilds the same network from a checkpoint without the pretrained file."""
-    spec = ARCHS[arch]
-    if pretrained and not os.path.isfile(pretrained):
-        raise DataError(f"{pretrained}: pretrained weights file not found")
-    try:
-        if "mit" in spec:
-            encoder = MiTEncoder(spec["mit"], checkpoint_blocks)
-            if pretrained:
-                load_mit_weights(encoder.backbone, pretrained)
-            decoder = DAFormerHead(encoder.out_channels, num_classes, embed_dim=spec["head_dim"])
-            info = dict(arch=arch)
-        elif info is not None:
-            encoder, decoder = build_deeplab_from_info(num_classes, info)
-        else:
-            encoder, decoder, info = build_deeplab(num_classes, pretrained or None, spec["layers"], spec["width"],
-                                                   spec["styles"], aspp_dilations, decoder or spec["decoders"][0])
-            info["arch"] = arch
-    except ValueError as error:  # the loaders' one-line key/shape report
-        raise DataError(str(error)) from None
-    return SegModel(encoder, decoder), info
-
-
-class ConfigError(Exception):
-    """A bad combination of flags; main() prints it as one line and exits 2."""
-
-
-def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, value in DEFAULTS.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
-        else:
-            parser.add_argument(flag, type=type(value), default=argparse.SUPPRESS)
-    given = vars(parser.parse_args(argv))
-    if given.get("bench") or given.get("bench_data"):  # the benchmarks measure the paper's setting
-        given.setdefault("task", "gta2cs")
-
-    def one_of(flag, value, allowed):
-        if value not in allowed:
-            raise ConfigError(f"--{flag} {value}: must be one of {' | '.join(allowed)}")
-
-    one_of("task", given.get("task", DEFAULTS["task"]), TASKS)
-    task = TASKS[given.get("task", DEFAULTS["task"])]
-    arch = given.get("arch") or task["arch"]
-    one_of("arch", arch, ARCHS)
-    recipe = given.get("recipe") or task.get("recipe") or ARCHS[arch]["recipe"]
-    one_of("recipe", recipe, RECIPES)
-    if recipe != "toy" and RECIPES[recipe]["framework"] != ARCHS[arch]["framework"]:
-        fitting = [a for a, spec in ARCHS.items() if spec["framework"] == RECIPES[recipe]["framework"]]
-        raise ConfigError(f"--recipe {recipe} does not run --arch {arch}: it runs {', '.join(fitting)}")
-    cfg = {**DEFAULTS, **RECIPES[recipe], **given, "arch": arch, "recipe": recipe}
-    cfg.update({k: v for k, v in task.items() if k not in ("arch", "recipe", "palette")},
-               num_classes=len(task["class_names"]))
-    cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    for key, allowed in (("amp", ("off", "bf16", "fp16")), ("mrm_domain", ("target", "source", "both")),
-                         ("device", ("cpu", "cuda")), ("aspp_dilations", ASPP_DILATIONS),
-                         ("dacs_param_slots", ("official", "unique"))):
-        one_of(key.replace("_", "-"), cfg[key], allowed)
-    if "dacs_param_slots" in given and not (recipe == "dacs" and cfg["optimizer"] == "sgd"):
-        raise ConfigError(f"--dacs-param-slots applies to DACS's SGD only (--recipe dacs), not --recipe {recipe}")
-    cfg["decoder"] = cfg["decoder"] or ARCHS[arch]["decoders"][0]
-    one_of("aspp-depthwise", cfg["aspp_depthwise"], DEPTHWISE_FORMS)
-    if "aspp_depthwise" in given and cfg["decoder"] not in ("daformer", "deeplabv3plus"):
-        raise ConfigError(f"--aspp-depthwise applies to the separable ASPP of --decoder daformer | deeplabv3plus, "
-                          f"not {cfg['decoder']}")
-    if cfg["decoder"] not in ARCHS[arch]["decoders"]:
-        fitting = [a for a, spec in ARCHS.items() if cfg["decoder"] in spec["decoders"]]
-        raise ConfigError(f"--decoder {cfg['decoder']} does not fit --arch {arch}: it needs --arch {' | '.join(fitting)}")
-    for key, allowed in (("mrm_mode", ("rebuild", "mask-only")),
-                         ("mrm_objective", ("cls", "pixel", "feature-teacher", "feature-student")),
-                         ("mrm_trains", ("both", "encoder", "decoder"))):
-        one_of(key.replace("_", "-"), cfg[key], allowed)
-    mrm_flags = [f"--{k.replace('_', '-')} {given[k]}" for k in ("mrm_mode", "mrm_objective", "mrm_trains") if k in given]
-    if mrm_flags and (not cfg["mrm"] or cfg["source_only"]):
-        raise ConfigError(f"{mrm_flags[0]} needs MRM, which --no-mrm / --source-only switch off")
-    if cfg["mrm_objective"] != "cls" and (cfg["mrm_mode"] != "rebuild" or cfg["mrm_trains"] != "both"):
-        raise ConfigError(f"--mrm-objective {cfg['mrm_objective']} regresses the Rebuilder's output without the "
-                          f"decoder: it needs --mrm-mode rebuild and --mrm-trains both")
-    if cfg["sync_bn"] and cfg["device"] != "cuda":
-        raise ConfigError("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only)")
-    if cfg["mic"] and cfg["source_only"]:
-        raise ConfigError("--mic needs target images and pseudo-labels, which --source-only switches off")
-    if cfg["device"] == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    if cfg["iters"] <= 0 or cfg["batch_size"] <= 0:
-        raise ConfigError("--iters and --batch-size must be positive")
-    if not cfg["work_dir"]:
-        method = "source-only" if cfg["source_only"] else "dacs-mrm" if cfg["mrm"] else "dacs"
-        cfg["work_dir"] = os.path.join("runs", f"{cfg['task']}-{arch}-{method}-seed{cfg['seed']}")
-    return SimpleNamespace(**cfg)
-
-
-# ============================================================================= DACS, batched on the device
-
-def class_mix_masks(labels, batch_classes=False):
-    """ClassMix: per source image, ceil(n/2) of n classes at random (the ignore value counts as a class, as in
-    DACS and DAFormer); the mask is 1 on their pixels. The n classes are the image's own (DACS), or with
-    batch_classes those of the whole source batch (DAFormer's get_class_masks takes torch.unique(labels)).
-    Batched: random ranks among the present classes."""
-    B = labels.shape[0]
-    flat = labels.reshape(B, -1).long()
-    present = torch.zeros(B, 256, dtype=torch.bool, device=labels.device).scatter_(1, flat, True)
-    if batch_classes:
-        present = present.any(dim=0, keepdim=True).expand(B, -1)
-    scores = torch.rand(B, 256, device=labels.device).masked_fill(~present, 2.0)
-    rank = scores.argsort(dim=1).argsort(dim=1)
-    chosen = rank < (present.sum(dim=1, keepdim=True) + 1) // 2
-    return chosen.gather(1, flat).view(labels.shape)
-
-
-def pseudo_label(teacher_logits, threshold):
-    """Argmax pseudo-label and DACS's weight: the share of target pixels whose max prob >= threshold."""
-    prob, label = teacher_logits.float().softmax(dim=1).max(dim=1)
-    return label, (prob >= threshold).float().mean()
-
-# -----------------------------------------------------------------------------
-# colour jitter and blur as DACS and DAFormer draw them: one draw per iteration decides whether the whole batch
-# is jittered (p) and one whether it is blurred; the jitter factors and the blur sigma are drawn per image.
-# The jitter is kornia 0.5.8's ColorJitter (DAFormer's pin) in plain torch.
-
-
-def rgb_to_hsv(x, eps=1e-6):
-    """kornia's rgb_to_hsv of (B, 3, H, W) in [0, 1]: hue in [0, 2 pi), saturation (max - min) / (max + eps)."""
-    value, argmax = x.max(dim=1)
-    delta = value - x.min(dim=1).values
-    saturation = delta / (value + eps)
-    delta = torch.where(delta == 0, torch.ones_like(delta), delta)  # grey pixels: hue 0, no 0/0
-    rc, gc, bc = (value[:, None] - x).unbind(dim=1)
-    sextant = torch.stack([bc - gc, 2 * delta + rc - bc, 4 * delta + gc - rc], dim=1)
-    hue = sextant.gather(1, argmax[:, None])[:, 0] / delta
-    return torch.stack([2 * math.pi * ((hue / 6) % 1), saturation, value], dim=1)
-
-
-def hsv_to_rgb(hsv):
-    """kornia's hsv_to_rgb: the inverse of rgb_to_hsv (up to its eps), any real hue."""
-    hue, saturation, value = hsv.unbind(dim=1)
-    hue = hue / (2 * math.pi)
-    sector = torch.floor(hue * 6) % 6
-    fraction = (hue * 6) % 6 - sector
-    p = value * (1 - saturation)
-    q = value * (1 - fraction * saturation)
-    t = value * (1 - (1 - fraction) * saturation)
-    index = sector.long()[:, None]
-    red, green, blue = ([value, q, p, p, t, value], [t, value, value, q, p, p], [p, p, t, value, value, q])
-    return torch.cat([torch.stack(channel, dim=1).gather(1, index) for channel in (red, green, blue)], dim=1)
-
-
-def color_jitter(x, strength, p, one_call=False):
-    """kornia.augmentation.ColorJitter(brightness=s, contrast=s, saturation=s, hue=s) of (B, 3, H, W) RGB in
-    [0, 1], applied to the whole batch with probability p. Factors are drawn per image; the order of the
-    operations per kornia call: per image (DACS/DAFormer call it per mixed image), or one for the batch
-    with one_call (MIC calls it once on the target batch)."""
-    B, device = x.shape[0], x.device
-
-    def uniform(low, high):
-        return low + (high - low) * torch.rand(B, device=device)
-
-    factors = (uniform(max(0.0, 1 - strength), min(2.0, 1 + strength)), uniform(max(0.0, 1 - strength), 1 + strength),
-               uniform(max(0.0, 1 - strength), 1 + strength), uniform(max(-0.5, -strength), min(0.5, strength)))
-    order = torch.rand(1 if one_call else B, 4, device=device).argsort(dim=1).expand(B, 4)  # random permutations
-    return torch.where(torch.rand((), device=device) < p, jitter_images(x, *factors, order), x)
-
-
-def jitter_images(x, brightness, contrast, saturation, hue, order):
-    """kornia 0.5.8 ColorJitter's apply_transform with per-image factors (B,) and orders (B, 4) of the operations
-    0 brightness: x + (b - 1); 1 contrast: x * c; 2 saturation: HSV saturation * a; 3 hue: HSV hue + h * 2 pi
-    (mod 2 pi); each clamps to [0, 1]. Each of the four steps computes the linear and the HSV kind for the batch
-    and keeps the one the image's order names (no host sync); the other factors are the identity there, which
-    leaves pixels bit-identical."""
-    B = x.shape[0]
-    brightness, contrast, saturation = (f.view(B, 1, 1, 1) for f in (brightness - 1, contrast, saturation))
-    hue = hue.view(B, 1, 1, 1) * 2 * math.pi
-    for step in range(4):
-        op = order[:, step].view(B, 1, 1, 1)
-        linear = ((x + torch.where(op == 0, brightness, 0)).clamp(0, 1) * torch.where(op == 1, contrast, 1)).clamp(0, 1)
-        h, s, v = rgb_to_hsv(x).split(1, dim=1)
-        hsv = torch.cat([torch.fmod(h + torch.where(op == 3, hue, 0), 2 * math.pi),
-                         (s * torch.where(op == 2, saturation, 1)).clamp(0, 1), v], dim=1)
-        x = torch.where(op >= 2, hsv_to_rgb(hsv), linear)
-    return x
-
-
-def blur_kernel_size(side):
-    """DACS/DAFormer: about 10% of the side, odd (51 for 512)."""
-    k = math.ceil(0.1 * side)
-    return int(math.floor(k - 0.5 + k % 2))
-
-
-def gaussian_blur(x, p, sigma_range=(0.15, 1.15), one_call=False):
-    """kornia's GaussianBlur2d (reflect padding) with a kernel of ~10% of each side, for the whole batch with
-    probability p; sigma uniform in the range per image, or one for the batch with one_call (as color_jitter).
-    Separable: one grouped convolution per direction."""
-    B, C, H, W = x.shape
-    sigma = sigma_range[0] + torch.rand(1 if one_call else B, 1, device=x.device).expand(B, 1) * (
-        sigma_range[1] - sigma_range[0])
-
-    def kernel(size):
-        taps = torch.arange(size, device=x.device, dtype=torch.float32) - size // 2
-        weights = torch.exp(-taps ** 2 / (2 * sigma ** 2))
-        return (weights / weights.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0).to(x.dtype)
-
-    kh, kw = blur_kernel_size(H), blur_kernel_size(W)
-    y = F.pad(x.reshape(1, B * C, H, W), (kw // 2, kw // 2, kh // 2, kh // 2), mode="reflect")
-    y = F.conv2d(y, kernel(kw).view(B * C, 1, 1, kw), groups=B * C)
-    y = F.conv2d(y, kernel(kh).view(B * C, 1, kh, 1), groups=B * C).view(B, C, H, W)
-    return torch.where(torch.rand((), device=x.device) < p, y, x)
-
-
-def mic_masked_images(x, fill, strength, p, mask_ratio, block_size):
-    """MIC's MaskingConsistencyModule ('separatetrgaug'): one colour-jitter and blur call of its own on the
-    target batch (the blur drawn with p 0.5 even where the recipe's blur is off), then a block mask per image:
-    round(H/b) x round(W/b) blocks, each kept iff U(0, 1) > mask_ratio, nearest-upsampled. Masked pixels
-    take `fill`, the colour that normalises to 0: MIC multiplies the normalised image by the mask."""
-    x = gaussian_blur(color_jitter(x, strength, p, one_call=True), 0.5, one_call=True)
-    B, _, H, W = x.shape
-    grid = (round(H / block_size), round(W / block_size))
-    keep = torch.rand(B, 1, *grid, device=x.device) > mask_ratio
-    return torch.where(F.interpolate(keep.float(), size=(H, W), mode="nearest").bool(), x, fill)
-
-
-def ema_alpha(iteration, max_alpha):
-    """DACS: alpha = min(1 - 1/(it+1), max_alpha)."""
-    return min(1 - 1 / (iteration + 1), max_alpha)
-
-
-@torch.no_grad()
-def update_ema(teacher, student, weight):
-    """teacher = alpha * teacher + (1 - alpha) * student, as a lerp towards the student by weight = 1 - alpha: a
-    float, or a 0-dim device tensor (what a captured step reads; the same bits, one lerp per tensor)."""
-    teacher_params = list(teacher.parameters())
-    weights = [weight] * len(teacher_params) if isinstance(weight, torch.Tensor) else weight
-    torch._foreach_lerp_(teacher_params, list(student.parameters()), weights)
-
-
-def teacher_mode(teacher):
-    """The teacher stays in train mode (BatchNorm on batch statistics, as DACS), without dropout."""
-    teacher.train()
-    for m in teacher.modules():
-        if isinstance(m, (nn.Dropout, nn.Dropout2d, DropPath)):
-            m.eval()
-
-
-# ============================================================================= one training step
-
-def aspp_dilations(cfg):
-    return tuple(int(d) for d in cfg.aspp_dilations.split(","))
-
-
-def rebuilder_scales(encoder):
-    """The projectors' upsampling per level: level size / 16 at the paper's 512 crops (stride 8: 4)."""
-    return [max(1, 32 // stride) for stride in encoder.out_strides]
-
-
-def build_rebuilder(cfg, encoder):
-    """The Rebuilder (or Table 2(c)'s Masking), and the linear pixel head of Table 2(e)'s pixel objective."""
-    if cfg.mrm_mode == "mask-only":
-        return Masking(cfg.rebuilder_grid, cfg.mask_ratio), None
-    rebuilder = Rebuilder(encoder.out_channels, embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth,
-                          num_heads=cfg.rebuilder_heads, grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio,
-                          scale_factors=rebuilder_scales(encoder))
-    last_channels = rebuilder.in_channels[-1]
-    return rebuilder, nn.Conv2d(last_channels, 3 * PIXELS_PER_CELL ** 2, 1) if cfg.mrm_objective == "pixel" else None
-
-
-def build_nets(cfg, rank=0, world=1):
-    """The student, EMA teacher, Rebuilder, frozen ImageNet encoder (FD) and optimizers, on the device; under
-    torchrun (world > 1) what the step calls is wrapped in DistributedDataParallel."""
-    device = torch.device(cfg.device)
-    model, info = build_model(cfg.arch, cfg.num_classes, cfg.pretrained, cfg.checkpoint_blocks, aspp_dilations(cfg),
-                              cfg.decoder)
-    info["align_corners"] = cfg.align_corners  # evaluation must resample the logits as training did
-    for module in model.modules():  # a speed choice of training only: the same result, the same weights
-        if isinstance(module, DepthwiseConv3x3):
-            module.form = cfg.aspp_depthwise
-    rebuilder, pixel_head = build_rebuilder(cfg, model.encoder) if cfg.mrm and not cfg.source_only else (None, None)
-    imagenet = copy.deepcopy(model.encoder).requires_grad_(False).eval() if cfg.fd_weight > 0 else None
-    teacher = None if cfg.source_only else copy.deepcopy(model).requires_grad_(False)
-    if teacher is not None:
-        teacher_mode(teacher)
-    if cfg.sync_bn and world > 1:  # the student only: the teacher and ImageNet copies keep per-process statistics
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
-    nets = SimpleNamespace(model=model, teacher=teacher, rebuilder=rebuilder, pixel_head=pixel_head, imagenet=imagenet,
-                           info=info, device=device, memory_format=memory_format, rank=rank, world=world,
-                           graph=not why_eager(cfg, world), ema_weight=0.0)
-    for name in ("model", "teacher", "rebuilder", "pixel_head", "imagenet"):
-        if getattr(nets, name) is not None:
-            setattr(nets, name, getattr(nets, name).to(device, memory_format=memory_format))
-    nets.optimizers = build_optimizers(cfg, nets)
-    nets.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    nets.encoder, nets.decoder, nets.rebuild, nets.predict_pixels = step_modules(cfg, nets)
-    return nets
-
-
-def why_eager(cfg, world):
-    """Why the step cannot run as one CUDA graph here, or "" when it can (the default on one GPU)."""
-    reasons = ((not cfg.cuda_graph, "--no-cuda-graph"), (cfg.device != "cuda", "not on CUDA"),
-               (world > 1, "torchrun: DDP's all-reduce"), (cfg.compile, "--compile"),
-               (cfg.amp == "fp16", "fp16's loss scaler reads the gradients on the host"),
-               (cfg.checkpoint_blocks, "--checkpoint-blocks saves the random state on the host"))
-    return next((why for applies, why in reasons if applies), "")
-
-
-def step_modules(cfg, nets):
-    """What the training step calls: the student's encoder and decoder, the Rebuilder and the pixel head, each
-    wrapped in DistributedDataParallel under torchrun (Masking has no parameters to wrap); encoder and decoder
-    compiled with --compile."""
-    def prepare(module, compile_it=False):
-        if module is None:
-            return None
-        if nets.world > 1 and any(p.requires_grad for p in module.parameters()):
-            device_ids = [torch.cuda.current_device()] if nets.device.type == "cuda" else None
-            module = DistributedDataParallel(module, device_ids=device_ids)
-        return torch.compile(module) if compile_it else module
-
-    return (prepare(nets.model.encoder, cfg.compile), prepare(nets.model.decoder, cfg.compile),
-            prepare(nets.rebuilder), prepare(nets.pixel_head))
-
-
-def without_gradient_sync(cfg, nets):
-    """Under torchrun, the source pass skips the all-reduce of the modules the mixed pass uses again: that pass
-    then averages the sum of both passes' gradients (DDP's no_sync), one all-reduce per step instead of two."""
-    stack = contextlib.ExitStack()
-    if nets.world > 1 and not cfg.source_only:
-        again = [nets.encoder, nets.decoder] + ([nets.rebuild, nets.predict_pixels] if cfg.mrm_domain == "both" else [])
-        for module in again:
-            if isinstance(getattr(module, "_orig_mod", module), DistributedDataParallel):
-                stack.enter_context(module.no_sync())
-    return stack
-
-
-class SlotSGD(torch.optim.Optimizer):
-    """Momentum SGD as DACS's optimizer really ran (SPEC.md section 3). DACS hands torch.optim.SGD a parameter
-    list in which a tensor occurs several times (dacs_parameter_slots); torch 1.x then updated it once per
-    occurrence, each time with its unchanged gradient and the ONE momentum buffer it kept per tensor. Here a
-    parameter group holds tensors with the same count `slots` and applies that many updates in a row; with
-    slots=1 this is torch's SGD (dampening 0, no Nesterov)."""
-
-    def __init__(self, params, lr, momentum, weight_decay):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, slots=1))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            for p in params:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            buffers = [self.state[p]["momentum_buffer"] for p in params]
-            lr = group["lr"]
-            for _ in range(group["slots"]):
-                steps = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-                torch._foreach_mul_(buffers, group["momentum"])
-                torch._foreach_add_(buffers, steps)
-                if isinstance(lr, torch.Tensor):  # a device tensor under a CUDA graph: no host read
-                    torch._foreach_sub_(params, torch._foreach_mul(buffers, lr))
-                else:
-                    torch._foreach_add_(params, buffers, alpha=-lr)
-
-
-def dacs_parameter_slots(backbone):
-    """How often DACS's get_1x_lr_params_NOscale yields each trainable backbone tensor: it walks modules() of
-    conv1, bn1 and layer1-4 and yields the parameters of every module, so a tensor comes once per module that
-    contains it (a conv in a bottleneck: layer, block, conv = 3; a downsample conv: 4; the stem conv: 1)."""
-    slots = {}
-    for top in (backbone.conv1, backbone.bn1, backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
-        for module in top.modules():
-            for p in module.parameters():
-                if p.requires_grad:
-                    slots[p] = slots.get(p, 0) + 1
-    return slots
-
-
-def build_optimizers(cfg, nets):
-    """[the network's optimizer] or, beside DACS's SGD, [SGD, the Rebuilder's own AdamW]: the Rebuilder always
-    trains with AdamW (SPEC.md section 2). Parameter groups: encoder at lr, decoder at lr * head_lr_mult,
-    Rebuilder at its own lr; LayerNorms without weight decay when the recipe says so. Frozen parameters (DACS's
-    BatchNorm) are left out. Under --recipe dacs the encoder's groups are split by DACS's slot counts. AdamW is
-    capturable (its step count on the device) when the step runs as a CUDA graph."""
-    def groups(module, lr, **options):
-        params = [p for p in module.parameters() if p.requires_grad]
-        norms = {p for m in module.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
-        no_decay = [p for p in params if cfg.norm_no_decay and p in norms]
-        decay = [p for p in params if not (cfg.norm_no_decay and p in norms)]
-        return [g for g in (dict(params=decay, initial_lr=lr, **options),
-                            dict(params=no_decay, initial_lr=lr, **{**options, "weight_decay": 0.0})) if g["params"]]
-
-    model, fused = nets.model, nets.device.type == "cuda"
-    capturable = fused and nets.graph
-    slotted = cfg.optimizer == "sgd" and cfg.recipe == "dacs" and cfg.dacs_param_slots == "official"
-    if slotted:
-        slots = dacs_parameter_slots(model.encoder.backbone)
-        encoder = [dict(params=[p for p in slots if slots[p] == k], initial_lr=cfg.lr, slots=k)
-                   for k in sorted(set(slots.values()))]
-    else:
-        encoder = groups(model.encoder, cfg.lr)
-    network = encoder + groups(model.decoder, cfg.lr * cfg.head_lr_mult)
-    rebuilder = [group for module in (nets.rebuilder, nets.pixel_head) if module is not None
-                 for group in groups(module, cfg.rebuilder_lr, weight_decay=cfg.rebuilder_weight_decay)]
-    if cfg.optimizer == "adamw":
-        return [torch.optim.AdamW(network + rebuilder, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                                  fused=fused, capturable=capturable)]
-    if slotted:
-        sgd = SlotSGD(network, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        sgd = torch.optim.SGD(network, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
-    return [sgd] + ([torch.optim.AdamW(rebuilder, lr=cfg.rebuilder_lr, betas=(0.9, 0.999), fused=fused,
-                                       capturable=capturable)]
-                    if rebuilder else [])
-
-
-def lr_factor(cfg, iteration):
-    """Poly decay to 0 at cfg.iters, times a linear warm-up (mmcv's, ratio 1e-6) over warmup_iters."""
-    factor = (1 - iteration / cfg.iters) ** cfg.poly_power
-    if iteration < cfg.warmup_iters:
-        factor *= 1 - (1 - iteration / cfg.warmup_iters) * (1 - 1e-6)
-    return factor
-
-
-def set_learning_rates(cfg, nets, iteration):
-    """Each group's initial_lr times the schedule; a device tensor lr (CUDA graph) is written in place."""
-    for optimizer in nets.optimizers:
-        for group in optimizer.param_groups:
-            lr = group["initial_lr"] * lr_factor(cfg, iteration)
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
-
-
-def device_scalars(nets):
-    """What the host changes between iterations, every group's lr and the EMA weight, as 0-dim float32 device
-    tensors, which a captured step reads and begin_step writes in place."""
-    for optimizer in nets.optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = torch.tensor(float(group["lr"]), device=nets.device)
-    nets.ema_weight = torch.tensor(float(nets.ema_weight), device=nets.device)
-
-
-def last_level(features):
-    """The coarsest level of a hierarchical encoder's list, or a single-scale encoder's one map."""
-    return features[-1] if isinstance(features, (list, tuple)) else features
-
-
-BATCH_KEYS = ("source_image", "source_label", "target_image")
-
-
-def to_device(batch, nets):
-    """The batch's uint8 images and labels, as they are, on the device."""
-    return [batch[key].to(nets.device, non_blocking=True) for key in BATCH_KEYS]
-
-
-def step_inputs(nets, source_image, source_label, target_image):
-    """uint8 images -> float RGB in [0, 1], labels -> int64: on the device, inside the step."""
-    def image(t):
-        return t.float().div_(255).contiguous(memory_format=nets.memory_format)
-    return image(source_image), source_label.long(), image(target_image)
-
-
-PIXELS_PER_CELL = 8  # the pixel objective's target: each grid cell's image patch, area-resized to 8 x 8
-
-
-def masked_pixel_loss(head, rebuilt, images, mask):
-    """Table 2(e) "pixel rec. (w/ norm)", MAE-style: a linear head on the rebuilt last-level features, pooled to
-    the mask grid, predicts each cell's image patch (area-resized to PIXELS_PER_CELL^2 pixels), normalised by
-    the patch's own mean and variance; squared error averaged over the masked cells only."""
-    grid = mask.shape[-1]
-    prediction = head(F.adaptive_avg_pool2d(rebuilt, grid)).float()
-    patches = F.pixel_unshuffle(F.adaptive_avg_pool2d(images.float(), grid * PIXELS_PER_CELL), PIXELS_PER_CELL)
-    mean, var = patches.mean(dim=1, keepdim=True), patches.var(dim=1, keepdim=True)
-    target = (patches - mean) / (var + 1e-6).sqrt()
-    error = (prediction - target).pow(2).mean(dim=1, keepdim=True)
-    return (error * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_feature_loss(rebuilt, targets, mask):
-    """Table 2(e) "feature rec.": squared error between rebuilt and target features, averaged over channels
-    and the masked cells of each level, then over the levels."""
-    levels = list(zip(rebuilt, targets)) if isinstance(rebuilt, list) else [(rebuilt, targets)]
-    losses = []
-    for f_r, f_target in levels:
-        level_mask = resize_mask(mask, f_r.shape[-2:])
-        error = (f_r.float() - f_target.detach().float()).pow(2).mean(dim=1, keepdim=True)
-        losses.append((error * level_mask).sum() / level_mask.sum().clamp(min=1))
-    return sum(losses) / len(losses)
-
-
-def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight):
-    """L_mrm on the encoder's `features` of `images`: Eq. 4's CE(D(R(f)), y) (--mrm-objective cls) or one of
-    Table 2(e)'s regressions at masked cells (README). --mrm-trains (Table 4) holds a part fixed for this loss
-    only: decoder: the features are detached; encoder: the decoder runs with detached weights."""
-    if cfg.mrm_trains == "decoder":
-        features = [f.detach() for f in features] if isinstance(features, list) else features.detach()
-    if cfg.mrm_objective == "cls":
-        if cfg.mrm_trains == "encoder":
-            weights = {name: p.detach() for name, p in nets.model.decoder.named_parameters()}
-
-            def decoder(f):
-                return torch.func.functional_call(nets.model.decoder, weights, (f,))
-        else:
-            decoder = nets.decoder
-        return mrm_loss(decoder, nets.rebuild, features, labels, weight, align_corners=cfg.align_corners)
-    mask = nets.rebuilder.random_mask(images.shape[0], images.device)
-    rebuilt = nets.rebuild(features, mask)
-    if cfg.mrm_objective == "pixel":
-        return masked_pixel_loss(nets.predict_pixels, last_level(rebuilt), images, mask)
-    if cfg.mrm_objective == "feature-teacher":
-        with torch.no_grad():
-            features = nets.teacher.encoder(images)
-    return masked_feature_loss(rebuilt, features, mask)
-
-
-def train_step(cfg, nets, batch, iteration):
-    """One DACS(+MRM, +MIC) iteration, eagerly: the host's part, then the device's. Returns the detached
-    losses [L_s, L_u, L_mrm, L_mic, L_fd, pseudo weight] as one tensor (no host sync here)."""
-    begin_step(cfg, nets, iteration)
-    return device_step(cfg, nets, *to_device(batch, nets))
-
-
-def begin_step(cfg, nets, iteration):
-    """The host's part of an iteration: its learning rates and EMA weight, written where device_step reads them."""
-    set_learning_rates(cfg, nets, iteration)
-    # DACS updates the teacher after the step with alpha(it); DAFormer at the start of the next one, alpha(it + 1)
-    weight = 1 - ema_alpha(iteration + 1 if cfg.framework == "mmseg" else iteration, cfg.ema)
-    if isinstance(nets.ema_weight, torch.Tensor):
-        nets.ema_weight.fill_(weight)
-    else:
-        nets.ema_weight = weight
-
-
-def device_step(cfg, nets, source_image, source_label, target_image):
-    """The device's part of an iteration, from the uint8 batch on the device to the EMA update: no host sync,
-    no host random numbers and no host values that change between iterations, so that CudaGraphStep can
-    capture it once."""
-    nets.model.train()
-    # Autocast drops its low-precision copies of the weights when the outermost autocast scope exits: this
-    # scope, closed before the optimizer step, makes the source, mixed and MIC passes cast each weight once.
-    with torch.autocast(nets.device.type, enabled=False):
-        losses = forward_backward(cfg, nets, *step_inputs(nets, source_image, source_label, target_image))
-    for optimizer in nets.optimizers:
-        nets.scaler.step(optimizer)
-    nets.scaler.update()
-    for optimizer in nets.optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    if nets.teacher is not None:
-        update_ema(nets.teacher, nets.model, nets.ema_weight)
-    return losses
-
-
-def forward_backward(cfg, nets, x_s, y_s, x_t):
-    """Steps (1)-(6) of the iteration: the losses and their gradients. Source and mixed losses are
-    backpropagated separately, which frees the source graph before the mixed forward (same gradients, lower
-    peak memory). Returns the detached losses as one tensor."""
-    model, encoder, decoder, rebuilder, scaler = nets.model, nets.encoder, nets.decoder, nets.rebuilder, nets.scaler
-    mmseg = cfg.framework == "mmseg"
-    autocast = torch.autocast(nets.device.type, dtype=torch.float16 if cfg.amp == "fp16" else torch.bfloat16,
-                              enabled=cfg.amp != "off")
-    zero = torch.zeros((), device=nets.device)
-    loss_u = loss_mrm_s = loss_mrm_t = loss_mic = loss_fd = weight = zero
-    source_weight = 1.0 if mmseg else None  # mmseg 0.16 averages over all pixels, DACS over labelled ones
-
-    # (1) supervised source loss, Eq. 1 (+ DAFormer's ImageNet feature distance)
-    with without_gradient_sync(cfg, nets):
-        with autocast:
-            f_s = encoder(x_s)
-            loss_s = segmentation_ce(decoder(f_s), y_s, source_weight, align_corners=cfg.align_corners)
-            if nets.imagenet is not None:
-                with torch.no_grad():
-                    f_imagenet = last_level(nets.imagenet(x_s))
-                loss_fd = feature_distance(last_level(f_s), f_imagenet, y_s)
-            if rebuilder is not None and cfg.mrm_domain in ("source", "both"):
-                loss_mrm_s = mrm_auxiliary_loss(cfg, nets, f_s, x_s, y_s, source_weight)
-        scaler.scale(loss_s + cfg.fd_weight * loss_fd + cfg.mrm_weight * loss_mrm_s).backward()
-    del f_s
-
-    if not cfg.source_only:
-        # (2) pseudo-labels from the EMA teacher on the un-augmented target batch
-        with torch.inference_mode(), autocast:
-            teacher_logits = F.interpolate(nets.teacher(x_t), size=x_t.shape[-2:], mode="bilinear",
-                                           align_corners=cfg.align_corners)
-            pseudo, weight = pseudo_label(teacher_logits, cfg.pseudo_threshold)
-        pixel_weight = weight.expand_as(pseudo)  # inference tensors: read below, never saved for backward
-        if cfg.pl_crop:  # DAFormer: the top and bottom rows (sky border, ego car) are unreliable
-            pixel_weight = pixel_weight.clone()
-            pixel_weight[:, :15].zero_()
-            pixel_weight[:, -120:].zero_()
-        # (3) ClassMix source onto target; pasted source pixels keep their label, weight 1
-        mix = class_mix_masks(y_s, batch_classes=mmseg)
-        x_m = torch.where(mix[:, None], x_s, x_t)
-        y_m = torch.where(mix, y_s, pseudo)
-        w_m = torch.where(mix, 1.0, pixel_weight)
-        # (4) colour jitter and blur on the mixed images
-        x_m = gaussian_blur(color_jitter(x_m, cfg.jitter, cfg.jitter_p), cfg.blur_p)
-        # (5) L_u on the mixed batch, and MRM on the same encoder features (Algorithm 1, Eq. 5)
-        with autocast:
-            f_m = encoder(x_m.contiguous(memory_format=nets.memory_format))
-            loss_u = segmentation_ce(decoder(f_m), y_m, w_m, align_corners=cfg.align_corners)
-            if rebuilder is not None and cfg.mrm_domain in ("target", "both"):
-                loss_mrm_t = mrm_auxiliary_loss(cfg, nets, f_m, x_m, y_m, w_m)
-        scaler.scale(loss_u + cfg.mrm_weight * loss_mrm_t).backward()
-        del f_m
-        # (6) MIC: the student on block-masked target images against the teacher's pseudo-labels of the
-        # clean ones, with the un-mixed pixel weight; its own backward
-        if cfg.mic:
-            x_mic = mic_masked_images(x_t, model.encoder.normalize.zero_colour(), cfg.jitter, cfg.jitter_p,
-                                      cfg.mic_mask_ratio, cfg.mic_block_size)
-            with autocast:  # clones: autograd may save them, which it refuses for inference tensors
-                loss_mic = segmentation_ce(decoder(encoder(x_mic.contiguous(memory_format=nets.memory_format))),
-                                           pseudo.clone(), pixel_weight.clone(), align_corners=cfg.align_corners)
-            scaler.scale(cfg.mic_weight * loss_mic).backward()
-    return torch.stack([loss_s, loss_u, loss_mrm_s + loss_mrm_t, loss_mic, loss_fd, weight]).detach().float()
-
-
-class CaptureFailed(ConfigError):
-    pass
-
-
-class CudaGraphStep:
-    """train_step as one CUDA graph: device_step is captured once and replayed every iteration, one launch
-    instead of thousands, which takes the host off the critical path (shapes are static: crop and batch).
-    Before each replay the host writes the batch into the graph's input buffers and, through begin_step, the
-    learning rates and EMA weight into device tensors; random numbers come from the CUDA generator, which
-    advances at each replay. The first `warmup` iterations run eagerly on a side stream, as CUDA graph capture
-    asks (optimizer states, cuDNN's algorithm search), and the next one is captured and replayed. Without a GPU
-    (capture=False, the default there) the same calls run the step from the same buffers, so that the CPU tests
-    check every piece but the capture itself. A capture that fails stops the run with one line: the CUDA
-    generator may be left in capture mode, so continuing eagerly in this process is not safe."""
-
-    warmup_steps = 3
-
-    def __init__(self, nets, warmup=warmup_steps, capture=None):
-        capture = nets.device.type == "cuda" if capture is None else capture
-        self.warmup, self.capture, self.steps, self.replay = warmup, capture, 0, None
-        device_scalars(nets)
-
-    def __call__(self, cfg, nets, batch, iteration):
-        begin_step(cfg, nets, iteration)
-        if self.replay is not None:
-            for buffer, key in zip(self.inputs, BATCH_KEYS):
-                if buffer.shape != batch[key].shape:
-                    raise ValueError(f"CUDA graph step: {key} {tuple(batch[key].shape)}, captured with "
-                                     f"{tuple(buffer.shape)}: every batch must have the same shape")
-                buffer.copy_(batch[key], non_blocking=True)
-            self.replay()
-            return self.losses.clone()
-        self.steps += 1
-        self.inputs = to_device(batch, nets)
-        if self.steps <= self.warmup:
-            with self.side_stream(), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
-                return device_step(cfg, nets, *self.inputs)
-        if self.capture:
-            graph = torch.cuda.CUDAGraph()
-            try:  # thread_local: the loader's pin-memory thread may allocate meanwhile
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    self.losses = device_step(cfg, nets, *self.inputs)
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError as error:
-                raise CaptureFailed(f"the step could not be captured as one CUDA graph ({one_line(error)[:200]}); "
-                                    f"run with --no-cuda-graph (and --resume, from the last checkpoint)") from error
-            self.replay = graph.replay
-        else:
-            def replay():
-                self.losses = device_step(cfg, nets, *self.inputs)
-            self.replay = replay
-        self.replay()
-        return self.losses.clone()
-
-    @contextlib.contextmanager
-    def side_stream(self):
-        if not self.capture:
-            yield
-            return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            yield
-        torch.cuda.current_stream().wait_stream(side)
-
-# ============================================================================= data streams
-
-class Domain:
-    """One dataset, indexable: load(i) -> (uint8 HxWx3 RGB image, uint8 HxW train-id label), already
-    resized as `framework` resizes ("dacs" or "mmseg", see resize_pair). Folder datasets read files; the toy
-    domains draw scene i."""
-
-    def __init__(self, name, root="data", split="train", seed=0, framework="mmseg"):
-        self.name = name
-        if name.startswith("toy-"):
-            self.style = name[4:]
-            self.count = TOY_SIZES[split]
-            self.seed = (seed, 0 if split == "train" else 1, 0 if self.style == "source" else 1)
-        else:
-            self.pairs = find_pairs(name, root, split)
-            self.count = len(self.pairs)
-            self.size = DATASETS[name]["size"]
-            self.dacs_filter = DATASETS[name]["dacs_filter"] if framework == "dacs" else None
-
-    def __len__(self):
-        return self.count
-
-    def load(self, i, full_label=False):
-        """full_label: keep the label at its original size (the mmseg evaluation protocol)."""
-        if self.name.startswith("toy-"):
-            return make_toy_scene(np.random.default_rng([*self.seed, i]), self.style)
-        image, label = read_image(self.pairs[i][0]), self.full_label(i)
-        return resize_pair(image, label, self.size, self.dacs_filter, resize_label=not full_label)
-
-    def full_label(self, i):
-        return self.load(i)[1] if self.name.startswith("toy-") else read_label(self.pairs[i][1], self.name)
-
-
-class TrainBatches(torch.utils.data.Dataset):
-    """Item `it` is the whole batch of iteration `it`, a pure function of (seed, it) (and of the rank under
-    torchrun): loader workers need no shared state, and a resumed run reads exactly the batches it would have read."""
-
-    def __init__(self, cfg, source, target, rcs=None, rank=0, world=1):
-        self.cfg, self.source, self.target, self.rcs = cfg, source, target, rcs
-        self.stream = [rank] if world > 1 else []  # under torchrun each process draws its own batch
-
-    def __len__(self):
-        return self.cfg.iters
-
-    def __getitem__(self, iteration):
-        rng = np.random.default_rng([self.cfg.seed, iteration, *self.stream])
-        skipped = []
-        source = [self.sample(self.source, rng, skipped, is_source=True) for _ in range(self.cfg.batch_size)]
-        target = [self.sample(self.target, rng, skipped) for _ in range(self.cfg.batch_size)]
-        return dict(source_image=torch.from_numpy(np.stack([s[0] for s in source])).permute(0, 3, 1, 2),
-                    source_label=torch.from_numpy(np.stack([s[1] for s in source])),
-                    target_image=torch.from_numpy(np.stack([t[0] for t in target])).permute(0, 3, 1, 2),
-                    skipped=skipped)
-
-    def sample(self, domain, rng, skipped, is_source=False):
-        """Pick an image (rare-class sampling on the source when on) and run the pipeline (crop, flip) on it. A
-        corrupt file is recorded and replaced by another draw; the training loop decides when that is too many."""
-        for _ in range(self.cfg.max_skips + 1):
-            rare_class, index = (rcs_pick(rng, *self.rcs) if is_source and self.rcs
-                                 else (None, int(rng.integers(len(domain)))))
-            try:
-                image, label = domain.load(index)
-            except CorruptFile as error:
-                skipped.append(str(error))
-                continue
-            sample = self.pipeline(image, label, rng, is_source)
-            if rare_class is not None:  # DAFormer re-runs the pipeline up to 10 more times, keeping the last
-                for _ in range(10):
-                    if crop_has_enough(sample[1], rare_class, self.cfg.rcs_min_pixels // 2):
-                        break
-                    sample = self.pipeline(image, label, rng, is_source)
-            return sample
-        raise DataError(f"{len(skipped)} corrupt files in a row (more than --max-skips {self.cfg.max_skips}), "
-                        f"last: {skipped[-1]}")
-
-    def pipeline(self, image, label, rng, is_source):
-        """Random crop, then flip. mmseg's RandomCrop checks up to 10 crops for no class covering cat_max_ratio
-        or more, drawing a new one after each failure and keeping the last unchecked (source only here: target
-        labels are never read)."""
-        if self.cfg.crop:
-            size = (self.cfg.crop, self.cfg.crop)
-            image_crop, label_crop = random_crop(image, label, size, rng)
-            if is_source and self.cfg.cat_max_ratio < 1:
-                for _ in range(10):
-                    counts = np.bincount(label_crop[label_crop != 255], minlength=256)
-                    if counts.max(initial=0) < self.cfg.cat_max_ratio * counts.sum():
-                        break
-                    image_crop, label_crop = random_crop(image, label, size, rng)
-            image, label = image_crop, label_crop
-        if self.cfg.flip and rng.random() < 0.5:
-            image, label = image[:, ::-1], label[:, ::-1]
-        return np.ascontiguousarray(image), np.ascontiguousarray(label)
-
-
-def make_loader(cfg, dataset, start_iteration):
-    # Its own generator: creating the loader must not draw from the global RNG, or a resumed run
-    # (which creates it at another point of the RNG stream) would diverge from a straight one.
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=None, sampler=range(start_iteration, cfg.iters), num_workers=cfg.workers,
-        pin_memory=cfg.device == "cuda", persistent_workers=cfg.workers > 0,
-        prefetch_factor=4 if cfg.workers else None, generator=torch.Generator().manual_seed(cfg.seed))
-
-
-def rcs_statistics(cfg, source, say=print):
-    """Per-class pixel counts of every source label, computed once and cached beside the data (or in
-    the work dir when the data folder is read-only). Returns (class probabilities, images per class)."""
-    cache_name = f"rcs_stats_{source.name}_{len(source)}.json"
-    candidates = [os.path.join(cfg.data_root, source.name, cache_name), os.path.join(cfg.work_dir, cache_name)]
-    counts = next((json.load(open(p)) for p in candidates if os.path.exists(p)), None)
-    if counts is None:
-        say(f"rare class sampling: counting classes in {len(source)} source labels (once)...", flush=True)
-        counts = [np.bincount(source.full_label(i).ravel(), minlength=256)[:cfg.num_classes].tolist()
-                  for i in range(len(source))]
-        for path in candidates:
-            try:
-                atomic_write(path, lambda f: f.write(json.dumps(counts).encode()))
-                break
-            except OSError:
-                continue
-    counts = np.array(counts)
-    images_per_class = [np.flatnonzero(counts[:, c] > cfg.rcs_min_pixels).tolist() for c in range(cfg.num_classes)]
-    if not any(images_per_class):
-        raise DataError(f"rare class sampling: no {source.name} image has more than --rcs-min-pixels "
-                        f"{cfg.rcs_min_pixels} pixels of any class")
-    return rcs_class_probabilities(counts.sum(axis=0), cfg.rcs_temperature), images_per_class
-
-
-# ============================================================================= checkpoints and evaluation
-
-def atomic_write(path, write):
-    """Write to a temporary file, fsync, rename: a crash at any moment leaves the old file or the new."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(cfg, nets, iteration):
-    """Rank 0 writes the checkpoint; under torchrun every process sends it its random state first (a
-    collective: every rank calls this at the same iterations)."""
-    rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
-               cuda=torch.cuda.get_rng_state() if nets.device.type == "cuda" else None)
-    rngs = [rng]
-    if nets.world > 1:
-        rngs = [None] * nets.world if nets.rank == 0 else None
-        dist.gather_object(rng, rngs, dst=0)
-    if nets.rank != 0:
-        return
-    state = dict(iteration=iteration, config=vars(cfg), arch=nets.info, model=nets.model.state_dict(),
-                 teacher=nets.teacher.state_dict() if nets.teacher is not None else None,
-                 rebuilder=nets.rebuilder.state_dict() if nets.rebuilder is not None else None,
-                 pixel_head=nets.pixel_head.state_dict() if nets.pixel_head is not None else None,
-                 optimizers=[optimizer.state_dict() for optimizer in nets.optimizers], scaler=nets.scaler.state_dict(),
-                 world_size=nets.world, rng=rngs)
-    atomic_write(os.path.join(cfg.work_dir, "checkpoint.pth"), lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path):
-    """Checkpoints are untrusted input: tensors and plain containers only (weights_only)."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise DataError(f"{path}: not a readable checkpoint ({one_line(error)})") from None
-
-
-def load_model_state(model, state, path):
-    """Strict load with one readable line when the checkpoint is of another architecture or class count."""
-    unexpected = []
-    own = model.state_dict()
-    for key, value in state.items():
-        if key not in own:
-            unexpected.append(key)
-        elif own[key].shape != value.shape:
-            raise DataError(f"{path}: {key} has shape {tuple(value.shape)}, this model expects {tuple(own[key].shape)} "
-                            f"(another architecture or number of classes?)")
-    missing = [k for k in own if k not in state]
-    if missing or unexpected:
-        raise DataError(f"{path}: does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.load_state_dict(state)
-
-
-def resume(cfg, nets):
-    path = os.path.join(cfg.work_dir, "checkpoint.pth")
-    state = load_checkpoint(path)
-    if state["arch"] != nets.info:
-        raise DataError(f"{path}: checkpoint is {state['arch']}, this run builds {nets.info}")
-    load_model_state(nets.model, state["model"], path)
-    if nets.teacher is not None:
-        nets.teacher.load_state_dict(state["teacher"])
-    if nets.rebuilder is not None:
-        nets.rebuilder.load_state_dict(state["rebuilder"])
-    if nets.pixel_head is not None:
-        nets.pixel_head.load_state_dict(state["pixel_head"])
-    if len(state["optimizers"]) != len(nets.optimizers):
-        raise DataError(f"{path}: checkpoint holds {len(state['optimizers'])} optimizer(s), this run builds "
-                        f"{len(nets.optimizers)} (another --optimizer or --no-mrm?)")
-    for optimizer, optimizer_state in zip(nets.optimizers, state["optimizers"]):
-        optimizer.load_state_dict(optimizer_state)
-        for group in optimizer.param_groups:  # a CUDA graph's device-tensor lr comes back as a plain number
-            group["lr"] = float(group["lr"])
-    nets.scaler.load_state_dict(state["scaler"])
-    if state["world_size"] != nets.world:
-        raise DataError(f"{path}: written by {state['world_size']} process(es), this run has {nets.world}: each "
-                        f"process's data and random state depend on its rank, so resume with as many processes")
-    rng = state["rng"][nets.rank]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if nets.device.type == "cuda" and rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
-    return state["iteration"]
-
-
-def export_model(path, model, info, num_classes):
-    """Inference-only file: the segmentation model and how to build it; no Rebuilder, no optimiser."""
-    state = dict(arch=info, num_classes=num_classes, model=model.state_dict())
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-@torch.no_grad()
-def evaluate(model, domain, num_classes, device, align_corners, amp="off", protocol="mmseg", on_prediction=None,
-             workers=0):
-    """Confusion matrix over a labelled domain: the whole image at the training input size, logits
-    resized bilinearly (with the align_corners the model was trained with) to the label (mmseg protocol:
-    the full-resolution label; dacs: the label resized to the input size), argmax.
-    on_prediction(i, image, prediction) sees every prediction."""
-    model.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    items = torch.utils.data.DataLoader(EvalImages(domain, protocol == "mmseg"), batch_size=None,
-                                        num_workers=workers)
-    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
-                              enabled=amp != "off")
-    for i, (image, label) in enumerate(items):
-        x = image.to(device).permute(2, 0, 1)[None].float() / 255
-        with autocast:
-            logits = model(x)
-        prediction = F.interpolate(logits.float(), size=label.shape, mode="bilinear",
-                                   align_corners=align_corners).argmax(dim=1)[0]
-        conf += confusion_matrix(prediction, label.to(device), num_classes)
-        if on_prediction is not None:
-            on_prediction(i, image.numpy(), prediction.to(torch.uint8).cpu().numpy())
-    return conf
-
-
-class EvalImages(torch.utils.data.Dataset):
-    def __init__(self, domain, full_label):
-        self.domain, self.full_label = domain, full_label
-
-    def __len__(self):
-        return len(self.domain)
-
-    def __getitem__(self, i):
-        image, label = self.domain.load(i, full_label=self.full_label)
-        return torch.from_numpy(image), torch.from_numpy(label)
-
-
-def miou_report(conf, eval_classes, class_names):
-    """The per-class table (paper Table 1 order) for each class subset, and the first subset's mIoU."""
-    ious = iou_per_class(conf.cpu())
-    tables = [f"mIoU over {name} classes:\n{format_table(ious, ids, class_names)}"
-              for name, ids in eval_classes.items()]
-    first = next(iter(eval_classes.values()))
-    return "\n".join(tables), float(np.nanmean(np.asarray(ious)[list(first)]) * 100)
-
-
-# ============================================================================= several processes (torchrun)
-# One run on N processes (GPUs, or CPU processes with gloo) started by torchrun. Each process trains on its own
-# batch; DistributedDataParallel averages the gradients, so every process takes the same optimiser step from the
-# same weights: the students stay identical, and so do the EMA teachers computed from them. Rank 0 alone logs,
-# validates and writes checkpoints.
-
-class Stopped(RuntimeError):
-    """SIGTERM: torchrun stops this process because another one failed, or the job was cancelled."""
-
-
-def stop(signum, frame):
-    raise Stopped("stopped by torchrun (another process of this run failed, or the job was cancelled)")
-
-
-def lost_a_process(error):
-    """Whether `error` is how a collective fails when another process of the run died (NCCL: DistError;
-    gloo: a RuntimeError from its transport), or torchrun's SIGTERM."""
-    return dist.is_initialized() and (isinstance(error, (Stopped, dist.DistError)) or "gloo" in str(error))
-
-
-def init_distributed(cfg):
-    """(rank, world size) of this process; (0, 1) when not started by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if cfg.device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    # long enough for rank 0's validation and checkpoint, during which the others wait in a collective
-    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", timeout=timedelta(hours=2))
-    signal.signal(signal.SIGTERM, stop)
-    return dist.get_rank(), world
-
-
-# ============================================================================= training
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def format_eta(seconds):
-    hours, rest = divmod(int(seconds), 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def train(cfg):
-    rank, world = init_distributed(cfg)
-    say = print if rank == 0 else (lambda *args, **kwargs: None)  # the other processes stay quiet
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    if cfg.device == "cuda":
-        torch.backends.cudnn.benchmark = True
-    source = Domain(cfg.source, cfg.data_root, "train", cfg.seed, cfg.framework)
-    target = Domain(cfg.target, cfg.data_root, "train", cfg.seed, cfg.framework)
-    val = Domain(cfg.target, cfg.data_root, "val", cfg.seed)  # the mmseg protocol, whatever the recipe
-    if rank == 0:
-        os.makedirs(cfg.work_dir, exist_ok=True)
-        atomic_write(os.path.join(cfg.work_dir, "config.json"), lambda f: f.write(config_json(cfg).encode()))
-    nets = build_nets(cfg, rank, world)  # the same seed everywhere: identical initial models on every rank
-    if world > 1:  # from here each process draws its own random numbers (masks, ClassMix, jitter)
-        seed = int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0])
-        torch.manual_seed(seed)
-        random.seed(seed)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun --max-restarts
-    if restarted and os.path.exists(os.path.join(cfg.work_dir, "checkpoint.pth")):
-        cfg.resume = True
-    start = resume(cfg, nets) if cfg.resume else 0
-    rcs = rcs_statistics(cfg, source, say) if cfg.rcs_temperature > 0 else None
-    loader = make_loader(cfg, TrainBatches(cfg, source, target, rcs, rank, world), start)
-    stop = min(cfg.iters, start + cfg.stop_after) if cfg.stop_after else cfg.iters
-    step = CudaGraphStep(nets) if nets.graph else train_step
-    say(f"{cfg.task}: {cfg.arch} ({cfg.recipe} recipe), {'source only' if cfg.source_only else 'DACS'}"
-        f"{' + MRM' if nets.rebuilder is not None else ''}{' + MIC' if cfg.mic else ''}, iterations {start}..{stop} "
-        f"of {cfg.iters}, {len(source)} source / {len(target)} target images"
-        f"{f', {world} processes' if world > 1 else ''}, step {'as one CUDA graph' if nets.graph else 'eager'}"
-        f"{f' ({why_eager(cfg, world)})' if not nets.graph and cfg.device == 'cuda' else ''}, work dir {cfg.work_dir}",
-        flush=True)
-
-    log = open(os.path.join(cfg.work_dir, "log.jsonl"), "a") if rank == 0 else None
-    sums, count, skipped_total = torch.zeros(6, device=nets.device), 0, 0
-    clock, clock_iteration = time.time(), start
-    for iteration, batch in zip(range(start, stop), loader):
-        skipped = batch.pop("skipped")
-        if skipped:
-            skipped_total += len(skipped)
-            for message in skipped:
-                print(f"skipped: {message}", file=sys.stdout if rank == 0 else sys.stderr, flush=True)
-            if skipped_total > cfg.max_skips:
-                raise DataError(f"{skipped_total} corrupt files skipped (more than --max-skips {cfg.max_skips}), "
-                                f"last: {skipped[-1]}")
-        sums += step(cfg, nets, batch, iteration)
-        count += 1
-        done = iteration + 1
-        if done % cfg.log_every == 0 or done == stop or done % cfg.checkpoint_every == 0:
-            if world > 1:  # every rank sees the mean over all ranks, and stops together on a NaN
-                dist.all_reduce(sums)
-                sums /= world
-            means = (sums / count).tolist()  # the one host sync, every log_every iterations
-            if not all(map(math.isfinite, means)):
-                raise NonFiniteLoss(f"non-finite loss between iterations {done - count} and {done}: {means}; "
-                                    f"the last checkpoint in {cfg.work_dir} is untouched")
-            speed = (done - clock_iteration) / (time.time() - clock)
-            clock, clock_iteration = time.time(), done
-            if log is not None:
-                record = dict(iteration=done, loss_source=means[0], loss_uda=means[1], loss_mrm=means[2],
-                              loss_mic=means[3], loss_fd=means[4], pseudo_weight=means[5],
-                              lr=float(nets.optimizers[0].param_groups[0]["lr"]), it_per_s=speed, time=time.time())
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            say(f"[{done}/{cfg.iters}] L_s {means[0]:.4f}  L_u {means[1]:.4f}  L_mrm {means[2]:.4f}"
-                f"{f'  L_mic {means[3]:.4f}' if cfg.mic else ''}{f'  L_fd {means[4]:.4f}' if cfg.fd_weight else ''}"
-                f"  weight {means[5]:.3f}  "
-                f"{speed:.2f} it/s  ETA {format_eta((cfg.iters - done) / speed)}", flush=True)
-            sums.zero_()
-            count = 0
-        if rank == 0 and done % cfg.val_every == 0 and done != cfg.iters:
-            validate(cfg, nets, val, done, log)  # the other ranks wait at their next collective
-        if done % cfg.checkpoint_every == 0 or done == stop:
-            save_checkpoint(cfg, nets, done)
-    if rank != 0:
-        return None
-    if stop == cfg.iters:
-        export_model(os.path.join(cfg.work_dir, "model.pth"), nets.model, nets.info, cfg.num_classes)
-        return validate(cfg, nets, val, cfg.iters, log)
-    print(f"stopped after iteration {stop} (--stop-after); continue with --resume", flush=True)
-    return None
-
-
-def validate(cfg, nets, val, iteration, log):
-    conf = evaluate(nets.model, val, cfg.num_classes, nets.device, cfg.align_corners, cfg.amp,
-                    workers=min(cfg.workers, 4))
-    table, miou = miou_report(conf, cfg.eval_classes, cfg.class_names)
-    print(f"validation at iteration {iteration} on {len(val)} {cfg.target} images:\n{table}", flush=True)
-    log.write(json.dumps(dict(iteration=iteration, val_miou=miou)) + "\n")
-    log.flush()
-    return miou
-
-
-# ============================================================================= other modes
-
-def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None, dilations=(6, 12), decoder=""):
-    """Forward multiply-accumulates of D(E(x)) and of the extra D(R(f)) for one image, counted by
-    torch.utils.flop_counter on the meta device (shapes only: instant, no memory)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.device("meta"):
-        model, _ = build_model(arch, num_classes, aspp_dilations=dilations, decoder=decoder)
-        model.eval()  # the same FLOPs; BatchNorm of DeepLabV3+'s image pooling refuses one image in train mode
-        rebuilder = Rebuilder(model.encoder.out_channels, **(rebuilder_kw or {}),
-                              scale_factors=rebuilder_scales(model.encoder))
-        x = torch.empty(1, 3, *size)
-        with FlopCounterMode(display=False) as base:
-            features = model.encoder(x)
-            model.decoder(features)
-        with FlopCounterMode(display=False) as extra:
-            model.decoder(rebuilder(features))
-    trainable = sum(p.numel() for p in rebuilder.parameters() if p.requires_grad)
-    return dict(model_gmac=base.get_total_flops() / 2e9, extra_gmac=extra.get_total_flops() / 2e9,
-                rebuilder_params=trainable, ratio=1 + extra.get_total_flops() / base.get_total_flops(),
-                encoder_params=sum(p.numel() for p in model.encoder.parameters()),
-                decoder_params=sum(p.numel() for p in model.decoder.parameters()))
-
-
-def print_flops(cfg):
-    crop = cfg.crop or 512
-    kw = dict(embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth, num_heads=cfg.rebuilder_heads,
-              grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio)
-    r = count_flops(cfg.arch, (crop, crop), cfg.num_classes, kw, aspp_dilations(cfg), cfg.decoder)
-    print(f"{cfg.arch} + {cfg.decoder}: encoder {r['encoder_params']:,} + decoder {r['decoder_params']:,} parameters; "
-          f"Rebuilder {r['rebuilder_params']:,} trainable parameters\n"
-          f"at {crop}x{crop}: encoder+decoder {r['model_gmac']:.2f} GMAC; "
-          f"decoder(rebuilder(f)) adds {r['extra_gmac']:.2f} GMAC ({r['ratio']:.3f}x)")
-
-
-def reference_step(cfg, nets, batch, iteration):
-    """The same iteration written as DACS's official code does it, for --bench to compare against:
-    fp32, per-image Python loops (ClassMix from torch.unique + np.random.choice, pseudo-label weight
-    read back with .item(), augmentation decided by Python's random), one backward of the summed loss, EMA by a parameter loop."""
-    model, rebuilder = nets.model, nets.rebuilder
-    x_s, y_s, x_t = step_inputs(nets, *to_device(batch, nets))
-    set_learning_rates(cfg, nets, iteration)
-    model.train()
-    loss_s = segmentation_ce(model(x_s), y_s, align_corners=cfg.align_corners)
-    with torch.no_grad():
-        teacher_logits = F.interpolate(nets.teacher(x_t), size=x_t.shape[-2:], mode="bilinear",
-                                       align_corners=cfg.align_corners)
-        prob, pseudo = teacher_logits.softmax(dim=1).max(dim=1)
-        weight = (prob >= cfg.pseudo_threshold).sum().item() / prob.numel()
-    images, labels, weights = [], [], []
-    jitter_p, blur_p = float(random.random() < cfg.jitter_p), float(random.random() < cfg.blur_p)
-    for i in range(x_s.shape[0]):
-        classes = torch.unique(y_s[i])
-        chosen = classes[torch.from_numpy(np.random.choice(len(classes), (len(classes) + 1) // 2, replace=False))]
-        mask = (y_s[i][..., None] == chosen).any(dim=-1)
-        image = torch.where(mask, x_s[i], x_t[i])[None]
-        images.append(gaussian_blur(color_jitter(image, cfg.jitter, jitter_p), blur_p))
-        labels.append(torch.where(mask, y_s[i], pseudo[i]))
-        weights.append(torch.where(mask, 1.0, weight))
-    x_m, y_m, w_m = torch.cat(images), torch.stack(labels), torch.stack(weights)
-    f_m = model.encoder(x_m)
-    loss = loss_s + segmentation_ce(model.decoder(f_m), y_m, w_m, align_corners=cfg.align_corners)
-    if rebuilder is not None:
-        loss = loss + cfg.mrm_weight * mrm_loss(model.decoder, rebuilder, f_m, y_m, w_m,
-                                                align_corners=cfg.align_corners)
-    loss.backward()
-    for optimizer in nets.optimizers:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    alpha = min(1 - 1 / (iteration + 1), cfg.ema)
-    with torch.no_grad():
-        for teacher_param, param in zip(nets.teacher.parameters(), model.parameters()):
-            teacher_param.mul_(alpha).add_(param, alpha=1 - alpha)
-    return loss.detach()
-
-
-def bench(cfg):
-    """--bench N: training steps on random batches shaped like gta2cs (1280x720 source, 1024x512 target,
-    cropped), data loading excluded. Every variant warms up (and, on CUDA, captures its graph) first; then N
-    rounds time one step of each in turn (A, B, C, A, B, C ...), so that their ratios share the machine's state,
-    and each reports its median. Variants: the step as configured (DACS+MRM), without MRM, eager instead of one
-    CUDA graph, fp32 instead of --amp, the other --aspp-depthwise forms (DAFormer and DeepLabV3+ heads), and
-    (DACS recipe) DACS's per-image fp32 reference_step. All are alive at once: the run needs about their sum in
-    memory. On CUDA, torch.profiler over 3 more steps of the first variant gives the GPU-busy time and the kernels
-    and host launches per step. On the CPU the tiny model of the same family runs, so that a test can run it."""
-    if cfg.device == "cpu":
-        cfg = SimpleNamespace(**{**vars(cfg), "arch": cfg.arch if cfg.arch.endswith("tiny") else
-                                 ("mit-tiny" if "mit" in cfg.arch else "dlv2-tiny"), "crop": min(cfg.crop or 64, 64)})
-    rng = np.random.default_rng(cfg.seed)
-    crop = (cfg.crop, cfg.crop)
-
-    def random_pair(width, height):
-        label = rng.integers(0, cfg.num_classes, size=(height // 64 + 1, width // 64 + 1)).repeat(64, 0).repeat(64, 1)
-        image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-        return random_crop(image, label[:height, :width].astype(np.uint8), crop, rng)
-
-    source = [random_pair(1280, 720) for _ in range(cfg.batch_size)]
-    target = [random_pair(1024, 512) for _ in range(cfg.batch_size)]
-    batch = dict(source_image=torch.from_numpy(np.stack([s[0] for s in source])).permute(0, 3, 1, 2),
-                 source_label=torch.from_numpy(np.stack([s[1] for s in source])),
-                 target_image=torch.from_numpy(np.stack([t[0] for t in target])).permute(0, 3, 1, 2))
-    cuda = cfg.device == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-    graph = not why_eager(cfg, 1)
-    mode = "CUDA graph" if graph else "eager"
-    variants = {f"DACS+MRM ({mode})": dict(mrm=True), f"DACS ({mode})": dict(mrm=False)}
-    if graph:
-        variants["DACS+MRM (eager)"] = dict(mrm=True, cuda_graph=False)
-    if cfg.amp != "off":
-        variants[f"DACS+MRM fp32 ({mode})"] = dict(mrm=True, amp="off")
-    if cfg.decoder in ("daformer", "deeplabv3plus"):
-        for form in DEPTHWISE_FORMS:
-            if form != cfg.aspp_depthwise:
-                variants[f"DACS+MRM ({mode}, --aspp-depthwise {form})"] = dict(mrm=True, aspp_depthwise=form)
-    if cfg.recipe == "dacs":  # the reference implements the DACS recipe only
-        variants["DACS+MRM fp32 per-image reference"] = dict(mrm=True, amp="off", channels_last=False,
-                                                             cuda_graph=False, reference=True)
-    print(f"bench on {device_name(cfg.device)}, torch {torch.__version__}: {cfg.arch} ({cfg.recipe} recipe), batch "
-          f"{cfg.batch_size}+{cfg.batch_size}, {cfg.crop}x{cfg.crop} crops, amp={cfg.amp}; {cfg.bench} interleaved "
-          f"rounds", flush=True)
-
-    def synchronize():
-        if cuda:
-            torch.cuda.synchronize()
-
-    runs, warmup = {}, max(CudaGraphStep.warmup_steps + 2, cfg.bench // 10)
-    for name, overrides in variants.items():
-        run = SimpleNamespace(**{**vars(cfg), **overrides, "iters": 10 ** 9})
-        before = torch.cuda.memory_allocated() if cuda else 0
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        nets = build_nets(run)
-        step = reference_step if overrides.get("reference") else CudaGraphStep(nets) if nets.graph else train_step
-        for i in range(warmup):
-            step(run, nets, batch, i)
-        synchronize()
-        peak = (torch.cuda.max_memory_allocated() - before) / 2 ** 30 if cuda else float("nan")
-        runs[name] = SimpleNamespace(run=run, nets=nets, step=step, peak=peak, times=[])
-    for i in range(warmup, warmup + cfg.bench):
-        for variant in runs.values():
-            synchronize()
-            start = time.perf_counter()
-            variant.step(variant.run, variant.nets, batch, i)
-            synchronize()
-            variant.times.append(time.perf_counter() - start)
-
-    iters = RECIPES[cfg.recipe]["iters"]
-    for name, variant in runs.items():
-        variant.ms = 1000 * float(np.median(variant.times))
-        peak = f"peak {variant.peak:.2f} GiB, " if cuda else ""
-        print(f"  {name}: {variant.ms:.1f} ms/iteration (median), {2 * cfg.batch_size * 1000 / variant.ms:.1f} "
-              f"images/s, {peak}{iters} iterations in {variant.ms * iters / 3.6e6:.1f} h", flush=True)
-    first, ms = next(iter(runs.values())), [variant.ms for variant in runs.values()]
-    if cuda:
-        activity = profile_steps(lambda i: first.step(first.run, first.nets, batch, i), warmup + cfg.bench, 3)
-        busy = activity["gpu_busy_ms"]
-        print(f"  GPU busy {busy:.1f} of {first.ms:.1f} ms per step ({100 * busy / first.ms:.0f}%), "
-              f"{activity['kernels']:.0f} kernels and {activity['launches']:.0f} host launches per step "
-              f"(torch.profiler, 3 steps of {next(iter(runs))})", flush=True)
-    others = [f"{variant.ms / ms[0]:.2f}x as fast as {name}" for name, variant in list(runs.items())[2:]]
-    print(f"  MRM step-time overhead {ms[0] / ms[1]:.3f}x" + (f"; {next(iter(runs))} is " + ", ".join(others)
-                                                              if others else ""), flush=True)
-    return {name: (variant.ms, variant.peak) for name, variant in runs.items()}
-
-
-def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def busy_time(intervals):
-    """Length of the union of (start, end) intervals: how long at least one of them ran."""
-    total, reach = 0.0, -math.inf
-    for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
-
-
-def profile_steps(step, first_iteration, steps, cuda=True):
-    """torch.profiler over `steps` calls of step(iteration): GPU-busy milliseconds (the union of kernel, copy and
-    memset intervals), GPU kernels and host launch calls (kernels, graph launches, copies), each per step."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.autograd import DeviceType
-    launch_calls = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
-                    "cudaGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync")
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        for i in range(first_iteration, first_iteration + steps):
-            step(i)
-        if cuda:
-            torch.cuda.synchronize()
-    events = prof.events()
-    gpu = [e for e in events if e.device_type == DeviceType.CUDA]
-    return dict(gpu_busy_ms=busy_time([(e.time_range.start, e.time_range.end) for e in gpu]) / 1000 / steps,
-                kernels=sum("memcpy" not in e.name.lower() and "memset" not in e.name.lower() for e in gpu) / steps,
-                launches=sum(e.name in launch_calls for e in events) / steps)
-
-
-def bench_data(cfg):
-    """--bench-data N: decode + resize + crop speed of one loader worker on GTA-sized PNGs (1914x1052)
-    written to a temporary folder, then of the training DataLoader with --workers workers, so you know
-    how many workers keep the GPU busy."""
-    with tempfile.TemporaryDirectory() as root:
-        write_fake_dataset(root, "gta", 4, (1914, 1052), seed=cfg.seed)
-        write_fake_dataset(root, "cityscapes", 2, (2048, 1024), seed=cfg.seed)
-        run = SimpleNamespace(**{**vars(cfg), "source": "gta", "target": "cityscapes", "data_root": root,
-                                 "iters": cfg.bench_data + cfg.workers})
-        batches = TrainBatches(run, Domain("gta", root, framework=cfg.framework),
-                               Domain("cityscapes", root, framework=cfg.framework))
-        batches[0]
-        start = time.perf_counter()
-        for i in range(1, cfg.bench_data + 1):
-            batches[i]
-        seconds = time.perf_counter() - start
-        pairs = cfg.bench_data * 2 * cfg.batch_size
-        batches_per_s = cfg.bench_data / seconds
-        print(f"one worker: {pairs / seconds:.1f} image pairs/s ({batches_per_s:.2f} batches of "
-              f"{cfg.batch_size}+{cfg.batch_size}/s); a GPU step of T ms needs about {1000 / batches_per_s:.0f}/T "
-              f"workers", flush=True)
-        if cfg.workers:
-            # Timed from the batch at which every worker has delivered its first one: steady state.
-            for i, _ in enumerate(make_loader(run, batches, 0), start=1):
-                if i == cfg.workers:
-                    start = time.perf_counter()
-            loader_batches_per_s = cfg.bench_data / (time.perf_counter() - start)
-            print(f"the training loader with --workers {cfg.workers}: {loader_batches_per_s:.2f} batches/s "
-                  f"({1000 / loader_batches_per_s:.0f} ms per batch)", flush=True)
-    return pairs / seconds
-
-
-def check_data(cfg):
-    """List and pair every split the task reads (no decoding) and print the counts."""
-    for name, split in ((cfg.source, "train"), (cfg.target, "train"), (cfg.target, "val")):
-        print(f"{name} {split}: {len(Domain(name, cfg.data_root, split, cfg.seed))} image/label pairs")
-
-
-def rank_prefix():
-    rank = os.environ.get("RANK", "0")
-    return "" if rank == "0" else f"[rank {rank}] "
-
-
-def config_json(cfg):
-    return json.dumps(vars(cfg), indent=1, sort_keys=True) + "\n"
-
-
-def main(argv=None):
-    try:
-        cfg = parse_config(argv)
-        if cfg.print_config:
-            print(config_json(cfg), end="")
-        elif cfg.count_flops:
-            print_flops(cfg)
-        elif cfg.check_data:
-            check_data(cfg)
-        elif cfg.bench:
-            bench(cfg)
-        elif cfg.bench_data:
-            bench_data(cfg)
-        else:
-            train(cfg)
-    except (ConfigError, DataError) as error:
-        print(f"error: {rank_prefix()}{error}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as error:
-        if os.environ.get("RANK", "0") == "0":  # every process sees the same all-reduced NaN
-            print(f"error: {error}", file=sys.stderr)
-        return 3
-    except torch.OutOfMemoryError:
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
-        print(f"error: out of GPU memory (peak {peak:.1f} GiB allocated). Reduce it with --amp bf16, "
-              f"a smaller --crop, --checkpoint-blocks (MiT) or --batch-size 1", file=sys.stderr)
-        return 4
-    except RuntimeError as error:
-        if not lost_a_process(error):
-            raise
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: another process of this run stopped ({one_line(error)[:120]}...); the last checkpoint "
-                  f"in {cfg.work_dir} is intact: continue with --resume", file=sys.stderr)
-        return 5
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":
