@@ -1,25 +1,25 @@
-"""DACS + Masked Representation Modeling: domain-adaptive semantic segmentation, one file.
+"""DACS + Masked Representation Modeling (MRM): domain-adaptive semantic segmentation in one file.
 
-    python train_dacs_mrm.py --task toy                                  # minutes on a laptop CPU
-    python train_dacs_mrm.py --task gta2cs --pretrained resnet101COCO-41f33a49.pth             # DACS's own setting
-    python train_dacs_mrm.py --task gta2cs --arch dlv2-v1c --pretrained resnet101_v1c.pth      # DACS inside mmseg
-    python train_dacs_mrm.py --task gta2cs --arch mitb5 --pretrained mit_b5.pth --amp bf16     # DAFormer
-    python train_dacs_mrm.py --task gta2cs --no-mrm                      # the DACS baseline
-    python train_dacs_mrm.py --task toy --source-only                    # no adaptation at all
+    python train_dacs_mrm.py --task toy                                      # DACS + MRM on toy scenes, CPU
+    python train_dacs_mrm.py --task gta2cs --pretrained resnet101COCO-41f33a49.pth          # DACS's own setting
+    python train_dacs_mrm.py --task gta2cs --pretrained resnet101COCO-41f33a49.pth --no-mrm # the DACS baseline
+    python train_dacs_mrm.py --task gta2cs --arch dlv2-v1c --pretrained resnet101_v1c-e67eebb6.pth  # in mmseg
+    python train_dacs_mrm.py --task gta2cs --arch mitb5 --pretrained mit_b5.pth             # DAFormer
 
-Each iteration (DACS, Tranheden et al. 2021, with MRM, Zhou et al. 2025, Algorithm 1):
+Each iteration (DACS, Tranheden et al. 2021, with MRM, Zhou et al. 2025, Algorithm 1), forward_backward below:
   1. source loss CE(D(E(x_s)), y_s)
   2. EMA teacher pseudo-labels on the target batch, weighted by the share of confident pixels
   3. ClassMix: half the classes of each source image pasted onto a target image
   4. colour jitter and blur on the mixed images
-  5. L_u = weighted CE(D(E(x_mix)), y_mix), and L_mrm = CE(D(R(E(x_mix))), y_mix) on the SAME
-     encoder features (mrm.py): one encoder pass, two decoder passes
-  6. loss = L_s + L_u + lambda * L_mrm; optimiser step (the Rebuilder's: AdamW); EMA update of the teacher
-Recipes reproduce the official code around each baseline (DACS's trainUDA.py, DAFormer's mmseg code);
-README "Fidelity" lists what still differs. Under torchrun one run spans several processes (DDP).
-Sections: config, labels and data, toy scenes, DeepLabV2, MiT with the DAFormer and DeepLabV3+ heads,
-architectures and tasks, DACS operations, the training step, data streams, checkpoints and evaluation,
-several processes, training, other modes.
+  5. L_u = weighted CE(D(E(x_mix)), y_mix), and L_mrm = CE(D(R(E(x_mix))), y_mix) on the SAME encoder
+     features (mrm.py): one encoder pass, two decoder passes
+  6. loss = L_s + L_u + lambda * L_mrm; optimizer step (the Rebuilder's: AdamW); EMA update of the teacher
+A recipe reproduces the official code around a baseline (DACS's trainUDA.py, DAFormer's mmseg code); the
+README's Fidelity section lists what still differs. Under torchrun one run spans several processes (DDP).
+
+The file reads top to bottom: config tables, DACS operations, MRM's losses, the step, the training loop and
+main; then an appendix: models, data, checkpoints and evaluation, several processes, speed machinery, modes,
+toy scenes.
 """
 import argparse
 import contextlib
@@ -56,6 +56,8 @@ from mrm import Masking, Rebuilder, mrm_loss, resize_mask, segmentation_ce
 
 
 # ============================================================================= config: flags, recipes, architectures, tasks
+# What a run can be told, and the tables that fill in the rest: a recipe per official code base, an entry
+# per encoder, a task per pair of datasets.
 
 
 # Every key is a flag: --mask-ratio 0.5, and for a switch --mrm / --no-mrm. A value comes from, last wins: the
@@ -259,6 +261,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 # ============================================================================= DACS operations, batched on the device
+# Pseudo-labels, ClassMix, colour jitter and blur, the EMA teacher, rare class sampling, the ImageNet feature
+# distance and MIC's masked images: each a tensor function, no per-image Python loop.
 
 
 def pseudo_label(teacher_logits, threshold):
@@ -283,14 +287,19 @@ def class_mix_masks(labels, batch_classes=False):
     return chosen.gather(1, flat).view(labels.shape)
 
 
+# colour jitter and blur as DACS and DAFormer draw them: one draw per iteration decides whether the whole batch
+# is jittered (p) and one whether it is blurred; the jitter factors and the blur sigma are drawn per image.
+# The jitter is kornia 0.5.8's ColorJitter (DAFormer's pin) in plain torch.
 def color_jitter(x, strength, p, one_call=False):
     """kornia.augmentation.ColorJitter(brightness=s, contrast=s, saturation=s, hue=s) of (B, 3, H, W) RGB in
     [0, 1], applied to the whole batch with probability p. Factors are drawn per image; the order of the
     operations per kornia call: per image (DACS/DAFormer call it per mixed image), or one for the batch
     with one_call (MIC calls it once on the target batch)."""
     B, device = x.shape[0], x.device
+
     def uniform(low, high):
         return low + (high - low) * torch.rand(B, device=device)
+
     factors = (uniform(max(0.0, 1 - strength), min(2.0, 1 + strength)), uniform(max(0.0, 1 - strength), 1 + strength),
                uniform(max(0.0, 1 - strength), 1 + strength), uniform(max(-0.5, -strength), min(0.5, strength)))
     order = torch.rand(1 if one_call else B, 4, device=device).argsort(dim=1).expand(B, 4)  # random permutations
@@ -316,9 +325,6 @@ def jitter_images(x, brightness, contrast, saturation, hue, order):
     return x
 
 
-# colour jitter and blur as DACS and DAFormer draw them: one draw per iteration decides whether the whole batch
-# is jittered (p) and one whether it is blurred; the jitter factors and the blur sigma are drawn per image.
-# The jitter is kornia 0.5.8's ColorJitter (DAFormer's pin) in plain torch.
 def rgb_to_hsv(x, eps=1e-6):
     """kornia's rgb_to_hsv of (B, 3, H, W) in [0, 1]: hue in [0, 2 pi), saturation (max - min) / (max + eps)."""
     value, argmax = x.max(dim=1)
@@ -358,10 +364,12 @@ def gaussian_blur(x, p, sigma_range=(0.15, 1.15), one_call=False):
     B, C, H, W = x.shape
     sigma = sigma_range[0] + torch.rand(1 if one_call else B, 1, device=x.device).expand(B, 1) * (
         sigma_range[1] - sigma_range[0])
+
     def kernel(size):
         taps = torch.arange(size, device=x.device, dtype=torch.float32) - size // 2
         weights = torch.exp(-taps ** 2 / (2 * sigma ** 2))
         return (weights / weights.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0).to(x.dtype)
+
     kh, kw = blur_kernel_size(H), blur_kernel_size(W)
     y = F.pad(x.reshape(1, B * C, H, W), (kw // 2, kw // 2, kh // 2, kh // 2), mode="reflect")
     y = F.conv2d(y, kernel(kw).view(B * C, 1, 1, kw), groups=B * C)
@@ -452,6 +460,7 @@ def mic_masked_images(x, fill, strength, p, mask_ratio, block_size):
 
 
 # ============================================================================= MRM's auxiliary losses
+# Eq. 4 through mrm.py, and the other objectives of Table 2(e).
 
 
 def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight):
@@ -463,6 +472,7 @@ def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight):
     if cfg.mrm_objective == "cls":
         if cfg.mrm_trains == "encoder":
             weights = {name: p.detach() for name, p in nets.model.decoder.named_parameters()}
+
             def decoder(f):
                 return torch.func.functional_call(nets.model.decoder, weights, (f,))
         else:
@@ -507,6 +517,7 @@ def masked_feature_loss(rebuilt, targets, mask):
 
 
 # ============================================================================= one training step
+# forward_backward is the iteration of DACS (+ MRM, + MIC); device_step adds the optimizer and the EMA.
 
 
 def forward_backward(cfg, nets, x_s, y_s, x_t):
@@ -521,6 +532,7 @@ def forward_backward(cfg, nets, x_s, y_s, x_t):
     zero = torch.zeros((), device=nets.device)
     loss_u = loss_mrm_s = loss_mrm_t = loss_mic = loss_fd = weight = zero
     source_weight = 1.0 if mmseg else None  # mmseg 0.16 averages over all pixels, DACS over labelled ones
+
     # (1) supervised source loss, Eq. 1 (+ DAFormer's ImageNet feature distance)
     with without_gradient_sync(cfg, nets):
         with autocast:
@@ -534,6 +546,7 @@ def forward_backward(cfg, nets, x_s, y_s, x_t):
                 loss_mrm_s = mrm_auxiliary_loss(cfg, nets, f_s, x_s, y_s, source_weight)
         scaler.scale(loss_s + cfg.fd_weight * loss_fd + cfg.mrm_weight * loss_mrm_s).backward()
     del f_s
+
     if not cfg.source_only:
         # (2) pseudo-labels from the EMA teacher on the un-augmented target batch
         with torch.inference_mode(), autocast:
@@ -649,6 +662,7 @@ def step_inputs(nets, source_image, source_label, target_image):
 
 
 # ============================================================================= the training loop and main
+# The run: data, networks, resume, the loop with its log, validation and checkpoints; main maps errors to exits.
 
 
 def train(cfg):
@@ -684,6 +698,7 @@ def train(cfg):
         f"\n  from {initialisation}; {'fp32' if cfg.amp == 'off' else cfg.amp} on {cfg.device}, step "
         f"{'as one CUDA graph' if nets.graph else 'eager'}{f' ({why_eager(cfg, world)})' if not nets.graph else ''}; "
         f"work dir {cfg.work_dir}", flush=True)
+
     log = open(os.path.join(cfg.work_dir, "log.jsonl"), "a") if rank == 0 else None
     sums, count, skipped_total = torch.zeros(6, device=nets.device), 0, 0
     clock, clock_iteration = time.time(), start
@@ -797,6 +812,8 @@ def main(argv=None):
 
 
 # ============================================================================= appendix: models
+# The networks of the step (student, teacher, Rebuilder, ImageNet copy) and their optimizers, then the
+# architectures: dilated ResNets with the DeepLabV2 classifier, MiT with the DAFormer head, DeepLabV3+.
 
 
 def aspp_dilations(cfg):
@@ -863,6 +880,7 @@ def build_optimizers(cfg, nets):
         decay = [p for p in params if not (cfg.norm_no_decay and p in norms)]
         return [g for g in (dict(params=decay, initial_lr=lr, **options),
                             dict(params=no_decay, initial_lr=lr, **{**options, "weight_decay": 0.0})) if g["params"]]
+
     model, fused = nets.model, nets.device.type == "cuda"
     capturable = fused and nets.graph
     slotted = cfg.optimizer == "sgd" and cfg.recipe == "dacs" and cfg.dacs_param_slots == "official"
@@ -893,8 +911,10 @@ class SlotSGD(torch.optim.Optimizer):
     occurrence, each time with its unchanged gradient and the ONE momentum buffer it kept per tensor. Here a
     parameter group holds tensors with the same count `slots` and applies that many updates in a row; with
     slots=1 this is torch's SGD (dampening 0, no Nesterov)."""
+
     def __init__(self, params, lr, momentum, weight_decay):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, slots=1))
+
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
@@ -932,9 +952,11 @@ def dacs_parameter_slots(backbone):
 
 class SegModel(nn.Module):
     """encoder -> decoder; takes RGB images in [0, 1], returns logits at the decoder's resolution."""
+
     def __init__(self, encoder, decoder):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
+
     def forward(self, x):
         return self.decoder(self.encoder(x))
 
@@ -988,6 +1010,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class Normalize(nn.Module):
     """Maps our RGB [0, 1] input to what the pretrained weights were trained on."""
+
     def __init__(self, kind: str):
         super().__init__()
         if kind == 'caffe':
@@ -1000,10 +1023,12 @@ class Normalize(nn.Module):
         # non-persistent: constants, so they stay out of the state dict
         self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
     def forward(self, x):
         if self.kind == 'caffe':
             x = x.flip(1) * 255.0  # RGB -> BGR, 0-255
         return (x - self.mean) / self.std
+
     def zero_colour(self):
         """The RGB [0, 1] colour that normalises to 0, (1, 3, 1, 1)."""
         return self.mean.flip(1) / 255.0 if self.kind == 'caffe' else self.mean
@@ -1019,6 +1044,7 @@ def frozen_bn(channels):
 
 class Bottleneck(nn.Module):
     expansion = 4
+
     def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, stride_in_1x1=True,
                  norm=frozen_bn):
         super().__init__()
@@ -1031,6 +1057,7 @@ class Bottleneck(nn.Module):
         self.bn3 = norm(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
@@ -1041,6 +1068,7 @@ class Bottleneck(nn.Module):
 
 class ResNetDilated(nn.Module):
     """ResNet with layer3/layer4 dilated (2, 4) instead of strided: output stride 8. style: RESNET_STYLES."""
+
     def __init__(self, layers=(3, 4, 23, 3), width=64, style='caffe'):
         super().__init__()
         self.style = style
@@ -1065,6 +1093,7 @@ class ResNetDilated(nn.Module):
         self.layer3 = self._make_layer(width * 4, layers[2], dilation=2)
         self.layer4 = self._make_layer(width * 8, layers[3], dilation=4)
         self.out_channels = width * 8 * Bottleneck.expansion
+
     def _make_layer(self, planes, blocks, stride=1, dilation=1):
         out = planes * Bottleneck.expansion
         downsample = None
@@ -1076,6 +1105,7 @@ class ResNetDilated(nn.Module):
         self.inplanes = out
         block += [Bottleneck(out, planes, 1, dilation, None, self.stride_in_1x1, self.norm) for _ in range(1, blocks)]
         return nn.Sequential(*block)
+
     def forward(self, x, with_layer1=False):
         x = self.stem(x) if hasattr(self, 'stem') else self.relu(self.bn1(self.conv1(x)))
         c1 = self.layer1(self.maxpool(x))
@@ -1086,6 +1116,7 @@ class ResNetDilated(nn.Module):
 class ResNetEncoder(nn.Module):
     """Normalisation + dilated ResNet: layer4 (stride 8) for DeepLabV2, [layer1 (stride 4), layer4] with_layer1
     for DeepLabV3+'s low-level skip."""
+
     def __init__(self, layers=(3, 4, 23, 3), width=64, style='caffe', with_layer1=False):
         super().__init__()
         self.normalize = Normalize(RESNET_STYLES[style]['norm'])
@@ -1093,6 +1124,7 @@ class ResNetEncoder(nn.Module):
         self.with_layer1 = with_layer1
         last = self.backbone.out_channels
         self.out_channels, self.out_strides = ([width * 4, last], [4, 8]) if with_layer1 else (last, [8])
+
     def forward(self, x):
         return self.backbone(self.normalize(x), self.with_layer1)
 
@@ -1101,6 +1133,7 @@ class ASPPClassifier(nn.Module):
     """DeepLabV2 'layer5' (DACS) / DLV2Head (mmseg): the sum of parallel dilated 3x3 convs, each straight to
     class logits. Every published UDA DeepLabV2 number used dilations (6, 12): AdaptSegNet's code, copied by
     DACS, returns inside its loop over four branches, and DAFormer's deeplabv2red config sets two on purpose."""
+
     def __init__(self, in_channels, num_classes, dilations=(6, 12), zero_bias=False):
         super().__init__()
         self.conv2d_list = nn.ModuleList(
@@ -1109,6 +1142,7 @@ class ASPPClassifier(nn.Module):
             nn.init.normal_(conv.weight, 0.0, 0.01)
             if zero_bias:  # mmcv's NormalInit; DACS keeps PyTorch's default bias
                 nn.init.zeros_(conv.bias)
+
     def forward(self, f):
         return sum(conv(f) for conv in self.conv2d_list)
 
@@ -1199,6 +1233,7 @@ class MiTEncoder(nn.Module):
         self.normalize = Normalize("imagenet")
         self.backbone = MixVisionTransformer(**config, checkpoint_blocks=checkpoint_blocks)
         self.out_channels, self.out_strides = self.backbone.out_channels, [4, 8, 16, 32]
+
     def forward(self, x):
         return self.backbone(self.normalize(x))
 
@@ -1210,9 +1245,11 @@ def tokens_to_map(x, H, W):
 
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample."""
+
     def __init__(self, p):
         super().__init__()
         self.p = p
+
     def forward(self, x):
         if self.p == 0.0 or not self.training:
             return x
@@ -1222,10 +1259,12 @@ class DropPath(nn.Module):
 
 
 class OverlapPatchEmbed(nn.Module):
+
     def __init__(self, in_ch, dim, kernel, stride):
         super().__init__()
         self.proj = nn.Conv2d(in_ch, dim, kernel, stride, padding=kernel // 2)
         self.norm = nn.LayerNorm(dim)  # eps 1e-5, unlike the block norms
+
     def forward(self, x):
         x = self.proj(x)
         H, W = x.shape[2:]
@@ -1234,6 +1273,7 @@ class OverlapPatchEmbed(nn.Module):
 
 class Attention(nn.Module):
     """Efficient self-attention: keys/values come from a map shrunk by sr."""
+
     def __init__(self, dim, num_heads, sr_ratio):
         super().__init__()
         self.num_heads = num_heads
@@ -1244,6 +1284,7 @@ class Attention(nn.Module):
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(dim)
+
     def forward(self, x, H, W):
         B, N, C = x.shape
         q = self.q(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
@@ -1256,25 +1297,30 @@ class Attention(nn.Module):
 
 
 class DWConv(nn.Module):
+
     def __init__(self, dim):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
     def forward(self, x, H, W):
         return self.dwconv(tokens_to_map(x, H, W)).flatten(2).transpose(1, 2)
 
 
 class MixFFN(nn.Module):
     """MLP with a 3x3 depth-wise conv: gives positional information instead of a pos embedding."""
+
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.dwconv = DWConv(hidden)
         self.fc2 = nn.Linear(hidden, dim)
+
     def forward(self, x, H, W):
         return self.fc2(F.gelu(self.dwconv(self.fc1(x), H, W)))
 
 
 class MiTBlock(nn.Module):
+
     def __init__(self, dim, num_heads, sr_ratio, mlp_ratio, drop_path):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -1282,6 +1328,7 @@ class MiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MixFFN(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
+
     def forward(self, x, H, W):
         x = x + self.drop_path(self.attn(self.norm1(x), H, W))
         return x + self.drop_path(self.mlp(self.norm2(x), H, W))
@@ -1289,6 +1336,7 @@ class MiTBlock(nn.Module):
 
 class MixVisionTransformer(nn.Module):
     """Takes ImageNet-normalised images, returns 4 NCHW maps at strides 4, 8, 16, 32."""
+
     def __init__(self, embed_dims, depths, num_heads, sr_ratios, mlp_ratio=4,
                  drop_path_rate=0.1, checkpoint_blocks=False):
         super().__init__()
@@ -1305,6 +1353,7 @@ class MixVisionTransformer(nn.Module):
                 for j in range(depths[i])))
             setattr(self, f'norm{i + 1}', nn.LayerNorm(embed_dims[i], eps=1e-6))
         self.apply(self._init_weights)
+
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -1316,6 +1365,7 @@ class MixVisionTransformer(nn.Module):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
             nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
             nn.init.zeros_(m.bias)
+
     def forward(self, x):
         outs = []
         for i in range(1, 5):
@@ -1361,6 +1411,7 @@ class DepthwiseConv3x3(nn.Conv2d):
     space-to-batch: the d x d interleaved sub-images of the zero-padded input as one batch, each convolved
     without dilation (output pixel (r + d i, c + d j) only sees sub-image (r, c))."""
     form = "direct"
+
     def forward(self, x):
         d = self.dilation[0]
         if self.form == "direct" or d == 1:
@@ -1388,6 +1439,7 @@ def classifier(in_ch, num_classes):
 
 class DAFormerHead(nn.Module):
     """Context-aware fusion: embed each level, upsample to stride 4, fuse with a separable ASPP."""
+
     def __init__(self, in_channels, num_classes, embed_dim=256, fusion_dilations=(6, 12, 18), dropout=0.1):
         super().__init__()
         self.embed_layers = nn.ModuleList(nn.Linear(c, embed_dim) for c in in_channels)
@@ -1397,6 +1449,7 @@ class DAFormerHead(nn.Module):
         self.bottleneck = conv_bn_relu(embed_dim * len(self.branches), embed_dim, 3)
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = classifier(embed_dim, num_classes)
+
     def forward(self, feats):
         size = feats[0].shape[2:]
         embedded = []
@@ -1416,6 +1469,7 @@ class DeepLabV3PlusHead(nn.Module):
     """Separable ASPP with image pooling on layer4 (dilations 1, 12, 24, 36, 512 channels), a 3x3
     bottleneck, then upsampled to layer1's stride-4 grid and fused with its 48-channel projection by two
     separable 3x3 convs; dropout 0.1, 1x1 classifier. in_channels: [layer1, layer4] channels."""
+
     def __init__(self, in_channels, num_classes, channels=512, dilations=(1, 12, 24, 36), c1_channels=48,
                  dropout=0.1):
         super().__init__()
@@ -1429,6 +1483,7 @@ class DeepLabV3PlusHead(nn.Module):
                                             separable_conv_bn_relu(channels, channels))
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = classifier(channels, num_classes)
+
     def forward(self, feats):
         c1, x = feats
         pooled = F.interpolate(self.image_pool(x), size=x.shape[2:], mode='bilinear', align_corners=False)
@@ -1439,6 +1494,8 @@ class DeepLabV3PlusHead(nn.Module):
 
 
 # ============================================================================= appendix: data
+# Datasets as the official loaders read them: label tables, folder layouts, decoding, resizing, the training
+# batches (a pure function of seed and iteration), rare-class statistics, fake datasets for tests.
 
 
 # Cityscapes label ids of the 19 evaluated classes, in train-id order (cityscapesscripts labels.py)
@@ -1488,6 +1545,7 @@ class Domain:
     """One dataset, indexable: load(i) -> (uint8 HxWx3 RGB image, uint8 HxW train-id label), already
     resized as `framework` resizes ("dacs" or "mmseg", see resize_pair). Folder datasets read files; the toy
     domains draw scene i."""
+
     def __init__(self, name, root="data", split="train", seed=0, framework="mmseg"):
         self.name = name
         if name.startswith("toy-"):
@@ -1499,14 +1557,17 @@ class Domain:
             self.count = len(self.pairs)
             self.size = DATASETS[name]["size"]
             self.dacs_filter = DATASETS[name]["dacs_filter"] if framework == "dacs" else None
+
     def __len__(self):
         return self.count
+
     def load(self, i, full_label=False):
         """full_label: keep the label at its original size (the mmseg evaluation protocol)."""
         if self.name.startswith("toy-"):
             return make_toy_scene(np.random.default_rng([*self.seed, i]), self.style)
         image, label = read_image(self.pairs[i][0]), self.full_label(i)
         return resize_pair(image, label, self.size, self.dacs_filter, resize_label=not full_label)
+
     def full_label(self, i):
         return self.load(i)[1] if self.name.startswith("toy-") else read_label(self.pairs[i][1], self.name)
 
@@ -1514,11 +1575,14 @@ class Domain:
 class TrainBatches(torch.utils.data.Dataset):
     """Item `it` is the whole batch of iteration `it`, a pure function of (seed, it) (and of the rank under
     torchrun): loader workers need no shared state, and a resumed run reads exactly the batches it would have read."""
+
     def __init__(self, cfg, source, target, rcs=None, rank=0, world=1):
         self.cfg, self.source, self.target, self.rcs = cfg, source, target, rcs
         self.stream = [rank] if world > 1 else []  # under torchrun each process draws its own batch
+
     def __len__(self):
         return self.cfg.iters
+
     def __getitem__(self, iteration):
         rng = np.random.default_rng([self.cfg.seed, iteration, *self.stream])
         skipped = []
@@ -1528,6 +1592,7 @@ class TrainBatches(torch.utils.data.Dataset):
                     source_label=torch.from_numpy(np.stack([s[1] for s in source])),
                     target_image=torch.from_numpy(np.stack([t[0] for t in target])).permute(0, 3, 1, 2),
                     skipped=skipped)
+
     def sample(self, domain, rng, skipped, is_source=False):
         """Pick an image (rare-class sampling on the source when on) and run the pipeline (crop, flip) on it. A
         corrupt file is recorded and replaced by another draw; the training loop decides when that is too many."""
@@ -1548,6 +1613,7 @@ class TrainBatches(torch.utils.data.Dataset):
             return sample
         raise DataError(f"{len(skipped)} corrupt files in a row (more than --max-skips {self.cfg.max_skips}), "
                         f"last: {skipped[-1]}")
+
     def pipeline(self, image, label, rng, is_source):
         """Random crop, then flip. mmseg's RandomCrop checks up to 10 crops for no class covering cat_max_ratio
         or more, drawing a new one after each failure and keeping the last unchecked (source only here: target
@@ -1773,6 +1839,7 @@ def write_fake_dataset(root, dataset, n, size_wh, seed=0):
 
 
 # ============================================================================= appendix: checkpoints and evaluation
+# Atomic writes, checkpoints and strict loading, resume, export, and the mIoU of the paper's protocol.
 
 
 def one_line(error):
@@ -1911,8 +1978,10 @@ def evaluate(model, domain, num_classes, device, align_corners, amp="off", proto
 class EvalImages(torch.utils.data.Dataset):
     def __init__(self, domain, full_label):
         self.domain, self.full_label = domain, full_label
+
     def __len__(self):
         return len(self.domain)
+
     def __getitem__(self, i):
         image, label = self.domain.load(i, full_label=self.full_label)
         return torch.from_numpy(image), torch.from_numpy(label)
@@ -1962,12 +2031,11 @@ def format_table(ious, class_ids, names=CLASSES):
 
 
 # ============================================================================= appendix: several processes (torchrun)
-
-
 # One run on N processes (GPUs, or CPU processes with gloo) started by torchrun. Each process trains on its own
 # batch; DistributedDataParallel averages the gradients, so every process takes the same optimiser step from the
 # same weights: the students stay identical, and so do the EMA teachers computed from them. Rank 0 alone logs,
 # validates and writes checkpoints.
+
 class Stopped(RuntimeError):
     """SIGTERM: torchrun stops this process because another one failed, or the job was cancelled."""
 
@@ -2032,6 +2100,7 @@ def rank_prefix():
 
 
 # ============================================================================= appendix: speed machinery
+# The step as one CUDA graph, the per-image reference step and the benchmarks (--bench, --bench-data).
 
 
 def why_eager(cfg, world):
@@ -2066,11 +2135,14 @@ class CudaGraphStep:
     (capture=False, the default there) the same calls run the step from the same buffers, so that the CPU tests
     check every piece but the capture itself. A capture that fails stops the run with one line: the CUDA
     generator may be left in capture mode, so continuing eagerly in this process is not safe."""
+
     warmup_steps = 3
+
     def __init__(self, nets, warmup=warmup_steps, capture=None):
         capture = nets.device.type == "cuda" if capture is None else capture
         self.warmup, self.capture, self.steps, self.replay = warmup, capture, 0, None
         device_scalars(nets)
+
     def __call__(self, cfg, nets, batch, iteration):
         begin_step(cfg, nets, iteration)
         if self.replay is not None:
@@ -2104,6 +2176,7 @@ class CudaGraphStep:
             self.replay = replay
         self.replay()
         return self.losses.clone()
+
     @contextlib.contextmanager
     def side_stream(self):
         if not self.capture:
@@ -2171,10 +2244,12 @@ def bench(cfg):
                                  ("mit-tiny" if "mit" in cfg.arch else "dlv2-tiny"), "crop": min(cfg.crop or 64, 64)})
     rng = np.random.default_rng(cfg.seed)
     crop = (cfg.crop, cfg.crop)
+
     def random_pair(width, height):
         label = rng.integers(0, cfg.num_classes, size=(height // 64 + 1, width // 64 + 1)).repeat(64, 0).repeat(64, 1)
         image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
         return random_crop(image, label[:height, :width].astype(np.uint8), crop, rng)
+
     source = [random_pair(1280, 720) for _ in range(cfg.batch_size)]
     target = [random_pair(1024, 512) for _ in range(cfg.batch_size)]
     batch = dict(source_image=torch.from_numpy(np.stack([s[0] for s in source])).permute(0, 3, 1, 2),
@@ -2200,9 +2275,11 @@ def bench(cfg):
     print(f"bench on {device_name(cfg.device)}, torch {torch.__version__}: {cfg.arch} ({cfg.recipe} recipe), batch "
           f"{cfg.batch_size}+{cfg.batch_size}, {cfg.crop}x{cfg.crop} crops, amp={cfg.amp}; {cfg.bench} interleaved "
           f"rounds", flush=True)
+
     def synchronize():
         if cuda:
             torch.cuda.synchronize()
+
     runs, warmup = {}, max(CudaGraphStep.warmup_steps + 2, cfg.bench // 10)
     for name, overrides in variants.items():
         run = SimpleNamespace(**{**vars(cfg), **overrides, "iters": 10 ** 9})
@@ -2223,6 +2300,7 @@ def bench(cfg):
             variant.step(variant.run, variant.nets, batch, i)
             synchronize()
             variant.times.append(time.perf_counter() - start)
+
     iters = RECIPES[cfg.recipe]["iters"]
     for name, variant in runs.items():
         variant.ms = 1000 * float(np.median(variant.times))
@@ -2315,6 +2393,7 @@ def bench_data(cfg):
 
 
 # ============================================================================= appendix: modes
+# The command line (flags -> config) and the modes that do one thing and exit: --check-data, --count-flops.
 
 
 def flag_help(key, default, text):
@@ -2451,6 +2530,7 @@ def print_flops(cfg):
 
 
 # ============================================================================= appendix: toy scenes
+# Street scenes drawn on the fly in a game-like source style and a photo-like target style (--task toy).
 
 
 ROAD, SIDEWALK, BUILDING, VEGETATION, SKY, CAR, POLE = range(len(TOY_CLASSES))
@@ -2507,6 +2587,7 @@ def toy_layout(rng, style='source', size=(64, 128)):
     yy, xx = _grid(H, W)[:2]
     counts = _COUNTS[style]
     h0 = int(H * rng.uniform(0.35, 0.5))  # horizon row, also the road's vanishing row
+
     # Facades of random widths along the horizon; per-column lookups keep this vectorised.
     nb = 14  # enough facades of at least 0.08 W to span the image
     right = np.cumsum((W * rng.uniform(0.08, 0.22, nb)).astype(int)) - int(rng.uniform(0, 0.1) * W)
@@ -2524,6 +2605,7 @@ def toy_layout(rng, style='source', size=(64, 128)):
     part[:h0] = GLASS * ((y > tc) & (y < h0 - 2) & (x > lc) & (x < rc - 1)
                          & ((y - tc) % pyc < pyc // 2) & ((x - lc) % pxc < pxc // 2))
     classes = [SKY] + [BUILDING] * nb
+
     # Ground: perspective road, sidewalks beside it, then facades or hedges at the image sides.
     vx, cb = W * rng.uniform(0.35, 0.65), W * rng.uniform(0.4, 0.6)
     rw, sw = rng.uniform(0.3, 0.45), rng.uniform(1.3, 1.7)
@@ -2537,6 +2619,7 @@ def toy_layout(rng, style='source', size=(64, 128)):
     # Dashed centre line; dashes repeat in depth (1/t), so they shorten towards the horizon.
     dash = (2.0 / t) % 1 < 0.5
     part[h0:][(ad < np.maximum(0.5, 0.012 * W * t)[:, None]) & dash[:, None]] = MARKING
+
     def paint(cls, y0, y1, x0, x1, shape=None, p=BODY, i=None):
         """Painter's algorithm on a clipped box; `shape` carves a mask out of the box."""
         if i is None:
@@ -2547,8 +2630,10 @@ def toy_layout(rng, style='source', size=(64, 128)):
             m = slice(None) if shape is None else shape(yy[ys, :1], xx[:1, xs])  # column x row
             obj[ys, xs][m], part[ys, xs][m] = i, p
         return i
+
     def uni(lo, hi):  # Generator.uniform costs ~5 us per scalar call, too slow here
         return lo + (hi - lo) * rng.random()
+
     # Trees, poles and cars, painted far-to-near; `near` is 0 at the horizon, 1 at the bottom.
     things = [(kind, h0 + uni(*span) * (H - h0))
               for kind, span in (('tree', (0, 0.4)), ('pole', (0.1, 0.8)), ('car', (0.1, 1.1)))
