@@ -1,8 +1,13 @@
-"""Evaluate a trained segmentation model on the target validation set, as the paper does.
+"""Evaluate a trained segmentation model as the paper does; predict any images; write Cityscapes benchmark
+files; summarise and plot training runs.
 
-    python eval.py runs/gta2cs-dlv2-dacs-mrm-seed0/model.pth --task gta2cs --data-root data
-    python eval.py CHECKPOINT --task syn2cs --save-dir predictions      # also write colour PNGs
-    python eval.py runs/.../checkpoint.pth --export model.pth           # inference-only weights
+    python eval.py runs/gta2cs-dlv2-dacs-mrm-seed0/model.pth --task gta2cs --data-root data   # val mIoU
+    python eval.py CHECKPOINT --task syn2cs --save-dir predictions        # also write input|prediction PNGs
+    python eval.py CHECKPOINT --images photos/ --out preds [--blend 0.5]  # <stem>_color.png, <stem>_trainid.png
+    python eval.py CHECKPOINT --task gta2cs --split test --format cityscapes --out results  # benchmark labelIds
+    python eval.py runs/.../checkpoint.pth --export model.pth             # inference-only weights
+    python eval.py --summary runs/gta2cs-*-seed* [--per-class]            # final mIoU per run, mean +- std
+    python eval.py --plot runs/a runs/b --out curves.png                  # losses, lr, val mIoU per iteration
 
 Whole-image inference at the training input size (Cityscapes: 1024x512), logits resized bilinearly
 (with the align_corners the model was trained with, recorded in the checkpoint) to the full-resolution
@@ -11,18 +16,25 @@ OpenCV does, without antialiasing). `--protocol dacs` resizes the images with PI
 1024x512 instead, as DACS's own code does. The mIoU
 sums intersections and unions over all images (one confusion matrix), ignoring label 255. Only the
 segmentation model is loaded: a checkpoint's Rebuilder, teacher and optimiser are never read into it.
+--images and --format predict the same way, each image at its own size (toy scenes: as drawn).
 """
 import argparse
+import glob
+import json
+import math
 import os
 import sys
 import time
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
-from train_dacs_mrm import (TASKS, DataError, Domain, build_model, evaluate, export_model, load_checkpoint,
-                            load_model_state, miou_report)
+from train_dacs_mrm import (_LAYOUT, CITYSCAPES_ID_TO_TRAIN, DATASETS, DEFAULT_WORKERS, DEFAULTS, TASKS, CorruptFile,
+                            DataError, Domain, _list_pngs, atomic_write, build_model, evaluate, export_model,
+                            format_eta, load_checkpoint, load_model_state, miou_report, one_line, read_image,
+                            resize_pair)
 
 
 def load_segmentation_model(path, device="cpu"):
@@ -55,47 +67,477 @@ def prediction_writer(save_dir, domain, palette):
     return write
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="checkpoint.pth or model.pth written by train_dacs_mrm.py")
-    parser.add_argument("--task", choices=sorted(TASKS), default="gta2cs")
-    parser.add_argument("--data-root", default="data")
-    parser.add_argument("--protocol", choices=["mmseg", "dacs"], default="mmseg")
-    parser.add_argument("--save-dir", default="", help="write input|prediction PNGs here")
-    parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --save-dir")
-    parser.add_argument("--export", default="", help="write an inference-only state dict here and exit")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0, help="toy task: the seed of its scenes")
-    args = parser.parse_args(argv)
-    task = TASKS[args.task]
+# ----------------------------------------------------------------------------- predictions for image files
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+CITYSCAPES_SPLIT_SIZES = {"test": 1525, "val": 500}  # the official leftImg8bit splits
+LABELLED = np.flatnonzero(CITYSCAPES_ID_TO_TRAIN != 255)
+TRAIN_TO_CITYSCAPES_ID = np.zeros(256, np.uint8)  # the benchmark's labelIds; train ids are 0..18, 0 elsewhere
+TRAIN_TO_CITYSCAPES_ID[CITYSCAPES_ID_TO_TRAIN[LABELLED]] = LABELLED
+
+
+def list_images(where):
+    """Sorted PNG and JPEG files of a folder (not its subfolders) or of a glob pattern."""
+    paths = [os.path.join(where, name) for name in os.listdir(where)] if os.path.isdir(where) else \
+        glob.glob(where, recursive=True)
+    paths = sorted(p for p in paths if p.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(p))
+    if not paths:
+        raise DataError(f"{where}: no PNG or JPEG images matched")
+    stems = {}
+    for path in paths:  # a.png and a.jpg would write the same output files
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in stems:
+            raise DataError(f"{path} and {stems[stem]}: the same name, their predictions would overwrite each other")
+        stems[stem] = path
+    return paths
+
+
+def input_transform(task, protocol):
+    """(size, dacs_filter) of resize_pair for the task's target images as training resizes them; size None:
+    toy scenes, used as drawn."""
+    target = TASKS[task]["target"]
+    if target not in DATASETS:
+        return None, None
+    return DATASETS[target]["size"], DATASETS[target]["dacs_filter"] if protocol == "dacs" else None
+
+
+class ImageBatches(torch.utils.data.Dataset):
+    """Item b: (paths, images, their resized batch) of batch b; images of one size share batches."""
+
+    def __init__(self, paths, size, dacs_filter, batch_size):
+        self.size, self.dacs_filter = size, dacs_filter
+        groups = {}
+        for path in paths:
+            try:
+                with Image.open(path) as image:  # reads the header only
+                    groups.setdefault(image.size, []).append(path)
+            except Exception as error:  # PIL raises many different exception types on damaged files
+                raise CorruptFile(path, error) from None
+        self.batches = [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+    def resize(self, image):
+        return image if self.size is None else resize_pair(image, None, self.size, self.dacs_filter, False)[0]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, b):
+        images = [read_image(path) for path in self.batches[b]]
+        return self.batches[b], images, torch.from_numpy(np.stack([self.resize(image) for image in images]))
+
+
+@torch.no_grad()
+def predict_files(model, paths, transform, device, align_corners, write, amp="off", batch_size=4, workers=0):
+    """Train ids of every image at its own size: resized by transform (input_transform), logits resized back
+    bilinearly, argmax; write(path, image, prediction) gets each. About ten progress lines."""
+    batches = ImageBatches(paths, *transform, batch_size)
+    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                              enabled=amp != "off")
+    start, done, every = time.perf_counter(), 0, max(1, len(paths) // 10)
+    for names, images, x in torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers):
+        with autocast:
+            logits = model(x.to(device).permute(0, 3, 1, 2).float() / 255)
+        for name, image, logit in zip(names, images, logits):
+            prediction = F.interpolate(logit[None].float(), size=image.shape[:2], mode="bilinear",
+                                       align_corners=align_corners).argmax(dim=1)[0]
+            write(name, image.numpy(), prediction.to(torch.uint8).cpu().numpy())
+        done, before = done + len(names), done
+        if done < len(paths) and done // every > before // every:
+            seconds = (time.perf_counter() - start) / done
+            print(f"  predicted {done}/{len(paths)} images, {seconds:.2f} s/image, ETA "
+                  f"{format_eta(seconds * (len(paths) - done))}", flush=True)
+
+
+def image_writer(out, palette, blend):
+    """Writes <stem>_color.png (palette colours, at alpha blend over the image) and <stem>_trainid.png."""
+    def write(path, image, prediction):
+        stem = os.path.join(out, os.path.splitext(os.path.basename(path))[0])
+        colour = (blend * palette[prediction] + (1 - blend) * image).round().astype(np.uint8)
+        Image.fromarray(colour).save(stem + "_color.png")
+        Image.fromarray(prediction).save(stem + "_trainid.png")
+
+    return write
+
+
+def cityscapes_writer(out, image_dir):
+    """Writes out/CITY/<name>_leftImg8bit.png in Cityscapes labelIds, the names the benchmark server expects."""
+    def write(path, image, prediction):
+        target = os.path.join(out, os.path.relpath(path, image_dir))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        Image.fromarray(TRAIN_TO_CITYSCAPES_ID[prediction]).save(target)
+
+    return write
+
+
+def cityscapes_images(data_root, split):
+    """(folder, sorted image paths) of leftImg8bit/<split>; no labels needed (the test split has none)."""
+    layout = _LAYOUT["cityscapes"]
+    folder = os.path.join(data_root, layout["images"].format(split=split))
+    images = _list_pngs(folder, layout["image_re"], None, layout["naming"][0])
+    if not images:
+        raise DataError(f"{folder}: no images found, expected files named {layout['naming'][0]}")
+    if len(images) != CITYSCAPES_SPLIT_SIZES[split]:
+        print(f"warning: {folder} holds {len(images)} images, the official {split} split has "
+              f"{CITYSCAPES_SPLIT_SIZES[split]}: the benchmark needs all of them", file=sys.stderr)
+    return folder, [images[key] for key in sorted(images)]
+
+
+# ----------------------------------------------------------------------------- safety of what is written
+
+def check_device(name):
     try:
-        model, num_classes, info = load_segmentation_model(args.checkpoint, args.device)
-        if args.export:
-            export_model(args.export, model, info, num_classes)
-            print(f"wrote {args.export}: {info['arch']}, {num_classes} classes, no Rebuilder")
-            return 0
-        if num_classes != len(task["class_names"]):
-            raise DataError(f"{args.checkpoint}: model predicts {num_classes} classes, "
-                            f"task {args.task} has {len(task['class_names'])}")
-        val = Domain(task["target"], args.data_root, "val", args.seed, framework=args.protocol)
-        writer = None
-        if args.save_dir:
-            if os.path.isdir(args.save_dir) and os.listdir(args.save_dir) and not args.overwrite:
-                raise DataError(f"{args.save_dir}: not empty; pass --overwrite to write into it")
-            os.makedirs(args.save_dir, exist_ok=True)
-            writer = prediction_writer(args.save_dir, val, task["palette"])
-        start = time.perf_counter()
-        conf = evaluate(model, val, num_classes, torch.device(args.device), info["align_corners"], args.amp,
-                        args.protocol, writer, args.workers)
-        seconds = time.perf_counter() - start
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise DataError(f"--device {name}: unknown device, expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DataError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def check_outside_data(path, flag, data_root):
+    data = os.path.realpath(data_root)
+    if os.path.commonpath([os.path.realpath(path), data]) == data:
+        raise DataError(f"{flag} {path}: inside --data-root {data_root}; write outside the dataset")
+
+
+def check_output_dir(path, flag, data_root, overwrite):
+    """A folder for predictions: not a file, not inside the dataset, empty unless overwrite."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"{flag} {path}: an existing file, expected a folder")
+    check_outside_data(path, flag, data_root)
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise DataError(f"{flag} {path}: not empty; pass --overwrite to write into it")
+
+
+def check_output_file(path, flag, data_root, overwrite, reading=None):
+    """A file to write: not a folder, not inside the dataset, not the file being read, new unless overwrite."""
+    if os.path.isdir(path):
+        raise DataError(f"{flag} {path}: an existing folder, expected a file name")
+    check_outside_data(path, flag, data_root)
+    if reading is not None and os.path.realpath(path) == os.path.realpath(reading):
+        raise DataError(f"{flag} {path}: is the checkpoint being read; write to another file")
+    if os.path.exists(path) and not overwrite:
+        raise DataError(f"{flag} {path}: exists; pass --overwrite to replace it")
+
+
+# ----------------------------------------------------------------------------- runs: logs, summary, curves
+
+# Settings that change how a run is run, not what it trains: runs differing only in these form one group.
+NOT_THE_EXPERIMENT = {"seed", "work_dir", "workers", "log_every", "val_every", "checkpoint_every", "device",
+                      "data_root", "stop_after", "resume", "max_skips", "channels_last", "compile", "cuda_graph",
+                      "checkpoint_blocks", "aspp_depthwise"}
+
+
+def read_log(run_dir):
+    """The records of run_dir/log.jsonl; unreadable lines (one being written, a crash) are skipped."""
+    try:
+        with open(os.path.join(run_dir, "log.jsonl")) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return []
+    lines = [line for line in text.split("\n")[:-1] if line.strip()]  # the last piece is partial or empty
+    try:  # one parse of the whole log, twice as fast as one per line
+        records = json.loads("[" + ",".join(lines) + "]")
+    except ValueError:
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("iteration"), (int, float))]
+
+
+def read_config(run_dir):
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{run_dir}: no config.json, expected the work dir of a training run")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: unreadable ({one_line(error)}); expected the work dir of a training run") from None
+    if not isinstance(config, dict) or config.get("task") not in TASKS:
+        raise DataError(f"{path}: not a config.json of train_dacs_mrm.py (no known task)")
+    return config
+
+
+def aligned(rows):
+    """Rows of cells as text: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
+                     for row in rows)
+
+
+def summary_cell(values, column):
+    """The mean of the finite values ('' for none): a class's IoU to Table 1's one decimal, an mIoU to two with
+    the sample standard deviation (ddof=1) of several runs."""
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return ""
+    if not column.startswith("mIoU"):
+        return f"{np.mean(values):.1f}"
+    return f"{np.mean(values):.2f}" + (f" +- {np.std(values, ddof=1):.2f}" if len(values) > 1 else "")
+
+
+def run_values(run, record, task, per_class):
+    """A run's numbers in summary order: its mIoU, or per class the first class subset's IoUs, then the mean
+    of each subset (the first is val_miou; nan where the records hold no val_iou)."""
+    if not per_class:
+        return [record["val_miou"]]
+    subsets = list(task["eval_classes"].values())
+    ious = record.get("val_iou")
+    if not (isinstance(ious, list) and len(ious) == len(task["class_names"])):
+        print(f"{run}: its validation records hold no per-class IoU (val_iou); only its mIoU is shown")
+        return [math.nan] * len(subsets[0]) + [record["val_miou"]] + [math.nan] * (len(subsets) - 1)
+    ious = np.array([math.nan if v is None else v for v in ious], float)
+    return list(ious[list(subsets[0])]) + [record["val_miou"]] + [float(np.nanmean(ious[list(ids)]))
+                                                                    for ids in subsets[1:]]
+
+
+def summarise_runs(run_dirs, per_class=False):
+    """Print the last validation mIoU of each run and, per group of runs with the same configuration but for
+    the seed, their mean +- sample standard deviation; per_class adds the per-class IoUs (the validation
+    records' val_iou, in %) and their means."""
+    groups = {}
+    for run in run_dirs:
+        config = read_config(run)
+        validations = [r for r in read_log(run) if isinstance(r.get("val_miou"), (int, float))]
+        if not validations:
+            print(f"{run}: no validation record in its log.jsonl; skipped")
+            continue
+        key = json.dumps({k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT}, sort_keys=True)
+        groups.setdefault(key, []).append((run, config, validations[-1]))
+    if not groups:
+        raise DataError("no run has a validation record: nothing to summarise")
+    configs = [json.loads(key) for key in groups]
+    shown = ["task", "arch", "recipe"] + [k for k in sorted(DEFAULTS) if k not in ("task", "arch", "recipe")
+                                          and len({json.dumps(c.get(k)) for c in configs}) > 1]
+    blocks = []
+    for runs in groups.values():
+        config = runs[0][1]
+        task = TASKS[config["task"]]
+        subsets = list(task["eval_classes"].items())  # the first is val_miou's
+        names = [f"mIoU{name}" for name, _ in subsets[:1]]
+        if per_class:
+            names = [task["class_names"][c] for c in subsets[0][1]] + [f"mIoU{name}" for name, _ in subsets]
+        rows, values = [["run", "seed", "iteration"] + names], []
+        for run, run_config, record in runs:
+            values.append(run_values(run, record, task, per_class))
+            rows.append([run, str(run_config.get("seed", "")), str(record["iteration"])] +
+                        [summary_cell([v], name) for v, name in zip(values[-1], names)])
+        rows.append([f"mean +- std (n={len(runs)})" if len(runs) > 1 else "n=1", "", ""] +
+                    [summary_cell(column, name) for column, name in zip(zip(*values), names)])
+        blocks.append(" ".join(f"{k}={config.get(k)}" for k in shown) + "\n" + aligned(rows))
+    for block in blocks:  # blank lines between groups, and after the lines about single runs
+        print(f"\n{block}")
+
+
+SERIES = ("loss_source", "loss_uda", "loss_mrm", "loss_mic", "loss_fd", "pseudo_weight", "lr", "val_miou")
+PANEL = (300, 180)  # pixels per panel
+COLUMNS = 4
+LEGEND_LINE = 14  # pixels per run in the legend below the panels
+RUN_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))  # matplotlib's tab10
+FONT = ImageFont.load_default()
+
+
+def draw_panel(draw, left, top, title, lines):
+    """One series: axes, title, y min/max and the iteration range, a polyline per run ((n, 2) iteration, value)."""
+    x0, y0, x1, y1 = left + 56, top + 22, left + PANEL[0] - 12, top + PANEL[1] - 22
+    points = np.concatenate(lines)
+    (xmin, ymin), (xmax, ymax) = points.min(axis=0), points.max(axis=0)
+    scale = np.array([(x1 - x0) / ((xmax - xmin) or 1), -(y1 - y0) / ((ymax - ymin) or 1)])
+    draw.text((left + 8, top + 4), title, fill="black", font=FONT)
+    draw.line([(x0, y0), (x0, y1), (x1, y1)], fill="black")
+    for text, y in ((f"{ymax:.3g}", y0), (f"{ymin:.3g}", y1 - 10)):
+        draw.text((x0 - 4 - draw.textlength(text, font=FONT), y), text, fill="black", font=FONT)
+    last = f"{xmax:.0f}"
+    draw.text((x0, y1 + 4), f"{xmin:.0f}", fill="black", font=FONT)
+    draw.text(((x0 + x1 - draw.textlength("iteration", font=FONT)) / 2, y1 + 4), "iteration", fill="gray", font=FONT)
+    draw.text((x1 - draw.textlength(last, font=FONT), y1 + 4), last, fill="black", font=FONT)
+    for k, line in enumerate(lines):
+        xy = ((line - (xmin, ymin)) * scale + (x0, y1)).ravel().tolist()
+        colour = RUN_COLOURS[k % len(RUN_COLOURS)]
+        if len(xy) > 2:
+            draw.line(xy, fill=colour, width=2)
+        elif xy:  # a single record: a dot
+            x, y = xy
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+
+
+def series(records, name):
+    """(n, 2) float array of (iteration, value) of the records where name is a finite number."""
+    xy = np.array([(r["iteration"], r[name]) for r in records if type(r.get(name)) in (int, float)], float)
+    xy = xy.reshape(-1, 2)
+    return xy[np.isfinite(xy).all(axis=1)]
+
+
+def plot_curves(run_dirs, path):
+    """Write one PNG of every series in SERIES that some run logged non-zero: a panel each, a coloured line
+    per run, a legend of the runs' folder names. Fast, and never fails on a short or partly written log
+    (it draws what it can read). Returns the series drawn."""
+    logs = [read_log(run) for run in run_dirs]
+    curves = {}
+    for name in SERIES:
+        lines = [series(records, name) for records in logs]
+        if any(line[:, 1].any() for line in lines):
+            curves[name] = lines
+    rows = max(1, -(-len(curves) // COLUMNS))
+    image = Image.new("RGB", (COLUMNS * PANEL[0], rows * PANEL[1] + LEGEND_LINE * len(run_dirs) + 8), "white")
+    draw = ImageDraw.Draw(image)
+    if not curves:
+        draw.text((8, 8), "no records yet", fill="black", font=FONT)
+    for k, (name, lines) in enumerate(curves.items()):
+        draw_panel(draw, (k % COLUMNS) * PANEL[0], (k // COLUMNS) * PANEL[1], name, lines)
+    for k, run in enumerate(run_dirs):
+        y = rows * PANEL[1] + 4 + LEGEND_LINE * k
+        draw.line([(12, y + 7), (36, y + 7)], fill=RUN_COLOURS[k % len(RUN_COLOURS)], width=3)
+        draw.text((44, y), os.path.basename(os.path.normpath(run)), fill="black", font=FONT)
+    atomic_write(path, lambda f: image.save(f, format="PNG", compress_level=1))
+    return list(curves)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", nargs="?", default="", metavar="CHECKPOINT",
+                        help="checkpoint.pth or model.pth written by train_dacs_mrm.py (not for --summary, --plot)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="gta2cs",
+                        help="whose val split, classes and input size (default gta2cs)")
+    parser.add_argument("--data-root", default="data", metavar="PATH",
+                        help="folder holding cityscapes/ (default data)")
+    parser.add_argument("--protocol", choices=["mmseg", "dacs"], default="mmseg",
+                        help="mmseg: images resized keeping their aspect ratio, full-resolution labels (DAFormer, MIC, "
+                             "MRM); dacs: images resized with PIL to exactly 1024x512, labels too (default mmseg)")
+    parser.add_argument("--save-dir", default="", metavar="PATH",
+                        help="write input|prediction PNGs of the val split here (default: none)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow writing into a non-empty --save-dir / --out, or over an --export or --plot file "
+                             "(default off)")
+    parser.add_argument("--export", default="", metavar="PATH",
+                        help="write an inference-only model file here and exit (default: none)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                        help="autocast precision (default off: fp32)")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
+                        help=f"image loading processes (default: one per core up to 4, here {DEFAULT_WORKERS})")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="toy task: the seed of its scenes (default 0)")
+    parser.add_argument("--images", default="", metavar="DIR|GLOB",
+                        help="predict these PNG/JPEG images (a folder or a glob pattern) into --out (default: none)")
+    parser.add_argument("--out", default="", metavar="PATH",
+                        help="folder for --images / --format predictions, PNG file for --plot (default: none)")
+    parser.add_argument("--blend", type=float, default=1.0, metavar="A",
+                        help="--images: alpha of the colours over the image, 1 colours only (default 1)")
+    parser.add_argument("--batch-size", type=int, default=4, metavar="N",
+                        help="--images / --format: images per forward pass where their sizes agree (default 4)")
+    parser.add_argument("--format", choices=["cityscapes"], default="",
+                        help="write the Cityscapes --split as benchmark labelIds PNGs into --out (default: off)")
+    parser.add_argument("--split", choices=sorted(CITYSCAPES_SPLIT_SIZES), default="val",
+                        help="--format cityscapes: which leftImg8bit split (default val)")
+    parser.add_argument("--summary", nargs="+", default=[], metavar="RUN_DIR",
+                        help="print each run's last validation mIoU and mean +- std per configuration (default: off)")
+    parser.add_argument("--per-class", action="store_true", help="--summary: also the per-class IoUs (default off)")
+    parser.add_argument("--plot", nargs="+", default=[], metavar="RUN_DIR",
+                        help="draw the runs' logged curves into the PNG --out (default: off)")
+    return parser
+
+
+def check_flags(args):
+    """Refuse, in one line, flags that belong to another mode or are missing."""
+    modes = [flag for flag, given in (("--summary", args.summary), ("--plot", args.plot), ("--images", args.images),
+                                      ("--format", args.format), ("--export", args.export)) if given]
+    if len(modes) > 1:
+        raise DataError(f"{modes[0]} and {modes[1]} are different modes: give one")
+    writes_out = args.plot or args.images or args.format
+    if args.out and not writes_out:
+        raise DataError("--out is where --images, --format and --plot write; the val evaluation takes --save-dir")
+    if writes_out and not args.out:
+        raise DataError(f"{modes[0]} needs --out")
+    if args.save_dir and modes:
+        raise DataError(f"--save-dir is for the val evaluation; {modes[0]} writes into --out")
+    if args.split != "val" and not args.format:
+        raise DataError(f"--split {args.split}: only --format cityscapes predicts it (it has no labels)")
+    if not (args.checkpoint or args.summary or args.plot):
+        raise DataError("give a CHECKPOINT (only --summary and --plot work without one)")
+    if not 0 <= args.blend <= 1 or args.batch_size < 1:
+        raise DataError("--blend must be within [0, 1] and --batch-size at least 1")
+
+
+def run_model(args):
+    """--export, --images, --format, or the val evaluation: every check before the first file is written."""
+    task = TASKS[args.task]
+    device = check_device(args.device)
+    if args.export:
+        check_output_file(args.export, "--export", args.data_root, args.overwrite, reading=args.checkpoint)
+    if args.format and task["target"] != "cityscapes":
+        raise DataError(f"--format cityscapes: task {args.task} is not evaluated on Cityscapes")
+    for flag, folder in (("--out", args.out), ("--save-dir", args.save_dir)):
+        if folder:
+            check_output_dir(folder, flag, args.data_root, args.overwrite)
+    if args.images:
+        paths = list_images(args.images)
+    elif args.format:
+        image_dir, paths = cityscapes_images(args.data_root, args.split)
+    model, num_classes, info = load_segmentation_model(args.checkpoint, device)
+    if args.export:
+        export_model(args.export, model, info, num_classes)
+        print(f"wrote {args.export}: {info['arch']}, {num_classes} classes, no Rebuilder")
+        return
+    if num_classes != len(task["class_names"]):
+        raise DataError(f"{args.checkpoint}: model predicts {num_classes} classes, "
+                        f"task {args.task} has {len(task['class_names'])}")
+    start = time.perf_counter()
+    if args.images or args.format:
+        os.makedirs(args.out, exist_ok=True)
+        write = (image_writer(args.out, task["palette"], args.blend) if args.images else
+                 cityscapes_writer(args.out, image_dir))
+        predict_files(model, paths, input_transform(args.task, args.protocol), device, info["align_corners"], write,
+                      args.amp, args.batch_size, args.workers)
+        what = ("colour and train-id PNGs" if args.images else
+                f"Cityscapes {args.split} labelIds PNGs, CITY/CITY_NNNNNN_NNNNNN_leftImg8bit.png,")
+        print(f"wrote {len(paths)} {what} to {args.out} in {time.perf_counter() - start:.1f} s on {device}")
+        return
+    val = Domain(task["target"], args.data_root, "val", args.seed, framework=args.protocol)
+    writer = None
+    if args.save_dir:
+        os.makedirs(args.save_dir, exist_ok=True)
+        writer = prediction_writer(args.save_dir, val, task["palette"])
+    conf = evaluate(model, val, num_classes, device, info["align_corners"], args.amp, args.protocol, writer,
+                    args.workers, say=print)
+    seconds = time.perf_counter() - start
+    if not conf.sum():
+        raise DataError(f"no labelled pixel in the {len(val)} {task['target']} val labels (all 255): "
+                        f"the mIoU is undefined")
+    table, _ = miou_report(conf, task["eval_classes"], task["class_names"])
+    print(f"{args.checkpoint} on {len(val)} {task['target']} val images ({args.protocol} protocol), "
+          f"{seconds:.1f} s on {device} ({1000 * seconds / len(val):.1f} ms/image, loading included):\n{table}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        check_flags(args)
+        if args.summary:
+            summarise_runs(args.summary, args.per_class)
+        elif args.plot:
+            check_output_file(args.out, "--out", args.data_root, args.overwrite)
+            for run in args.plot:
+                if not os.path.isfile(os.path.join(run, "log.jsonl")):
+                    raise DataError(f"{run}: no log.jsonl, expected the work dir of a training run")
+            drawn = plot_curves(args.plot, args.out)
+            print(f"wrote {args.out}: {len(drawn)} series of {len(args.plot)} run(s)")
+        else:
+            run_model(args)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    table, _ = miou_report(conf, task["eval_classes"], task["class_names"])
-    print(f"{args.checkpoint} on {len(val)} {task['target']} val images ({args.protocol} protocol), "
-          f"{seconds:.1f} s on {args.device} ({1000 * seconds / len(val):.1f} ms/image, loading included):\n{table}")
     return 0
 
 

@@ -1296,7 +1296,7 @@ def test_dacs_parameter_slots_count_like_the_official_generator():
         model, _ = T.build_model("dlv2", 19, aspp_dilations=(6, 12, 18, 24))
     slots = T.dacs_parameter_slots(model.encoder.backbone)
     assert sum(slots.values()) == len(list(dacs_1x_lr_params(model.encoder.backbone))) == 314
-    # with DACS's four-conv classifier (8 tensors, once each): SPEC's 322 slots for 112 tensors
+    # with DACS's four-conv classifier (8 tensors, once each): the 322 slots for 112 tensors torch 1.x warned of
     assert sum(slots.values()) + 8 == 322 and len(slots) + 8 == 112
     assert sorted(collections.Counter(slots.values()).items()) == [(1, 1), (3, 99), (4, 4)]
 
@@ -2004,7 +2004,7 @@ def test_objectives_train_the_rebuilder_without_the_decoder(objective):
 
 
 def mit_param_count(config, in_chans=3, mlp_ratio=4):
-    """MiT parameters from SegFormer's layer list (SPEC.md section 4), written out by hand."""
+    """MiT parameters from SegFormer's layer list (NVlabs/SegFormer mix_transformer.py), written out by hand."""
     total, c_in = 0, in_chans
     for i, (d, depth, sr) in enumerate(zip(config["embed_dims"], config["depths"], config["sr_ratios"])):
         k = 7 if i == 0 else 3
@@ -2233,6 +2233,8 @@ def test_documented_paper_command_starts_on_fake_data(tmp_path, monkeypatch, cap
     write_fake_dataset(root, "gta", 2, (1280, 720))
     write_fake_dataset(root, "cityscapes", 1, (1024, 512))
     args = ["--task", "gta2cs", "--data-root", root]
+    if arch == "dlv2":  # deliberately from random weights
+        args += ["--pretrained", "none"]
     if arch == "dlv2-v1c":  # mmcv's layout: stem.*, layerX.*, under 'state_dict' with a 'meta' entry
         weights = ResNetDilated(style="v1c").state_dict()
         torch.save({"meta": {}, "state_dict": weights}, str(tmp_path / "resnet101_v1c.pth"))
@@ -2253,9 +2255,73 @@ def test_documented_paper_command_starts_on_fake_data(tmp_path, monkeypatch, cap
     small = ["--iters", "1", "--crop", "64", "--batch-size", "1", "--workers", "0", "--work-dir", str(tmp_path / "run")]
     assert T.main(args + small) == 0
     recipe = {"dlv2": "dacs", "dlv2-v1c": "mmseg-dacs", "mitb5": "daformer"}[arch]
-    assert f"gta2cs: {arch} ({recipe} recipe), DACS + MRM" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"gta2cs: {arch} ({recipe} recipe), DACS + MRM" in out
+    initialisation = "random weights" if arch == "dlv2" else args[-1]
+    assert f"from {initialisation}; fp32 on cpu, step eager (without --cuda-graph)" in out
     assert len(losses) == 1 and torch.isfinite(losses[0]).all() and losses[0][0] > 0
     assert calls == ["save_checkpoint", "export_model", "validate"]
+
+
+@pytest.mark.parametrize("task,arch,expected", [("gta2cs", "dlv2", "resnet101COCO-41f33a49.pth"),
+                                                 ("syn2cs", "dlv2-v1c", "resnet101_v1c-e67eebb6.pth"),
+                                                 ("gta2cs", "mitb5", "mit_b5.pth"),
+                                                 ("gta2cs", "dlv2-r50", "resnet50-11ad3fa6.pth")])
+def test_paper_tasks_refuse_to_start_from_random_weights_unless_asked(tmp_path, capsys, task, arch, expected):
+    work = tmp_path / "run"
+    assert T.main(["--task", task, "--arch", arch, "--work-dir", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err and "--pretrained none" in err and "Traceback" not in err
+    assert not work.exists()
+    assert T.parse_config(["--task", task, "--arch", arch, "--pretrained", "none"]).pretrained == "none"
+    for mode in (["--print-config"], ["--count-flops"], ["--check-data", "--data-root", str(tmp_path)]):
+        T.main(["--task", task, "--arch", arch] + mode)
+        assert "--pretrained" not in capsys.readouterr().err  # the modes build nothing from weights
+
+
+def test_every_flag_has_help_its_default_and_its_choices_in_groups():
+    parser = T.build_parser()
+    groups = {group.title: group._group_actions for group in parser._action_groups if group.title in T.FLAGS}
+    assert list(groups) == list(T.FLAGS) == ["run and data", "model", "recipe and schedule", "DACS",
+                                             "MRM and the paper's ablations", "MIC", "precision and speed",
+                                             "several GPUs (torchrun)", "modes (each does its work and exits)"]
+    actions = {action.dest: action for group in groups.values() for action in group}
+    assert actions.keys() == T.DEFAULTS.keys()
+    for key, action in actions.items():
+        default = T.DEFAULTS[key]
+        assert len(action.help) > 20, key
+        assert default == "" or f"default {default}" in action.help, key
+    assert "(recipe daformer: 0.999)" in actions["ema"].help
+    assert "(recipe mmseg-dacs, daformer: 40000; toy: 1000)" in actions["iters"].help.replace("dacs: 250000; ", "")
+    text = parser.format_help()
+    for shown in ("--amp off|bf16|fp16", "--task gta2cs|syn2cs|toy", "--recipe dacs|mmseg-dacs|daformer|toy",
+                  "--mrm-domain target|source|both", "--arch dlv2|dlv2-r50|", "--aspp-dilations 6,12|6,12,18,24",
+                  "--cuda-graph, --no-cuda-graph", "--decoder deeplabv2|deeplabv3plus|daformer"):
+        assert shown in text, shown
+    with pytest.raises(SystemExit) as exit_:
+        T.parse_config(["--help"])
+    assert exit_.value.code == 0
+
+
+def test_progress_shows_the_first_iteration_at_once_and_seconds_per_iteration_when_slow(tmp_path, small_toy,
+                                                                                        capsys):
+    cfg = T.parse_config(["--task", "toy"])
+    means = [1.0, 2.0, 3.0, 0.0, 0.0, 0.5]
+    assert T.progress_line(cfg, 10, means, 2.5).endswith("weight 0.500  2.50 it/s  ETA 6m36s")
+    assert T.progress_line(cfg, 10, means, 0.25).endswith("weight 0.500  4.0 s/it  ETA 1h06m")
+    work = str(tmp_path / "run")
+    assert T.main(TOY_FAST + ["--iters", "3", "--log-every", "3", "--checkpoint-every", "3",
+                              "--work-dir", work]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert [line.split("]")[0] for line in lines] == ["[1/3", "[3/3"]
+    records = [json.loads(line) for line in open(os.path.join(work, "log.jsonl")) if "loss_source" in line]
+    assert [r["iteration"] for r in records] == [3]  # the early line is printed only, not logged
+
+
+def test_workers_default_to_the_machines_cores_up_to_four():
+    cores = len(os.sched_getaffinity(0))
+    assert T.DEFAULT_WORKERS == min(4, cores) and T.parse_config([]).workers == 0  # the toy recipe: none
+    assert T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny"]).workers == min(4, cores)
 
 
 def test_daformer_recipe_with_mmseg_deeplabv2_computes_the_feature_distance_on_its_one_level(tmp_path, monkeypatch):

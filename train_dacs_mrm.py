@@ -62,6 +62,7 @@ from mrm import Masking, Rebuilder, mrm_loss, resize_mask, segmentation_ce
 
 # Every key is a flag: --mask-ratio 0.5, and for a switch --mrm / --no-mrm. A value comes from, last wins: the
 # default here, the recipe, the task, the command line. --help prints each flag's help, default and choices.
+DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 FLAGS = {
     "run and data": dict(
         task=("toy", "what to adapt: GTA5 -> Cityscapes, SYNTHIA -> Cityscapes, or generated toy scenes (CPU)"),
@@ -71,7 +72,7 @@ FLAGS = {
         work_dir=("", "where checkpoint.pth, config.json, log.jsonl and model.pth go "
                       "(default runs/<task>-<arch>-<method>-seed<seed>)"),
         seed=(0, "seed of every random draw: batches, masks, ClassMix, augmentation, initialisation"),
-        workers=(4, "data loader processes"),
+        workers=(DEFAULT_WORKERS, "data loader processes, by default one per core up to 4"),
         log_every=(50, "iterations between progress lines and log.jsonl records (the first is printed at once)"),
         val_every=(5000, "iterations between validations on the target val split"),
         checkpoint_every=(1000, "iterations between checkpoints (atomic: a crash keeps the last one)"),
@@ -142,7 +143,7 @@ FLAGS = {
         mic_weight=(1.0, "weight of MIC's loss"),
     ),
     "precision and speed": dict(
-        device=("", "cpu | cuda (default: cuda when available)", ("cpu", "cuda")),
+        device=("", "where to train (default: cuda when available)", ("cpu", "cuda")),
         amp=("off", "autocast precision: off (fp32, the official setting), bf16 (faster) or fp16",
              ("off", "bf16", "fp16")),
         channels_last=(True, "channels-last memory format on CUDA"),
@@ -751,7 +752,7 @@ def train(cfg):
 
 def validate(cfg, nets, val, iteration, log):
     conf = evaluate(nets.model, val, cfg.num_classes, nets.device, cfg.align_corners, cfg.amp,
-                    workers=min(cfg.workers, 4))
+                    workers=min(cfg.workers, 4), say=print)
     table, miou = miou_report(conf, cfg.eval_classes, cfg.class_names)
     print(f"validation at iteration {iteration} on {len(val)} {cfg.target} images:\n{table}", flush=True)
     log.write(json.dumps(dict(iteration=iteration, val_miou=miou)) + "\n")
@@ -868,8 +869,9 @@ def rebuilder_scales(encoder):
 
 
 def build_optimizers(cfg, nets):
-    """[the network's optimizer] or, beside DACS's SGD, [SGD, the Rebuilder's own AdamW]: the Rebuilder always
-    trains with AdamW (SPEC.md section 2). Parameter groups: encoder at lr, decoder at lr * head_lr_mult,
+    """[the network's optimizer] or, beside DACS's SGD, [SGD, the Rebuilder's own AdamW]. The paper gives the
+    Rebuilder lr 2e-4 without its optimizer; MRM's code base is mmseg's, where every model trains with AdamW, so
+    we chose AdamW for the Rebuilder in every recipe. Parameter groups: encoder at lr, decoder at lr * head_lr_mult,
     Rebuilder at its own lr; LayerNorms without weight decay when the recipe says so. Frozen parameters (DACS's
     BatchNorm) are left out. Under --recipe dacs the encoder's groups are split by DACS's slot counts. AdamW is
     capturable (its step count on the device) when the step runs as a CUDA graph."""
@@ -906,7 +908,7 @@ def build_optimizers(cfg, nets):
 
 
 class SlotSGD(torch.optim.Optimizer):
-    """Momentum SGD as DACS's optimizer really ran (SPEC.md section 3). DACS hands torch.optim.SGD a parameter
+    """Momentum SGD as DACS's optimizer really ran (DACS trainUDA.py, get_1x_lr_params_NOscale). DACS hands torch.optim.SGD a parameter
     list in which a tensor occurs several times (dacs_parameter_slots); torch 1.x then updated it once per
     occurrence, each time with its unchanged gradient and the ONE momentum buffer it kept per tensor. Here a
     parameter group holds tensors with the same count `slots` and applies that many updates in a row; with
@@ -1406,7 +1408,7 @@ DEPTHWISE_FORMS = ("direct", "nchw", "space-to-batch")
 
 class DepthwiseConv3x3(nn.Conv2d):
     """The separable ASPP's 3x3 depth-wise convolution with dilation d (padding d), which a GPU may run slowly
-    (issue 12: a direct cuDNN kernel for bf16 channels_last). `form` picks one of three computations of the same
+    (the direct cuDNN kernel for bf16 channels_last). `form` picks one of three computations of the same
     result (--aspp-depthwise): direct; nchw, in the contiguous layout (PyTorch's own depth-wise kernel); or
     space-to-batch: the d x d interleaved sub-images of the zero-padded input as one batch, each convolved
     without dilation (output pixel (r + d i, c + d j) only sees sub-image (r, c))."""
@@ -1952,18 +1954,23 @@ def export_model(path, model, info, num_classes):
 
 @torch.no_grad()
 def evaluate(model, domain, num_classes, device, align_corners, amp="off", protocol="mmseg", on_prediction=None,
-             workers=0):
+             workers=0, say=None):
     """Confusion matrix over a labelled domain: the whole image at the training input size, logits
     resized bilinearly (with the align_corners the model was trained with) to the label (mmseg protocol:
     the full-resolution label; dacs: the label resized to the input size), argmax.
-    on_prediction(i, image, prediction) sees every prediction."""
+    on_prediction(i, image, prediction) sees every prediction; say (print) gets about ten progress lines."""
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     items = torch.utils.data.DataLoader(EvalImages(domain, protocol == "mmseg"), batch_size=None,
                                         num_workers=workers)
     autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
                               enabled=amp != "off")
+    start, every = time.perf_counter(), max(1, len(domain) // 10)
     for i, (image, label) in enumerate(items):
+        if say is not None and i and i % every == 0:
+            seconds = (time.perf_counter() - start) / i
+            say(f"  evaluated {i}/{len(domain)} images, {seconds:.2f} s/image, ETA "
+                f"{format_eta(seconds * (len(domain) - i))}", flush=True)
         x = image.to(device).permute(2, 0, 1)[None].float() / 255
         with autocast:
             logits = model(x)
@@ -2419,7 +2426,7 @@ def build_parser():
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                    help=help_text)
             else:
-                metavar = "|".join(choices) if choices else key.upper()
+                metavar = "|".join(choices) if choices else {int: "N", float: "X"}.get(type(default), "PATH")
                 group.add_argument(flag, type=type(default), default=argparse.SUPPRESS, metavar=metavar,
                                    help=help_text)
     return parser
