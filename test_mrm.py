@@ -1,11 +1,15 @@
 """Tests for mrm.py, train_dacs_mrm.py and eval.py. CPU only, tiny models, data made on the fly."""
 import collections
 import copy
+import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
+import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -22,11 +26,14 @@ from PIL import Image
 from types import SimpleNamespace
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+import eval as E
+import train_dacs_mrm as T
+from eval import main as eval_main
 from mrm import Masking, Rebuilder, mrm_loss, segmentation_ce, sincos_pos_embed_2d
 from train_dacs_mrm import (CITYSCAPES_ID_TO_TRAIN, CLASSES, MIT_B5, PALETTE, SYNTHIA_13, SYNTHIA_16,
-                            SYNTHIA_ID_TO_TRAIN, ASPPClassifier, Attention, CorruptFile, DAFormerHead, DataError,
+                            SYNTHIA_ID_TO_TRAIN, TOY_PALETTE, ASPPClassifier, Attention, CorruptFile, DAFormerHead, DataError,
                             MixVisionTransformer, Normalize, ResNetDilated, build_deeplab, build_deeplab_from_info,
-                            confusion_matrix, crop_has_enough, feature_distance, find_pairs, format_table,
+                            build_model, export_model, confusion_matrix, crop_has_enough, feature_distance, find_pairs, format_table,
                             iou_per_class, load_backbone_state, load_mit_weights, random_crop,
                             rcs_class_probabilities, rcs_pick, read_image, read_label, read_pretrained, resize_pair,
                             write_fake_dataset)
@@ -1035,7 +1042,6 @@ def test_palette():
     assert PALETTE[13].tolist() == [0, 0, 142] and PALETTE[18].tolist() == [119, 11, 32]
 
 
-import train_dacs_mrm as T  # noqa: E402  (the training script, for its pipeline-level functions)
 
 
 # ---------------------------------------------------------------- toy scenes
@@ -2290,7 +2296,7 @@ def test_every_flag_has_help_its_default_and_its_choices_in_groups():
     for key, action in actions.items():
         default = T.DEFAULTS[key]
         assert len(action.help) > 20, key
-        assert default == "" or f"default {default}" in action.help, key
+        assert default in ("", []) or f"default {default}" in action.help, key
     assert "(recipe daformer: 0.999)" in actions["ema"].help
     assert "(recipe mmseg-dacs, daformer: 40000; toy: 1000)" in actions["iters"].help.replace("dacs: 250000; ", "")
     text = parser.format_help()
@@ -2345,8 +2351,6 @@ def test_daformer_recipe_on_fake_data_with_rare_class_sampling(tmp_path):
     assert T.main(args) == 0
     assert os.path.exists(os.path.join(root, "synthia", "rcs_stats_synthia_3.json"))
 
-
-from eval import main as eval_main  # noqa: E402
 
 
 def test_eval_refuses_wrong_class_count_and_non_empty_save_dir(tmp_path, small_toy, capsys):
@@ -2534,8 +2538,7 @@ def test_crash_during_checkpoint_write_keeps_the_last_checkpoint(tmp_path, small
         raise KeyboardInterrupt  # as if the process died between write and rename
 
     monkeypatch.setattr(T.torch, "save", crash_midway)
-    with pytest.raises(KeyboardInterrupt):
-        T.main(TOY_FAST + ["--iters", "4", "--resume", "--work-dir", work])
+    assert T.main(TOY_FAST + ["--iters", "4", "--resume", "--work-dir", work]) == 130  # no traceback
     monkeypatch.undo()
     assert open(os.path.join(work, "checkpoint.pth"), "rb").read() == before
     assert state_of(work)["iteration"] == 2
@@ -2685,3 +2688,561 @@ def test_untrusted_or_foreign_checkpoints_are_refused_in_one_line(tmp_path, smal
     assert T.main(TOY_FAST + ["--iters", "2", "--resume", "--arch", "mit-tiny", "--work-dir", work]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "checkpoint is" in err and "mit-tiny" in err
+
+
+# ---------------------------------------------------------------- a run is never lost or silently wrong
+
+def digest(folder):
+    """{file name: sha256} of every file under folder."""
+    import hashlib
+    return {os.path.relpath(os.path.join(d, n), folder): hashlib.sha256(open(os.path.join(d, n), "rb").read()).hexdigest()
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_work_dir_belongs_to_one_run(tmp_path, small_toy, capsys, monkeypatch):
+    work = str(tmp_path / "run")
+    assert T.main(TOY_FAST + ["--iters", "2", "--work-dir", work]) == 0
+    before = digest(work)
+    capsys.readouterr()
+    assert T.main(TOY_FAST + ["--iters", "2", "--work-dir", work]) == 2  # the same command again, no --resume
+    assert "holds a run" in one_error_line(capsys) and digest(work) == before
+    assert T.main(TOY_FAST + ["--iters", "2", "--resume", "--arch", "mit-tiny", "--work-dir", work]) == 2
+    one_error_line(capsys)
+    assert digest(work) == before  # config.json included: nothing written before the checks pass
+    # a second run while the first lives: the lock of a live process (this one) refuses it
+    lock = os.path.join(work, ".lock")
+    open(lock, "w").write(f"{os.getpid()} {T.platform.node()}")
+    assert T.main(TOY_FAST + ["--iters", "2", "--overwrite", "--work-dir", work]) == 2
+    assert "in use by another run" in one_error_line(capsys) and digest(work) == {**before, ".lock": digest(work)[".lock"]}
+    # a lock left by a dead process, and the temporary file of a write it did not finish, are cleaned up
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    open(lock, "w").write(f"{dead.pid} {T.platform.node()}")
+    open(os.path.join(work, "checkpoint.pth.tmp12345"), "wb").write(b"half")
+    assert T.main(TOY_FAST + ["--iters", "2", "--overwrite", "--work-dir", work]) == 0
+    out = capsys.readouterr().out
+    assert f"taking over the lock of process {dead.pid}" in out and "--overwrite: removed checkpoint.pth" in out
+    assert sorted(os.listdir(work)) == ["checkpoint.pth", "config.json", "log.jsonl", "model.pth"]
+    assert len([line for line in open(os.path.join(work, "log.jsonl")) if "loss_source" in line]) == 1
+    for bad, words in ((str(tmp_path / "run" / "model.pth"), "is a file"),
+                       (str(tmp_path / "run" / "model.pth" / "sub"), "is a file, not a folder")):
+        assert T.main(TOY_FAST + ["--iters", "2", "--work-dir", bad]) == 2
+        assert words in one_error_line(capsys)
+    monkeypatch.setattr(T.os, "access", lambda path, mode: False)
+    assert T.main(TOY_FAST + ["--iters", "2", "--work-dir", str(tmp_path / "new")]) == 2
+    assert "not writable" in one_error_line(capsys) and not (tmp_path / "new").exists()
+
+
+def test_resume_checks_what_it_resumes(tmp_path, small_toy, capsys):
+    work = str(tmp_path / "run")
+    assert T.main(TOY_FAST + ["--iters", "4", "--stop-after", "2", "--work-dir", work]) == 0
+    before = digest(work)
+    capsys.readouterr()
+    for change, named in ((["--seed", "3"], "--seed 0 (now 3)"), (["--lr", "0.5"], "--lr 0.001 (now 0.5)"),
+                          (["--batch-size", "3"], "--batch-size 2 (now 3)"), (["--no-mrm"], "--mrm True (now False)"),
+                          (["--iters", "6"], "--iters 4 (now 6)")):
+        assert T.main(TOY_FAST + ["--iters", "4", "--resume", "--work-dir", work] + change) == 2
+        err = one_error_line(capsys)
+        assert "another experiment" in err and named in err, err
+    assert T.main(TOY_FAST + ["--iters", "1", "--resume", "--work-dir", work]) == 2  # below its iteration 2
+    assert "another experiment" in one_error_line(capsys)
+    assert digest(work) == before
+    # settings that only change how it is computed may change, and the header names them
+    with open(os.path.join(work, "log.jsonl"), "a") as log:  # what a killed run logged after its checkpoint
+        log.write(json.dumps(dict(iteration=3, loss_source=1.0)) + "\n" + '{"iteration": 4, "loss')
+    assert T.main(TOY_FAST + ["--iters", "4", "--resume", "--log-every", "1", "--work-dir", work]) == 0
+    assert "resumed with --log-every 2 -> 1" in capsys.readouterr().out
+    iterations = [json.loads(line)["iteration"] for line in open(os.path.join(work, "log.jsonl"))
+                  if "loss_source" in line]
+    assert iterations == [2, 3, 4]  # each iteration once
+    # an export, a bare state dict: one line each
+    for name, content in (("export", dict(arch={}, num_classes=7, model={})), ("weights", {"w": torch.zeros(1)})):
+        other = str(tmp_path / name)
+        os.makedirs(other)
+        torch.save(content, os.path.join(other, "checkpoint.pth"))
+        assert T.main(TOY_FAST + ["--iters", "4", "--resume", "--work-dir", other]) == 2
+        assert "not a training checkpoint" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_finishes_the_iteration_checkpoints_and_resumes_bit_exactly(tmp_path, signum, code):
+    root = str(tmp_path / "data")
+    write_fake_dataset(root, "gta", 4, (64, 48))
+    write_fake_dataset(root, "cityscapes", 2, (64, 32))
+    args = ["--task", "gta2cs", "--data-root", root, "--arch", "dlv2-tiny", "--crop", "32", "--iters", "12",
+            "--rebuilder-dim", "32", "--rebuilder-heads", "4", "--rebuilder-grid", "4", "--checkpoint-every", "100",
+            "--log-every", "1", "--workers", "1", "--device", "cpu"]
+    work = str(tmp_path / "signalled")
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    process = subprocess.Popen([sys.executable, "train_dacs_mrm.py", *args, "--work-dir", work],
+                               cwd=os.path.dirname(os.path.abspath(__file__)), env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # the progress lines: signal after the second iteration
+        if line.startswith("[2/12]"):
+            break
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == code, err
+    iteration = state_of(work)["iteration"]
+    assert err == f"interrupted at iteration {iteration}: checkpoint written; continue with --resume\n"
+    assert 2 <= iteration < 12
+    assert T.main(args + ["--work-dir", work, "--resume"]) == 0
+    straight = str(tmp_path / "straight")
+    assert T.main(args + ["--work-dir", straight]) == 0
+    assert_checkpoints_equal(state_of(straight), state_of(work))
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, small_toy, monkeypatch, capsys):
+    work = str(tmp_path / "run")
+    real_step = T.train_step
+
+    def step_then_two_ctrl_c(*args):
+        losses = real_step(*args)
+        signal.raise_signal(signal.SIGINT)  # the first asks for a checkpoint after this iteration...
+        signal.raise_signal(signal.SIGINT)  # ...the second stops at once
+        return losses
+
+    monkeypatch.setattr(T, "train_step", step_then_two_ctrl_c)
+    assert T.main(TOY_FAST + ["--iters", "4", "--work-dir", work]) == 130
+    assert "interrupted: stopped at once" in one_error_line(capsys)
+    assert not os.path.exists(os.path.join(work, "checkpoint.pth")) and not os.path.exists(os.path.join(work, ".lock"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_keeps_the_last(tmp_path, small_toy, monkeypatch,
+                                                                             capsys):
+    import errno
+    work = str(tmp_path / "run")
+    assert T.main(TOY_FAST + ["--iters", "4", "--stop-after", "2", "--work-dir", work]) == 0
+    before = open(os.path.join(work, "checkpoint.pth"), "rb").read()
+    capsys.readouterr()
+
+    def disk_full(state, f):
+        f.write(b"part of a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(T.torch, "save", disk_full)
+    assert T.main(TOY_FAST + ["--iters", "4", "--resume", "--work-dir", work]) == 2
+    err = one_error_line(capsys)
+    assert "checkpoint.pth: could not write it (No space left on device; " in err and "GiB free there" in err
+    assert open(os.path.join(work, "checkpoint.pth"), "rb").read() == before
+    assert not [name for name in os.listdir(work) if ".tmp" in name]
+
+
+def test_labels_are_validated_where_they_are_read(tmp_path, capsys):
+    root = str(tmp_path / "data")
+    write_fake_dataset(root, "cityscapes", 2, (64, 32))
+    write_fake_dataset(root, "synthia", 1, (64, 32))
+    (_, label), _ = find_pairs("cityscapes", root, "val")
+    Image.open(label).save(str(tmp_path / "as.jpg"), "JPEG")
+    os.replace(str(tmp_path / "as.jpg"), label)  # a JPEG saved under the label's name
+    with pytest.raises(T.BadLabel, match="a JPEG"):
+        read_label(label, "cityscapes")
+    Image.fromarray(np.full((16, 32), 7, np.uint8)).save(label)  # half the image's size
+    with pytest.raises(T.BadLabel, match="32x16 pixels, its image .* 64x32"):
+        T.Domain("cityscapes", root, "val").load(0)
+    mostly_unknown = np.full((32, 64), 40, np.uint8)
+    mostly_unknown[:4] = 7
+    Image.fromarray(mostly_unknown).save(label)
+    with pytest.raises(T.BadLabel, match=r"ids \[40\] are not cityscapes label ids, on 87.5% of its pixels"):
+        read_label(label, "cityscapes")
+    T.LABEL_NOTES.clear()
+    a_few = np.full((32, 64), 7, np.uint8)
+    a_few[0, :2] = 40
+    Image.fromarray(a_few).save(label)
+    assert (read_label(label, "cityscapes")[0, :3] == [255, 255, 0]).all()
+    assert T.LABEL_NOTES == [f"{label}: ids [40] are not cityscapes label ids, on 0.1% of its pixels; read as "
+                             f"ignore (255)"]
+    (_, synthia), = find_pairs("synthia", root, "train")
+    swapped = np.stack([np.full((32, 64), 300), np.full((32, 64), 3), np.zeros((32, 64))], -1)
+    write_png16(synthia, swapped, 2)  # the instance channel first
+    with pytest.raises(T.BadLabel, match=r"ids \[300\] .* \(channels in another order\?\)"):
+        read_label(synthia, "synthia")
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(label)
+    with pytest.raises(T.BadLabel, match="colour type 2"):
+        read_label(label, "cityscapes")
+    # --check-data --decode finds every problem, in parallel, and says so in one line
+    write_fake_dataset(root, "gta", 2, (64, 32))
+    assert T.main(["--task", "gta2cs", "--data-root", root, "--check-data", "--decode", "--workers", "2"]) == 2
+    captured = capsys.readouterr()
+    assert "decoded 6/6 pairs, 1 problems" in captured.out and "colour type 2" in captured.out
+    assert captured.err == "error: 1 of 6 image/label pairs are unreadable or not labels of their dataset (listed above)\n"
+
+
+def test_loader_worker_errors_are_the_same_one_line(tmp_path, capsys, monkeypatch):
+    root = str(tmp_path / "data")
+    write_fake_dataset(root, "gta", 2, (64, 48))
+    write_fake_dataset(root, "cityscapes", 2, (64, 32))
+    for _, label in find_pairs("gta", root, "train"):
+        Image.fromarray(np.full((48, 64), 40, np.uint8)).save(label)  # every source label refused
+    args = ["--task", "gta2cs", "--data-root", root, "--arch", "dlv2-tiny", "--crop", "32", "--iters", "2",
+            "--max-skips", "1"]
+    errors = []
+    for workers in ("0", "2"):
+        assert T.main(args + ["--workers", workers, "--work-dir", str(tmp_path / f"w{workers}")]) == 2
+        errors.append(one_error_line(capsys))
+    assert errors[0] == errors[1] and "corrupt files in a row" in errors[0]
+    write_fake_dataset(root, "gta", 2, (64, 48))  # good labels again; now a worker dies
+    real_step = T.train_step
+
+    def step_then_kill_the_workers(*a):
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)
+        return real_step(*a)
+
+    monkeypatch.setattr(T, "train_step", step_then_kill_the_workers)
+    assert T.main(args + ["--iters", "20", "--workers", "1", "--work-dir", str(tmp_path / "killed")]) == 5
+    assert "a data loader process died" in one_error_line(capsys)
+
+
+def test_rare_class_statistics_follow_the_labels(tmp_path):
+    root = str(tmp_path / "data")
+    write_fake_dataset(root, "gta", 3, (64, 48))
+    cfg = SimpleNamespace(data_root=root, work_dir=str(tmp_path / "w"), num_classes=19, rcs_min_pixels=0,
+                          rcs_temperature=0.01)
+    source = T.Domain("gta", root)
+    said = []
+
+    def say(*args, **kwargs):
+        said.append(args)
+
+    first = T.rcs_statistics(cfg, source, say)
+    assert T.rcs_statistics(cfg, source, say)[1] == first[1] and len(said) == 1  # cached
+    (_, label), *_ = source.pairs
+    Image.fromarray(np.full((48, 64), 26, np.uint8)).save(label)  # all car now
+    os.utime(label, ns=(1, 1))
+    probabilities, per_class = T.rcs_statistics(cfg, source, say)
+    assert len(said) == 2 and 0 in per_class[13]  # counted again: image 0 now qualifies for car
+    cache = os.path.join(root, "gta", "rcs_stats_gta_3.json")
+    open(cache, "w").write("{not json")
+    assert T.rcs_statistics(cfg, source, say)[1] == per_class and len(said) == 3
+
+
+def test_symlink_loops_do_not_hang_the_listing(tmp_path):
+    root = str(tmp_path / "data")
+    write_fake_dataset(root, "gta", 2, (64, 48))
+    os.symlink(os.path.join(root, "gta", "images"), os.path.join(root, "gta", "images", "loop"))
+    os.symlink(os.path.join(root, "gta"), os.path.join(root, "gta", "labels", "up"))
+    with pytest.raises(DataError, match="unexpected file name"):  # loop/00001.png is not a GTA name
+        find_pairs("gta", root, "train")
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--workers", "-1"], "--workers -1: must be in [0, inf)"), (["--mask-ratio", "1.5"], "must be in [0, 1]"),
+    (["--checkpoint-every", "0"], "[1, inf)"), (["--log-every", "0"], "[1, inf)"),
+    (["--rebuilder-grid", "0"], "[1, inf)"), (["--rebuilder-heads", "3"], "multiple of 4"),
+    (["--seed", "-1"], "[0, inf)"), (["--max-skips", "-1"], "[0, inf)"), (["--crop", "0", "--crop", "-5"], "[0, inf)"),
+    (["--crop", "100000"], "from 32"), (["--crop", "7"], "from 32"), (["--lr", "-1"], "(0, inf)"),
+    (["--ema", "2"], "[0, 1)"), (["--pseudo-threshold", "2"], "[0, 1]"), (["--jitter-p", "5"], "[0, 1]"),
+    (["--stop-after", "-1"], "[0, inf)"), (["--no-mrm", "--mask-ratio", "0.5"], "does nothing with --no-mrm"),
+    (["--lr", "nan"], "--lr nan: must be in (0, inf)"), (["--mic-weight", "2"], "does nothing without --mic"),
+    (["--source-only", "--ema", "0.9"], "does nothing with --source-only"),
+    (["--resume", "--overwrite"], "pass one of them"), (["--decode"], "works with --check-data")])
+def test_every_bad_flag_is_one_line_before_anything_is_written(tmp_path, capsys, flags, words):
+    work = tmp_path / "run"
+    assert T.main(TOY_FAST + flags + ["--work-dir", str(work)]) == 2
+    assert words in one_error_line(capsys)
+    assert not work.exists()
+
+
+# ---------------------------------------------------------------- eval.py: any images, the benchmark server, summaries, curves
+
+def tiny_model(path, num_classes, align_corners, seed=0):
+    """A random dlv2-tiny exported as training exports it (no training: a forward pass is all these tests need)."""
+    torch.manual_seed(seed)
+    model, info = build_model("dlv2-tiny", num_classes)
+    info["align_corners"] = align_corners
+    export_model(str(path), model, info, num_classes)
+    return str(path), model.eval()
+
+
+@torch.no_grad()
+def forward_by_hand(model, image, size_wh, align_corners):
+    """Train ids of an HxWx3 uint8 image: resized to fit size_wh as mmseg does (None: as is), the model, logits
+    resized bilinearly to the image's size, argmax."""
+    x = image if size_wh is None else T.resize_pair(image, None, size_wh, None, resize_label=False)[0]
+    logits = model(torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].float() / 255)
+    logits = F.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=align_corners)
+    return logits.argmax(1)[0].numpy()
+
+
+def random_image(rng, width, height):
+    return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def snapshot(folder):
+    """Every folder and every file's bytes (hashed) under folder."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames:
+            found[os.path.join(dirpath, name)] = "dir"
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            found[path] = (os.readlink(path) if os.path.islink(path) else
+                           hashlib.sha256(open(path, "rb").read()).hexdigest())
+    return found
+
+
+def test_images_predicts_every_file_at_its_own_size(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, (w, h) in (("odd", (37, 23)), ("odd2", (37, 23)), ("wide", (64, 32))):  # odd and odd2 share a batch
+        Image.fromarray(random_image(rng, w, h)).save(images / f"{name}.png")
+    Image.fromarray(random_image(rng, 50, 30)).save(images / "photo.jpg", quality=90)
+    toy, model = tiny_model(tmp_path / "toy.pth", 7, align_corners=False)
+    out = tmp_path / "out"
+    assert eval_main([toy, "--task", "toy", "--images", str(images), "--out", str(out), "--device", "cpu",
+                      "--workers", "0", "--batch-size", "2"]) == 0
+    assert "wrote 4 colour and train-id PNGs" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == sorted(f"{stem}_{kind}.png" for stem in ("odd", "odd2", "wide", "photo")
+                                             for kind in ("color", "trainid"))
+    classes = set()
+    for path in sorted(images.iterdir()):
+        image = np.array(Image.open(path).convert("RGB"))  # the JPEG as decoded
+        ids = np.array(Image.open(out / f"{path.stem}_trainid.png"))
+        assert ids.dtype == np.uint8 and ids.shape == image.shape[:2]
+        assert np.array_equal(ids, forward_by_hand(model, image, None, False)), path.name
+        assert np.array_equal(np.array(Image.open(out / f"{path.stem}_color.png")), TOY_PALETTE[ids])
+        classes |= set(np.unique(ids).tolist())
+    assert len(classes) > 1  # a constant prediction would prove little
+
+    # --blend over a glob: the JPEG only, colours at alpha 0.5
+    blended = tmp_path / "blended"
+    assert eval_main([toy, "--task", "toy", "--images", str(images / "*.jpg"), "--out", str(blended), "--blend", "0.5",
+                      "--device", "cpu", "--workers", "0"]) == 0
+    assert sorted(os.listdir(blended)) == ["photo_color.png", "photo_trainid.png"]
+    image = np.array(Image.open(images / "photo.jpg").convert("RGB")).astype(int)
+    ids = np.array(Image.open(blended / "photo_trainid.png"))
+    expected = (TOY_PALETTE[ids].astype(int) + image) / 2
+    assert np.abs(np.array(Image.open(blended / "photo_color.png")) - expected).max() <= 0.5
+
+    # a Cityscapes task: the image is resized to fit 1024x512 as mmseg resizes the target (37x23 -> 824x512)
+    assert T.mmseg_rescale_size(37, 23, (1024, 512)) == (824, 512)
+    city, model = tiny_model(tmp_path / "city.pth", 19, align_corners=True)
+    out = tmp_path / "city_out"
+    assert eval_main([city, "--task", "gta2cs", "--images", str(images / "odd.png"), "--out", str(out),
+                      "--device", "cpu", "--workers", "0"]) == 0
+    image = np.array(Image.open(images / "odd.png"))
+    assert np.array_equal(np.array(Image.open(out / "odd_trainid.png")),
+                          forward_by_hand(model, image, (1024, 512), True))
+
+
+def cityscapes_with_a_test_split(root):
+    """Fake Cityscapes (2 val images, 64x128) and a test split of 3 images copied from it, in the real layout."""
+    write_fake_dataset(root, "cityscapes", 2, (128, 64))
+    val = os.path.join(root, "cityscapes", "leftImg8bit", "val")
+    sources = sorted(os.path.join(d, f) for d, _, files in os.walk(val) for f in files)
+    names = ["berlin/berlin_000000_000019_leftImg8bit.png", "berlin/berlin_000001_000019_leftImg8bit.png",
+             "bonn/bonn_000000_000019_leftImg8bit.png"]
+    for k, name in enumerate(names):
+        target = os.path.join(root, "cityscapes", "leftImg8bit", "test", name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy(sources[k % len(sources)], target)
+    return names
+
+
+def test_format_cityscapes_writes_benchmark_label_ids(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(T.DATASETS["cityscapes"], "size", (96, 48))  # the protocol at a size a CPU test affords
+    root = str(tmp_path / "data")
+    names = cityscapes_with_a_test_split(root)
+    city, model = tiny_model(tmp_path / "city.pth", 19, align_corners=True)
+    out = tmp_path / "results"
+    assert eval_main([city, "--task", "gta2cs", "--data-root", root, "--split", "test", "--format", "cityscapes",
+                      "--out", str(out), "--device", "cpu", "--workers", "0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith("warning: ") and "3 images" in captured.err \
+        and "1525" in captured.err
+    assert f"wrote 3 Cityscapes test labelIds PNGs" in captured.out and str(out) in captured.out
+    written = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, files in os.walk(out) for f in files)
+    assert written == names
+    label_ids = set(np.flatnonzero(CITYSCAPES_ID_TO_TRAIN != 255).tolist())
+    for name in names:
+        ids = np.array(Image.open(out / name))
+        assert ids.dtype == np.uint8 and ids.shape == (64, 128)  # full resolution
+        assert set(np.unique(ids).tolist()) <= label_ids
+        image = np.array(Image.open(os.path.join(root, "cityscapes", "leftImg8bit", "test", name)))
+        assert np.array_equal(CITYSCAPES_ID_TO_TRAIN[ids], forward_by_hand(model, image, (96, 48), True)), name
+    # by hand: road (train id 0) is label id 7, bicycle (18) is 33
+    assert E.TRAIN_TO_CITYSCAPES_ID[0] == 7 and E.TRAIN_TO_CITYSCAPES_ID[18] == 33
+
+    out_val = tmp_path / "val_results"
+    assert eval_main([city, "--task", "gta2cs", "--data-root", root, "--format", "cityscapes", "--out", str(out_val),
+                      "--device", "cpu", "--workers", "0"]) == 0
+    assert "official val split has 500" in capsys.readouterr().err
+    assert sorted(os.listdir(out_val)) == ["frankfurt", "lindau"]
+    assert os.listdir(out_val / "frankfurt") == ["frankfurt_000000_000019_leftImg8bit.png"]
+
+
+def write_run(folder, records, **config):
+    os.makedirs(folder)
+    base = dict(task="gta2cs", arch="dlv2", recipe="dacs", mrm=True, mic=False, source_only=False, seed=0,
+                workers=4, log_every=50, val_every=2000, device="cuda", data_root="data", work_dir=str(folder))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**base, **config}, f)
+    with open(os.path.join(folder, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(folder)
+
+
+def losses(iteration, scale=1.0):
+    return dict(iteration=iteration, loss_source=scale / iteration, loss_uda=0.5 * scale, loss_mrm=0.3, loss_mic=0.0,
+                loss_fd=0.0, pseudo_weight=iteration / 4000, lr=2.5e-4 * (1 - iteration / 5000), it_per_s=2.0, time=0.0)
+
+
+def test_summary_groups_runs_by_configuration_and_reports_mean_and_std(tmp_path, capsys):
+    road = lambda v: [v] + [50.0] * 18  # noqa: E731 (per-class IoUs in %, only road varies)
+    a = write_run(tmp_path / "a", [losses(2000), dict(iteration=2000, val_miou=30.0, val_iou=road(10.0)),
+                                   dict(iteration=4000, val_miou=40.0, val_iou=road(90.0))], seed=0)
+    b = write_run(tmp_path / "b", [dict(iteration=4000, val_miou=43.0, val_iou=road(93.0))], seed=1, workers=2,
+                  device="cpu", data_root="/elsewhere")  # settings that do not change the experiment
+    c = write_run(tmp_path / "c", [dict(iteration=4000, val_miou=37.25)], seed=0, mrm=False)
+    d = write_run(tmp_path / "d", [losses(50)], seed=2)
+    ious = [float(i) for i in range(19)]
+    for absent in (9, 14, 16):  # SYNTHIA has no terrain, truck, train
+        ious[absent] = None
+    s = write_run(tmp_path / "s", [dict(iteration=4000, val_miou=8.25, val_iou=ious)], task="syn2cs")
+    assert eval_main(["--summary", a, b, c, d]) == 0
+    out = capsys.readouterr().out
+    assert f"{d}: no validation record" in out
+    blocks = out.split("\n\n")
+    with_mrm = next(block for block in blocks if "mrm=True" in block)
+    without = next(block for block in blocks if "mrm=False" in block)
+    # by hand: the last validations 40 and 43: mean 41.5, sample std sqrt(2 * 1.5^2 / 1) = 2.12
+    assert f"{a} " in with_mrm and f"{b} " in with_mrm and "mean +- std (n=2)" in with_mrm
+    assert "41.50 +- 2.12" in with_mrm and "30.00" not in with_mrm
+    assert f"{c} " in without and "n=1" in without and "37.25" in without and "+-" not in without
+    assert sum(line.startswith(str(d)) for line in out.splitlines()) == 1  # named once, in no table
+
+    assert eval_main(["--summary", a, b, c, s, "--per-class"]) == 0
+    out = capsys.readouterr().out
+    assert sum("no per-class IoU" in line for line in out.splitlines()) == 1 and f"{c}: its validation" in out
+    with_mrm = next(block for block in out.split("\n\n") if "mrm=True" in block)
+    header, row_a, row_b, stats = with_mrm.splitlines()[1:]
+    assert header.split()[3:5] == ["road", "sidewalk"] and header.split()[-1] == "mIoU19"
+    assert row_a.split()[3] == "90.0" and row_b.split()[3] == "93.0"
+    assert stats.split()[4] == "91.5" and stats.endswith("41.50 +- 2.12")  # road's mean: (90 + 93) / 2
+    synthia = next(block for block in out.split("\n\n") if "task=syn2cs" in block)
+    header, row = synthia.splitlines()[1:3]
+    assert header.split()[-2:] == ["mIoU16", "mIoU13"] and "terrain" not in header
+    assert sum(SYNTHIA_13) == 120 and row.split()[-2:] == ["8.25", f"{120 / 13:.2f}"]  # 9.23
+
+    assert eval_main(["--summary", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "config.json" in err
+
+
+def test_plot_curves_draws_each_logged_series_and_survives_a_partial_log(tmp_path, capsys):
+    first = write_run(tmp_path / "first", [losses(i) for i in range(50, 4001, 50)] +
+                      [dict(iteration=2000, val_miou=20.0), dict(iteration=4000, val_miou=30.0)])
+    second = write_run(tmp_path / "second", [losses(i, 2.0) for i in range(50, 2001, 50)] +
+                       [dict(iteration=2000, val_miou=25.0)])
+    drawn = E.plot_curves([first], str(tmp_path / "first.png"))
+    assert drawn == ["loss_source", "loss_uda", "loss_mrm", "pseudo_weight", "lr", "val_miou"]  # no MIC, no FD
+    # 6 panels: two rows of COLUMNS, one legend line
+    size = (E.COLUMNS * E.PANEL[0], 2 * E.PANEL[1] + E.LEGEND_LINE + 8)
+    assert Image.open(tmp_path / "first.png").size == size
+    E.plot_curves([second], str(tmp_path / "second.png"))
+    assert Image.open(tmp_path / "second.png").size == size
+    assert not np.array_equal(np.array(Image.open(tmp_path / "first.png")),
+                              np.array(Image.open(tmp_path / "second.png")))
+
+    # a record being written and a damaged line are skipped: the same picture
+    with open(os.path.join(first, "log.jsonl"), "a") as f:
+        f.write('{"iteration": 4050, "loss_sou')
+    assert E.plot_curves([first], str(tmp_path / "partial.png")) == drawn
+    assert open(tmp_path / "partial.png", "rb").read() == open(tmp_path / "first.png", "rb").read()
+    lines = open(os.path.join(first, "log.jsonl")).read().split("\n")
+    with open(os.path.join(first, "log.jsonl"), "w") as f:
+        f.write("\n".join(lines[:10] + ["{not json"] + lines[10:]))
+    assert E.plot_curves([first], str(tmp_path / "damaged.png")) == drawn
+    assert open(tmp_path / "damaged.png", "rb").read() == open(tmp_path / "first.png", "rb").read()
+
+    # two runs: a line in each run's colour; an empty log draws a placeholder
+    assert eval_main(["--plot", first, second, "--out", str(tmp_path / "both.png")]) == 0
+    pixels = np.array(Image.open(tmp_path / "both.png")).reshape(-1, 3)
+    for colour in E.RUN_COLOURS[:2]:
+        assert (pixels == colour).all(axis=1).sum() > 100
+    assert Image.open(tmp_path / "both.png").size == (size[0], size[1] + E.LEGEND_LINE)
+    empty = write_run(tmp_path / "empty", [])
+    assert E.plot_curves([empty], str(tmp_path / "empty.png")) == []
+
+    # fast enough to run after every validation of a long training
+    long_run = write_run(tmp_path / "long", [losses(i) for i in range(50, 250_001, 50)])
+    start = time.perf_counter()
+    E.plot_curves([long_run], str(tmp_path / "long.png"))
+    assert time.perf_counter() - start < 1.0
+    capsys.readouterr()
+
+
+def refused(args, capsys, words, folder):
+    before = snapshot(folder)
+    assert eval_main(args) == 2, args
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and words in err and "Traceback" not in err, err
+    assert snapshot(folder) == before, args
+
+
+def test_refusals_are_one_line_and_touch_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(T.DATASETS["cityscapes"], "size", (96, 48))
+    root = str(tmp_path / "data")
+    cityscapes_with_a_test_split(root)
+    city, _ = tiny_model(tmp_path / "city.pth", 19, align_corners=True)
+    other, _ = tiny_model(tmp_path / "other.pth", 19, align_corners=True, seed=1)
+    run = ["--task", "gta2cs", "--data-root", root, "--device", "cpu", "--workers", "0"]
+    images = str(tmp_path / "data" / "cityscapes" / "leftImg8bit" / "val" / "lindau")
+    os.symlink(city, tmp_path / "link.pth")
+    (tmp_path / "a_file").write_text("keep")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("keep")
+
+    refused([city, "--export", other] + run, capsys, "exists; pass --overwrite", tmp_path)
+    refused([city, "--export", city, "--overwrite"] + run, capsys, "checkpoint being read", tmp_path)
+    refused([city, "--export", str(tmp_path / "link.pth"), "--overwrite"] + run, capsys, "checkpoint being read",
+            tmp_path)
+    def weight(path):
+        return torch.load(path, weights_only=True)["model"]["decoder.conv2d_list.0.weight"]
+    assert not torch.equal(weight(other), weight(city))  # the two models differ before the export, agree after it
+    assert eval_main([city, "--export", other, "--overwrite"] + run) == 0
+    assert torch.equal(weight(other), weight(city))
+    capsys.readouterr()
+    refused([city, "--save-dir", os.path.join(root, "preds")] + run, capsys, "inside --data-root", tmp_path)
+    refused([city, "--images", images, "--out", os.path.join(root, "cityscapes", "p")] + run, capsys,
+            "inside --data-root", tmp_path)
+    refused([city, "--save-dir", str(tmp_path / "a_file")] + run, capsys, "existing file", tmp_path)
+    refused([city, "--images", images, "--out", str(tmp_path / "a_file")] + run, capsys, "existing file", tmp_path)
+    refused([city, "--images", images, "--out", str(tmp_path / "full")] + run, capsys, "not empty", tmp_path)
+    refused([city, "--images", str(tmp_path / "*.webp"), "--out", str(tmp_path / "new")] + run, capsys,
+            "no PNG or JPEG images matched", tmp_path)
+    refused([city, "--device", "gpu"] + run[:-4], capsys, "unknown device", tmp_path)
+    if not torch.cuda.is_available():
+        refused([city, "--device", "cuda"] + run[:-4], capsys, "no CUDA device", tmp_path)
+
+    # labels without a single labelled pixel: the mIoU would be nan
+    val_labels = os.path.join(root, "cityscapes", "gtFine", "val")
+    for dirpath, _, files in os.walk(val_labels):
+        for name in files:
+            Image.fromarray(np.zeros((64, 128), np.uint8)).save(os.path.join(dirpath, name))  # id 0: unlabeled
+    refused([city] + run, capsys, "no labelled pixel", tmp_path)
+
+
+def test_training_draws_its_curves_and_plot_draws_several_runs(tmp_path, small_toy, capsys, monkeypatch):
+    runs = [str(tmp_path / name) for name in ("a", "b")]
+    for seed, run in enumerate(runs):
+        assert T.main(TOY_FAST + ["--iters", "2", "--seed", str(seed), "--work-dir", run]) == 0
+    record = [json.loads(line) for line in open(os.path.join(runs[0], "log.jsonl")) if "val_miou" in line][-1]
+    ious = np.array([np.nan if v is None else v for v in record["val_iou"]])
+    assert len(ious) == len(T.TOY_CLASSES) and math.isclose(np.nanmean(ious), record["val_miou"])
+    drawn = Image.open(os.path.join(runs[0], "curves.png"))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert T.main(["--plot"] + runs) == 0
+    assert "wrote curves.png: loss_source" in capsys.readouterr().out
+    both = Image.open(tmp_path / "curves.png")
+    assert both.width == drawn.width and both.height > drawn.height  # one more legend line

@@ -33,7 +33,9 @@ import re
 import signal
 import struct
 import sys
+import shutil
 import tempfile
+import textwrap
 import time
 import warnings
 import zlib
@@ -77,7 +79,8 @@ FLAGS = {
         val_every=(5000, "iterations between validations on the target val split"),
         checkpoint_every=(1000, "iterations between checkpoints (atomic: a crash keeps the last one)"),
         stop_after=(0, "stop after this many iterations of this run, checkpointed; continue with --resume (0: off)"),
-        resume=(False, "continue from the work dir's checkpoint"),
+        resume=(False, "continue from the work dir's checkpoint (the same experiment: see the end of --help)"),
+        overwrite=(False, "start over in a work dir that holds another run, removing its files"),
         max_skips=(10, "corrupt files a run may skip (each is named) before it stops"),
     ),
     "model": dict(
@@ -159,10 +162,13 @@ FLAGS = {
     ),
     "modes (each does its work and exits)": dict(
         check_data=(False, "list and pair every split the task reads, print the counts"),
+        decode=(False, "with --check-data: also decode and validate every image and label, in --workers processes"),
         print_config=(False, "print the resolved configuration as JSON"),
         count_flops=(False, "count the forward multiply-adds of the model and of MRM's extra decoder pass"),
         bench=(0, "time N training steps on random batches of the paper's sizes"),
         bench_data=(0, "time N batches of the data pipeline on GTA-sized PNGs"),
+        plot=([], "draw the losses, pseudo-label weight, lr and validation mIoU of these run dirs into curves.png "
+                  "in the current folder"),
     ),
 }
 DEFAULTS = {key: entry[0] for group in FLAGS.values() for key, entry in group.items()}
@@ -676,72 +682,96 @@ def train(cfg):
     source = Domain(cfg.source, cfg.data_root, "train", cfg.seed, cfg.framework)
     target = Domain(cfg.target, cfg.data_root, "train", cfg.seed, cfg.framework)
     val = Domain(cfg.target, cfg.data_root, "val", cfg.seed)  # the mmseg protocol, whatever the recipe
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # torchrun --max-restarts: go on, or start over
+        cfg.resume = os.path.exists(os.path.join(cfg.work_dir, "checkpoint.pth"))
+        cfg.overwrite = not cfg.resume
     if rank == 0:
-        os.makedirs(cfg.work_dir, exist_ok=True)
-        atomic_write(os.path.join(cfg.work_dir, "config.json"), lambda f: f.write(config_json(cfg).encode()))
+        check_work_dir(cfg)
+    state = read_resume_checkpoint(cfg) if cfg.resume else None
     nets = build_nets(cfg, rank, world)  # the same seed everywhere: identical initial models on every rank
     if world > 1:  # from here each process draws its own random numbers (masks, ClassMix, jitter)
         seed = int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0])
         torch.manual_seed(seed)
         random.seed(seed)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun --max-restarts
-    if restarted and os.path.exists(os.path.join(cfg.work_dir, "checkpoint.pth")):
-        cfg.resume = True
-    start = resume(cfg, nets) if cfg.resume else 0
+    start = resume(cfg, nets, state) if state is not None else 0
     rcs = rcs_statistics(cfg, source, say) if cfg.rcs_temperature > 0 else None
-    loader = make_loader(cfg, TrainBatches(cfg, source, target, rcs, rank, world), start)
-    stop = min(cfg.iters, start + cfg.stop_after) if cfg.stop_after else cfg.iters
-    step = CudaGraphStep(nets) if nets.graph else train_step
-    initialisation = cfg.pretrained if cfg.pretrained not in ("", "none") else "random weights"
-    say(f"{cfg.task}: {cfg.arch} ({cfg.recipe} recipe), {'source only' if cfg.source_only else 'DACS'}"
-        f"{' + MRM' if nets.rebuilder is not None else ''}{' + MIC' if cfg.mic else ''}, iterations {start}..{stop} "
-        f"of {cfg.iters}, {len(source)} source / {len(target)} target images{f', {world} processes' if world > 1 else ''}"
-        f"\n  from {initialisation}; {'fp32' if cfg.amp == 'off' else cfg.amp} on {cfg.device}, step "
-        f"{'as one CUDA graph' if nets.graph else 'eager'}{f' ({why_eager(cfg, world)})' if not nets.graph else ''}; "
-        f"work dir {cfg.work_dir}", flush=True)
+    # every check that can refuse the run has passed: from here on the work dir is this run's
+    with WorkDirLock(cfg.work_dir, say) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            start_work_dir(cfg, state, say)
+        stop = min(cfg.iters, start + cfg.stop_after) if cfg.stop_after else cfg.iters
+        initialisation = cfg.pretrained if cfg.pretrained not in ("", "none") else "random weights"
+        changed = resume_changes(cfg, state) if state is not None else []
+        say(f"{cfg.task}: {cfg.arch} ({cfg.recipe} recipe), {'source only' if cfg.source_only else 'DACS'}"
+            f"{' + MRM' if nets.rebuilder is not None else ''}{' + MIC' if cfg.mic else ''}, iterations "
+            f"{start}..{stop} of {cfg.iters}, {len(source)} source / {len(target)} target images"
+            f"{f', {world} processes' if world > 1 else ''}\n  from {initialisation}; "
+            f"{'fp32' if cfg.amp == 'off' else cfg.amp} on {cfg.device}, step "
+            f"{'as one CUDA graph' if nets.graph else 'eager'}{f' ({why_eager(cfg, world)})' if not nets.graph else ''}"
+            f"; work dir {cfg.work_dir}{' (--overwrite)' if cfg.overwrite else ''}"
+            + (f"\n  resumed with {', '.join(changed)}" if changed else ""), flush=True)
+        loader = make_loader(cfg, TrainBatches(cfg, source, target, rcs, rank, world), start)
+        with open(os.path.join(cfg.work_dir, "log.jsonl"), "a") if rank == 0 else contextlib.nullcontext() as log:
+            return training_loop(cfg, nets, loader, val, start, stop, log, say)
 
-    log = open(os.path.join(cfg.work_dir, "log.jsonl"), "a") if rank == 0 else None
-    sums, count, skipped_total = torch.zeros(6, device=nets.device), 0, 0
+
+def training_loop(cfg, nets, loader, val, start, stop, log, say):
+    """Iterations start..stop: the step, a progress line and log record every --log-every iterations, validation
+    and checkpoints at their intervals; a SIGINT or SIGTERM ends it after the current iteration, checkpointed."""
+    step = CudaGraphStep(nets) if nets.graph else train_step
+    sums, count, skipped_total, warned = torch.zeros(6, device=nets.device), 0, 0, 0
     clock, clock_iteration = time.time(), start
-    for iteration, batch in zip(range(start, stop), loader):
-        skipped = batch.pop("skipped")
-        if skipped:
-            skipped_total += len(skipped)
-            for message in skipped:
-                print(f"skipped: {message}", file=sys.stdout if rank == 0 else sys.stderr, flush=True)
-            if skipped_total > cfg.max_skips:
-                raise DataError(f"{skipped_total} corrupt files skipped (more than --max-skips {cfg.max_skips}), "
-                                f"last: {skipped[-1]}")
-        sums += step(cfg, nets, batch, iteration)
-        count += 1
-        done = iteration + 1
-        logged = done % cfg.log_every == 0 or done == stop or done % cfg.checkpoint_every == 0
-        if done == start + 1 and not logged and world == 1:  # a first sign of life, at once; no log record
-            say(progress_line(cfg, done, (sums / count).tolist(), 1 / (time.time() - clock)), flush=True)
-        if logged:
-            if world > 1:  # every rank sees the mean over all ranks, and stops together on a NaN
-                dist.all_reduce(sums)
-                sums /= world
-            means = (sums / count).tolist()  # the one host sync, every log_every iterations
-            if not all(map(math.isfinite, means)):
-                raise NonFiniteLoss(f"non-finite loss between iterations {done - count} and {done}: {means}; "
-                                    f"the last checkpoint in {cfg.work_dir} is untouched")
-            speed = (done - clock_iteration) / (time.time() - clock)
-            clock, clock_iteration = time.time(), done
-            if log is not None:
-                record = dict(iteration=done, loss_source=means[0], loss_uda=means[1], loss_mrm=means[2],
-                              loss_mic=means[3], loss_fd=means[4], pseudo_weight=means[5],
-                              lr=float(nets.optimizers[0].param_groups[0]["lr"]), it_per_s=speed, time=time.time())
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            say(progress_line(cfg, done, means, speed), flush=True)
-            sums.zero_()
-            count = 0
-        if rank == 0 and done % cfg.val_every == 0 and done != cfg.iters:
-            validate(cfg, nets, val, done, log)  # the other ranks wait at their next collective
-        if done % cfg.checkpoint_every == 0 or done == stop:
-            save_checkpoint(cfg, nets, done)
-    if rank != 0:
+    with StopSignals() as signals:
+        for iteration, batch in zip(range(start, stop), loader):
+            if batch.get("error"):  # raised in a loader worker, re-raised here as the same one line
+                raise DataError(batch["error"])
+            skipped = batch.pop("skipped")
+            for note in batch.pop("notes"):
+                warned += 1
+                if warned <= 10:
+                    say(f"warning: {note}" + ("; further label warnings not shown" if warned == 10 else ""),
+                        flush=True)
+            if skipped:
+                skipped_total += len(skipped)
+                for message in skipped:
+                    print(f"skipped: {message}", file=sys.stdout if nets.rank == 0 else sys.stderr, flush=True)
+                if skipped_total > cfg.max_skips:
+                    raise DataError(f"{skipped_total} corrupt files skipped (more than --max-skips "
+                                    f"{cfg.max_skips}), last: {skipped[-1]}")
+            sums += step(cfg, nets, batch, iteration)
+            count += 1
+            done = iteration + 1
+            logged = done % cfg.log_every == 0 or done == stop or done % cfg.checkpoint_every == 0
+            if done == start + 1 and not logged and nets.world == 1:  # a first sign of life, at once; no record
+                say(progress_line(cfg, done, (sums / count).tolist(), 1 / (time.time() - clock)), flush=True)
+            if logged:
+                if nets.world > 1:  # every rank sees the mean over all ranks, and stops together on a NaN
+                    dist.all_reduce(sums)
+                    sums /= nets.world
+                means = (sums / count).tolist()  # the one host sync, every log_every iterations
+                if not all(map(math.isfinite, means)):
+                    raise NonFiniteLoss(f"non-finite loss between iterations {done - count} and {done}: {means}; "
+                                        f"the last checkpoint in {cfg.work_dir} is untouched")
+                speed = (done - clock_iteration) / (time.time() - clock)
+                clock, clock_iteration = time.time(), done
+                if log is not None:
+                    record = dict(iteration=done, loss_source=means[0], loss_uda=means[1], loss_mrm=means[2],
+                                  loss_mic=means[3], loss_fd=means[4], pseudo_weight=means[5],
+                                  lr=float(nets.optimizers[0].param_groups[0]["lr"]), it_per_s=speed,
+                                  time=time.time())
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                say(progress_line(cfg, done, means, speed), flush=True)
+                sums.zero_()
+                count = 0
+            if nets.rank == 0 and done % cfg.val_every == 0 and done != cfg.iters:
+                validate(cfg, nets, val, done, log)  # the other ranks wait at their next collective
+            interrupted = signals.requested(nets)
+            if done % cfg.checkpoint_every == 0 or done == stop or interrupted:
+                save_checkpoint(cfg, nets, done)
+            if interrupted:
+                raise Interrupted(interrupted, done)
+    if nets.rank != 0:
         return None
     if stop == cfg.iters:
         export_model(os.path.join(cfg.work_dir, "model.pth"), nets.model, nets.info, cfg.num_classes)
@@ -755,8 +785,14 @@ def validate(cfg, nets, val, iteration, log):
                     workers=min(cfg.workers, 4), say=print)
     table, miou = miou_report(conf, cfg.eval_classes, cfg.class_names)
     print(f"validation at iteration {iteration} on {len(val)} {cfg.target} images:\n{table}", flush=True)
-    log.write(json.dumps(dict(iteration=iteration, val_miou=miou)) + "\n")
+    ious = [None if math.isnan(iou) else 100 * iou for iou in iou_per_class(conf.cpu()).tolist()]
+    log.write(json.dumps(dict(iteration=iteration, val_miou=miou, val_iou=ious)) + "\n")
     log.flush()
+    from eval import plot_curves  # eval.py imports this file, so it is imported here, once both exist
+    try:
+        plot_curves([cfg.work_dir], os.path.join(cfg.work_dir, "curves.png"))
+    except DataError as error:  # a picture is not worth stopping the run for
+        print(f"warning: {error}", flush=True)
     return miou
 
 
@@ -785,6 +821,10 @@ def main(argv=None):
             bench(cfg)
         elif cfg.bench_data:
             bench_data(cfg)
+        elif cfg.plot:
+            from eval import plot_curves
+            drawn = plot_curves(cfg.plot, "curves.png")
+            print(f"wrote curves.png: {', '.join(drawn) or 'nothing logged yet'} of {len(cfg.plot)} run(s)")
         else:
             train(cfg)
     except (ConfigError, DataError) as error:
@@ -794,12 +834,24 @@ def main(argv=None):
         if os.environ.get("RANK", "0") == "0":  # every process sees the same all-reduced NaN
             print(f"error: {error}", file=sys.stderr)
         return 3
+    except Interrupted as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(error, file=sys.stderr)
+        return 128 + error.signum
+    except KeyboardInterrupt:
+        print(f"{rank_prefix()}interrupted: stopped at once, without a new checkpoint; the last one is intact "
+              f"(continue with --resume)", file=sys.stderr)
+        return 130
     except torch.OutOfMemoryError:
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
         print(f"error: out of GPU memory (peak {peak:.1f} GiB allocated). Reduce it with --amp bf16, "
               f"a smaller --crop, --checkpoint-blocks (MiT) or --batch-size 1", file=sys.stderr)
         return 4
     except RuntimeError as error:
+        if "DataLoader worker" in str(error):  # killed by a signal or the out-of-memory killer
+            print(f"error: {rank_prefix()}a data loader process died ({one_line(error)[:160]}); the last checkpoint "
+                  f"in {cfg.work_dir} is intact: continue with --resume", file=sys.stderr)
+            return 5
         if not lost_a_process(error):
             raise
         if os.environ.get("RANK", "0") == "0":
@@ -1563,11 +1615,20 @@ class Domain:
     def __len__(self):
         return self.count
 
-    def load(self, i, full_label=False):
-        """full_label: keep the label at its original size (the mmseg evaluation protocol)."""
+    def load(self, i, full_label=False, with_label=True):
+        """full_label: keep the label at its original size (the mmseg evaluation protocol). with_label=False: the
+        label is all ignore (255), not read."""
         if self.name.startswith("toy-"):
             return make_toy_scene(np.random.default_rng([*self.seed, i]), self.style)
-        image, label = read_image(self.pairs[i][0]), self.full_label(i)
+        image = read_image(self.pairs[i][0])
+        if not with_label:
+            return resize_pair(image, np.full(image.shape[:2], 255, np.uint8), self.size, self.dacs_filter)
+        label = self.full_label(i)
+        (h, w), (lh, lw) = image.shape[:2], label.shape
+        # GTA's few documented image/label size mismatches are a few pixels; resize_pair gives the label the
+        # image's size
+        if (h, w) != (lh, lw) and not (self.name == "gta" and abs(lh - h) <= 0.05 * h and abs(lw - w) <= 0.05 * w):
+            raise BadLabel(self.pairs[i][1], self.name, f"{lw}x{lh} pixels, its image {self.pairs[i][0]} {w}x{h}")
         return resize_pair(image, label, self.size, self.dacs_filter, resize_label=not full_label)
 
     def full_label(self, i):
@@ -1586,14 +1647,21 @@ class TrainBatches(torch.utils.data.Dataset):
         return self.cfg.iters
 
     def __getitem__(self, iteration):
+        """The batch, with the corrupt files skipped on the way and the label warnings; a data error as
+        dict(error=message): raised in a loader worker, it would reach the user wrapped in the worker's traceback."""
         rng = np.random.default_rng([self.cfg.seed, iteration, *self.stream])
         skipped = []
-        source = [self.sample(self.source, rng, skipped, is_source=True) for _ in range(self.cfg.batch_size)]
-        target = [self.sample(self.target, rng, skipped) for _ in range(self.cfg.batch_size)]
+        try:
+            source = [self.sample(self.source, rng, skipped, is_source=True) for _ in range(self.cfg.batch_size)]
+            target = [self.sample(self.target, rng, skipped) for _ in range(self.cfg.batch_size)]
+        except DataError as error:
+            return dict(error=str(error))
+        notes = LABEL_NOTES[:]
+        LABEL_NOTES.clear()
         return dict(source_image=torch.from_numpy(np.stack([s[0] for s in source])).permute(0, 3, 1, 2),
                     source_label=torch.from_numpy(np.stack([s[1] for s in source])),
                     target_image=torch.from_numpy(np.stack([t[0] for t in target])).permute(0, 3, 1, 2),
-                    skipped=skipped)
+                    skipped=skipped, notes=notes)
 
     def sample(self, domain, rng, skipped, is_source=False):
         """Pick an image (rare-class sampling on the source when on) and run the pipeline (crop, flip) on it. A
@@ -1602,7 +1670,7 @@ class TrainBatches(torch.utils.data.Dataset):
             rare_class, index = (rcs_pick(rng, *self.rcs) if is_source and self.rcs
                                  else (None, int(rng.integers(len(domain)))))
             try:
-                image, label = domain.load(index)
+                image, label = domain.load(index, with_label=is_source)  # target labels are never used
             except CorruptFile as error:
                 skipped.append(str(error))
                 continue
@@ -1640,26 +1708,46 @@ def make_loader(cfg, dataset, start_iteration):
     # (which creates it at another point of the RNG stream) would diverge from a straight one.
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(start_iteration, cfg.iters), num_workers=cfg.workers,
-        pin_memory=cfg.device == "cuda", persistent_workers=cfg.workers > 0,
+        pin_memory=cfg.device == "cuda", persistent_workers=cfg.workers > 0, worker_init_fn=ignore_stop_signals,
         prefetch_factor=4 if cfg.workers else None, generator=torch.Generator().manual_seed(cfg.seed))
 
 
+def ignore_stop_signals(worker_id):
+    """Loader workers leave SIGINT and SIGTERM (sent to the whole process group by Ctrl-C or a cluster) to the
+    main process, which finishes the iteration and checkpoints."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def rcs_statistics(cfg, source, say=print):
-    """Per-class pixel counts of every source label, computed once and cached beside the data (or in
-    the work dir when the data folder is read-only). Returns (class probabilities, images per class)."""
+    """Per-class pixel counts of every source label, computed once and cached beside the data (or in the work
+    dir when the data folder is read-only), keyed by the label files' sizes and modification times: a changed
+    label or a corrupt cache is counted anew. Returns (class probabilities, images per class)."""
     cache_name = f"rcs_stats_{source.name}_{len(source)}.json"
     candidates = [os.path.join(cfg.data_root, source.name, cache_name), os.path.join(cfg.work_dir, cache_name)]
-    counts = next((json.load(open(p)) for p in candidates if os.path.exists(p)), None)
+    stats = [os.stat(label) for _, label in source.pairs]
+    key = zlib.crc32(json.dumps([(s.st_size, s.st_mtime_ns) for s in stats]).encode())
+    counts = None
+    for path in candidates:
+        try:
+            cached = json.load(open(path))
+            if cached["key"] == key and len(cached["counts"]) == len(source):
+                counts = cached["counts"]
+                break
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
     if counts is None:
-        say(f"rare class sampling: counting classes in {len(source)} source labels (once)...", flush=True)
+        say(f"rare class sampling: counting classes in {len(source)} source labels...", flush=True)
         counts = [np.bincount(source.full_label(i).ravel(), minlength=256)[:cfg.num_classes].tolist()
                   for i in range(len(source))]
+        LABEL_NOTES.clear()  # the loader reports them, once per file
         for path in candidates:
-            try:
-                atomic_write(path, lambda f: f.write(json.dumps(counts).encode()))
-                break
-            except OSError:
-                continue
+            if os.path.isdir(os.path.dirname(path)):
+                try:
+                    atomic_write(path, lambda f: f.write(json.dumps(dict(key=key, counts=counts)).encode()))
+                    break
+                except DataError:
+                    continue
     counts = np.array(counts)
     images_per_class = [np.flatnonzero(counts[:, c] > cfg.rcs_min_pixels).tolist() for c in range(cfg.num_classes)]
     if not any(images_per_class):
@@ -1672,8 +1760,13 @@ def _list_pngs(folder, pattern, skip, naming):
     """Map pairing key -> path for every .png under folder (listing only, nothing is decoded)."""
     if not os.path.isdir(folder):
         raise DataError(f'{folder}: folder not found, expected files named {naming}')
-    found = {}
-    for dirpath, _, filenames in os.walk(folder, followlinks=True):  # data folders are often symlinks
+    found, seen = {}, set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):  # data folders are often symlinks
+        stat = os.stat(dirpath)
+        if (stat.st_dev, stat.st_ino) in seen:  # a symlink loop: each folder is listed once
+            dirnames.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
         for name in filenames:
             if not name.endswith('.png'):
                 continue
@@ -1748,14 +1841,71 @@ def read_image(path):
     return _pil_array(path, path, 'RGB')
 
 
+# What a label file must be, per dataset: PNG colour types (0 grey, 2 RGB, 3 palette, 4 grey+alpha, 6 RGBA), bit
+# depths and the raw ids it may hold (Cityscapes labelIds 0-33, and 255 where cityscapesscripts wrote id -1).
+LABEL_FORMATS = {'gta': dict(color_types=(0, 3), depths=(8,), ids=(*range(34), 255)),
+                 'cityscapes': dict(color_types=(0, 3), depths=(8,), ids=(*range(34), 255)),
+                 'synthia': dict(color_types=(0, 2, 4, 6), depths=(8, 16), ids=tuple(range(23)))}
+
+
+class BadLabel(CorruptFile):
+    """A label file that decodes but is not what its dataset writes; skipped in training like a corrupt file."""
+
+    def __init__(self, path, dataset, reason):
+        self.path = path
+        DataError.__init__(self, f'{path}: not a {dataset} label file ({reason})')
+
+
+def check_label_header(path, dataset):
+    """The PNG signature and IHDR (bit depth, colour type) of a label, read without decoding it."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(26)
+    except OSError as e:
+        raise CorruptFile(path, e) from e
+    if head[:8] != _PNG_SIGNATURE or head[12:16] != b'IHDR':
+        kind = 'a JPEG' if head[:3] == b'\xff\xd8\xff' else 'not a PNG'
+        raise BadLabel(path, dataset, f'{kind}: its first bytes are {head[:8]!r}')
+    depth, color_type = head[24], head[25]
+    format_ = LABEL_FORMATS[dataset]
+    if depth not in format_['depths'] or color_type not in format_['color_types']:
+        raise BadLabel(path, dataset, f'PNG of bit depth {depth} and colour type {color_type}; expected depth '
+                                      f"{' or '.join(map(str, format_['depths']))}, colour type "
+                                      f"{' or '.join(map(str, format_['color_types']))}")
+
+
+LABEL_NOTES = []  # read_label's reports of unknown ids in this process, taken by whoever shows them
+
+
+def check_label_ids(ids, path, dataset):
+    """Raw ids outside the dataset's table: a label made mostly of them is refused (BadLabel); a few are read as
+    ignore (255), as the id tables map them, and reported in LABEL_NOTES."""
+    counts = np.bincount(ids.ravel())
+    present = np.flatnonzero(counts)
+    unknown = np.setdiff1d(present, LABEL_FORMATS[dataset]['ids'])
+    if not unknown.size:
+        return
+    share = counts[unknown].sum() / ids.size
+    reason = (f"ids {unknown[:8].tolist()}{' ...' if unknown.size > 8 else ''} are not {dataset} label ids, on "
+              f"{share:.1%} of its pixels" + (" (channels in another order?)" if dataset == 'synthia' else ''))
+    if share > 0.5:
+        raise BadLabel(path, dataset, reason)
+    LABEL_NOTES.append(f'{path}: {reason}; read as ignore (255)')
+
+
 def read_label(path, dataset):
-    """HxW uint8 train ids (255 = ignore), mapped from the dataset's raw label ids."""
+    """HxW uint8 train ids (255 = ignore), mapped from the dataset's raw label ids, after checking that the file
+    is a label of that dataset (check_label_header, check_label_ids)."""
+    check_label_header(path, dataset)
     if dataset == 'synthia':
-        return SYNTHIA_ID_TO_TRAIN[_first_channel(path)]
+        ids = _first_channel(path)
+        check_label_ids(ids, path, dataset)
+        return SYNTHIA_ID_TO_TRAIN[ids]
     ids = _pil_array(path, path)
     if ids.ndim != 2 or ids.dtype != np.uint8:
-        raise DataError(f'{path}: expected an 8-bit single-channel PNG of Cityscapes label ids, '
-                        f'got shape {ids.shape} of {ids.dtype}')
+        raise BadLabel(path, dataset, f'expected an 8-bit single-channel PNG of Cityscapes label ids, got shape '
+                                      f'{ids.shape} of {ids.dtype}')
+    check_label_ids(ids, path, dataset)
     return CITYSCAPES_ID_TO_TRAIN[ids]
 
 
@@ -1850,13 +2000,23 @@ def one_line(error):
 
 
 def atomic_write(path, write):
-    """Write to a temporary file, fsync, rename: a crash at any moment leaves the old file or the new."""
+    """Write to a temporary file, fsync, rename: a crash at any moment leaves the old file or the new. A write
+    that fails (a full disk, an I/O error) removes the temporary file and is one DataError line."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)[:160]
+        with contextlib.suppress(OSError):
+            reason += f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 30:.2f} GiB free there"
+        raise DataError(f"{path}: could not write it ({reason}); the previous {os.path.basename(path)}, if any, "
+                        f"is intact") from None
 
 
 def save_checkpoint(cfg, nets, iteration):
@@ -1915,9 +2075,11 @@ def load_model_state(model, state, path):
         raise DataError(str(error)) from None
 
 
-def resume(cfg, nets):
+def resume(cfg, nets, state=None):
+    """Restore nets and the random state from the work dir's checkpoint (read_resume_checkpoint's `state`);
+    returns its iteration."""
     path = os.path.join(cfg.work_dir, "checkpoint.pth")
-    state = load_checkpoint(path)
+    state = read_resume_checkpoint(cfg) if state is None else state
     if state["arch"] != nets.info:
         raise DataError(f"{path}: checkpoint is {state['arch']}, this run builds {nets.info}")
     load_model_state(nets.model, state["model"], path)
@@ -1979,6 +2141,7 @@ def evaluate(model, domain, num_classes, device, align_corners, amp="off", proto
         conf += confusion_matrix(prediction, label.to(device), num_classes)
         if on_prediction is not None:
             on_prediction(i, image.numpy(), prediction.to(torch.uint8).cpu().numpy())
+    LABEL_NOTES.clear()  # unknown label ids are reported by training and --check-data --decode
     return conf
 
 
@@ -2035,6 +2198,174 @@ def format_table(ious, class_ids, names=CLASSES):
     values = [f'{v:.1f}' for v in list(ious[class_ids]) + [np.nanmean(ious[class_ids])]]
     widths = [max(len(name), 5) for name in header]
     return '\n'.join(' | '.join(cell.rjust(width) for cell, width in zip(row, widths)) for row in (header, values))
+
+
+# ============================================================================= appendix: run safety
+# A work dir belongs to one run: checked before anything is written, locked while the run lives, resumed only
+# with the experiment it holds; signals and full disks end a run with a checkpoint or an intact one.
+
+RUN_FILES = ("checkpoint.pth", "config.json", "log.jsonl", "model.pth", "curves.png")
+# Settings that may differ on --resume (they do not change what is computed); every other flag must match.
+RESUME_MAY_CHANGE = ("data_root", "work_dir", "workers", "log_every", "val_every", "checkpoint_every", "stop_after",
+                     "resume", "overwrite", "max_skips", "device", "compile", "cuda_graph", "channels_last",
+                     "checkpoint_blocks", "aspp_depthwise")
+CHECKPOINT_KEYS = {"iteration", "config", "arch", "model", "optimizers", "scaler", "rng", "world_size"}
+
+
+def check_work_dir(cfg):
+    """Refuse, before writing anything, a work dir that cannot hold this run: a file, under a file, not
+    writable, or holding another run (unless --resume or --overwrite)."""
+    path = cfg.work_dir
+    parent = path
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--work-dir {path}: is a file, not a folder")
+    if parent and not os.path.isdir(parent):
+        raise ConfigError(f"--work-dir {path}: {parent} is a file, not a folder")
+    if not os.access(parent or ".", os.W_OK | os.X_OK):
+        raise ConfigError(f"--work-dir {path}: {parent or '.'} is not writable")
+    held = [name for name in RUN_FILES if os.path.exists(os.path.join(path, name))]
+    if held and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(f"--work-dir {path} holds a run ({', '.join(held)}): pass --resume to continue it, "
+                          f"--overwrite to start it over, or another --work-dir")
+
+
+def read_resume_checkpoint(cfg):
+    """The work dir's checkpoint, after checking that it is a training checkpoint of the same experiment."""
+    path = os.path.join(cfg.work_dir, "checkpoint.pth")
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+        raise DataError(f"{path}: not a training checkpoint of train_dacs_mrm.py (an export or another file?); "
+                        f"--resume continues from the checkpoint.pth a run wrote")
+    saved = state["config"]
+    differences = [f"--{key.replace('_', '-')} {saved[key]} (now {getattr(cfg, key)})" for key in DEFAULTS
+                   if key not in RESUME_MAY_CHANGE and key in saved and saved[key] != getattr(cfg, key)]
+    if differences:
+        raise ConfigError(f"{path}: checkpoint is of another experiment, run with " + ", ".join(differences) +
+                          ": resume with the same settings, or start a new --work-dir")
+    if state["iteration"] > cfg.iters:
+        raise ConfigError(f"{path} is at iteration {state['iteration']}, past --iters {cfg.iters}")
+    return state
+
+
+def resume_changes(cfg, state):
+    """The settings a resumed run changes, for its header."""
+    saved = state["config"]
+    return [f"--{key.replace('_', '-')} {saved[key]} -> {getattr(cfg, key)}" for key in RESUME_MAY_CHANGE
+            if key in saved and key not in ("resume", "overwrite") and saved[key] != getattr(cfg, key)]
+
+
+class WorkDirLock:
+    """work_dir/.lock, holding this process's pid and host while the run lives. A second run in the same dir
+    stops in one line; a lock left by a process that died is taken over (saying so)."""
+
+    def __init__(self, work_dir, say=print):
+        self.path, self.say = os.path.join(work_dir, ".lock"), say
+
+    def __enter__(self):
+        me = f"{os.getpid()} {platform.node()}"
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self.owner()
+                if owner is None:
+                    continue
+                pid, host = owner
+                if host != platform.node() or pid_alive(pid):
+                    raise DataError(f"{os.path.dirname(self.path)}: in use by another run (process {pid} on {host}); "
+                                    f"remove {self.path} if that run is gone")
+                self.say(f"taking over the lock of process {pid}, which is gone", flush=True)
+                os.remove(self.path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            return self
+        raise DataError(f"{self.path}: cannot take the lock")
+
+    def owner(self):
+        try:
+            pid, host = open(self.path).read().split(" ", 1)
+            return int(pid), host
+        except (OSError, ValueError):
+            return None if not os.path.exists(self.path) else (0, platform.node())
+
+    def __exit__(self, *exc):
+        if self.owner() == (os.getpid(), platform.node()):
+            os.remove(self.path)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def start_work_dir(cfg, state, say):
+    """Under the lock: remove what interrupted writes left, start over (--overwrite) or cut the log back to the
+    checkpoint's iteration (--resume), and write config.json."""
+    for name in os.listdir(cfg.work_dir):
+        if re.fullmatch(r".+\.tmp\d+", name):
+            os.remove(os.path.join(cfg.work_dir, name))
+    if state is None:
+        removed = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.work_dir, name))]
+        for name in removed:
+            os.remove(os.path.join(cfg.work_dir, name))
+        if removed:
+            say(f"--overwrite: removed {', '.join(removed)} of the previous run in {cfg.work_dir}", flush=True)
+    else:
+        log = os.path.join(cfg.work_dir, "log.jsonl")
+        if os.path.exists(log):
+            kept = []
+            for line in open(log):
+                try:
+                    if json.loads(line)["iteration"] <= state["iteration"]:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by a kill
+            atomic_write(log, lambda f: f.write("".join(kept).encode()))
+    atomic_write(os.path.join(cfg.work_dir, "config.json"), lambda f: f.write(config_json(cfg).encode()))
+
+
+class Interrupted(Exception):
+    def __init__(self, signum, iteration):
+        self.signum, self.iteration = signum, iteration
+        super().__init__(f"interrupted at iteration {iteration}: checkpoint written; continue with --resume")
+
+
+class StopSignals:
+    """SIGINT and SIGTERM during the loop: the first asks it to stop after the current iteration with a
+    checkpoint; a second SIGINT stops at once (KeyboardInterrupt, without a traceback in main)."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def requested(self, nets):
+        """The signal any process received (one all-reduce under torchrun, so that all stop together), or 0."""
+        if nets.world == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=nets.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
 
 # ============================================================================= appendix: several processes (torchrun)
@@ -2403,20 +2734,81 @@ def bench_data(cfg):
 # The command line (flags -> config) and the modes that do one thing and exit: --check-data, --count-flops.
 
 
+# Allowed ranges: (low, high, low is allowed, high is allowed); None: unbounded. Checked for every run.
+RANGES = dict(
+    seed=(0, None, True, None), workers=(0, None, True, None), log_every=(1, None, True, None),
+    val_every=(1, None, True, None), checkpoint_every=(1, None, True, None), stop_after=(0, None, True, None),
+    max_skips=(0, None, True, None), iters=(1, None, True, None), batch_size=(1, None, True, None),
+    crop=(0, None, True, None), lr=(0, None, False, None), head_lr_mult=(0, None, False, None),
+    momentum=(0, 1, True, False), weight_decay=(0, None, True, None), poly_power=(0, None, True, None),
+    warmup_iters=(0, None, True, None), ema=(0, 1, True, False), pseudo_threshold=(0, 1, True, True),
+    jitter=(0, 0.5, True, True), jitter_p=(0, 1, True, True), blur_p=(0, 1, True, True),
+    cat_max_ratio=(0, 1, False, True), rcs_temperature=(0, None, True, None), rcs_min_pixels=(0, None, True, None),
+    fd_weight=(0, None, True, None), mrm_weight=(0, None, True, None), mask_ratio=(0, 1, True, True),
+    rebuilder_dim=(4, None, True, None), rebuilder_depth=(1, None, True, None), rebuilder_heads=(1, None, True, None),
+    rebuilder_grid=(1, None, True, None), rebuilder_lr=(0, None, False, None),
+    rebuilder_weight_decay=(0, None, True, None), mic_mask_ratio=(0, 1, True, True),
+    mic_block_size=(1, None, True, None), mic_weight=(0, None, True, None), bench=(0, None, True, None),
+    bench_data=(0, None, True, None),
+)
+MRM_FLAGS = ("mrm_weight", "mask_ratio", "rebuilder_dim", "rebuilder_depth", "rebuilder_heads", "rebuilder_grid",
+             "rebuilder_lr", "rebuilder_weight_decay", "mrm_domain", "mrm_mode", "mrm_objective", "mrm_trains")
+MIC_FLAGS = ("mic_mask_ratio", "mic_block_size", "mic_weight")
+TARGET_FLAGS = ("ema", "pseudo_threshold", "jitter", "jitter_p", "blur_p", "pl_crop", "mic") + MRM_FLAGS
+
+
+def check_ranges(cfg, given):
+    """Every number in its range (NaN and inf refused), the Rebuilder's shape consistent, the crop one the
+    network can take, and no flag given that the run would ignore."""
+    for key, (low, high, low_ok, high_ok) in RANGES.items():
+        value = cfg[key]
+        text = (("[" if low_ok else "(") + f"{low}, " + (f"{high}" + ("]" if high_ok else ")") if high is not None
+                                                         else "inf)"))
+        if not math.isfinite(value) or value < low or (value == low and not low_ok) or \
+                (high is not None and (value > high or (value == high and not high_ok))):
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: must be in {text}")
+    if cfg["rebuilder_dim"] % 4 or cfg["rebuilder_dim"] % cfg["rebuilder_heads"]:
+        raise ConfigError(f"--rebuilder-dim {cfg['rebuilder_dim']}: must be a multiple of 4 (the sin-cos position "
+                          f"embedding) and of --rebuilder-heads {cfg['rebuilder_heads']}")
+    largest = max(max(DATASETS[name]["size"]) if name in DATASETS else 128 for name in (cfg["source"], cfg["target"]))
+    if cfg["crop"] and not 32 <= cfg["crop"] <= largest:
+        raise ConfigError(f"--crop {cfg['crop']}: must be 0 (whole images) or from 32 (the encoders' stride) to "
+                          f"{largest} (the task's largest training image side)")
+    if cfg["source_only"]:
+        ignored = [key for key in TARGET_FLAGS if key in given]
+        if ignored:
+            raise ConfigError(f"--{ignored[0].replace('_', '-')} does nothing with --source-only (no target, no "
+                              f"teacher, no MRM)")
+    if not cfg["mrm"]:
+        ignored = [key for key in MRM_FLAGS if key in given]
+        if ignored:
+            raise ConfigError(f"--{ignored[0].replace('_', '-')} {given[ignored[0]]} does nothing with --no-mrm")
+    if not cfg["mic"]:
+        ignored = [key for key in MIC_FLAGS if key in given]
+        if ignored:
+            raise ConfigError(f"--{ignored[0].replace('_', '-')} {given[ignored[0]]} does nothing without --mic")
+
+
 def flag_help(key, default, text):
     """A flag's help line: its text, its default, and the recipes that set it otherwise."""
     by_value = {}
     for name, recipe in RECIPES.items():
         if key in recipe and recipe[key] != default:
             by_value.setdefault(recipe[key], []).append(name)
-    shown = "" if default == "" else f"; default {default}"
+    shown = "" if default in ("", []) else f"; default {default}"
     recipes = "; ".join(f"{', '.join(names)}: {value}" for value, names in by_value.items())
     return (text + shown + (f" (recipe {recipes})" if recipes else "")).replace("%", "%%")
 
 
 def build_parser():
+    may_change = ", ".join("--" + key.replace("_", "-") for key in RESUME_MAY_CHANGE if key in DEFAULTS)
+    epilog = (f"--resume continues a run only as the experiment it was: these flags may differ from the checkpoint's "
+              f"(they change how, not what, is computed): {may_change}; every other flag must match, or the run "
+              f"stops naming each difference.")
     parser = argparse.ArgumentParser(usage="python train_dacs_mrm.py [--task T] [--arch A] [--pretrained FILE] [...]",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     description=__doc__,
+                                     epilog="\n".join(textwrap.wrap(epilog, 100, break_on_hyphens=False)),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for title, flags in FLAGS.items():
         group = parser.add_argument_group(title)
         for key, (default, text, *choices) in flags.items():
@@ -2425,6 +2817,8 @@ def build_parser():
             if isinstance(default, bool):
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                    help=help_text)
+            elif isinstance(default, list):
+                group.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="RUN_DIR", help=help_text)
             else:
                 metavar = "|".join(choices) if choices else {int: "N", float: "X"}.get(type(default), "PATH")
                 group.add_argument(flag, type=type(default), default=argparse.SUPPRESS, metavar=metavar,
@@ -2482,6 +2876,11 @@ def parse_config(argv=None):
         raise ConfigError("--device cuda: no CUDA device is available")
     if cfg["iters"] <= 0 or cfg["batch_size"] <= 0:
         raise ConfigError("--iters and --batch-size must be positive")
+    check_ranges(cfg, given)
+    if cfg["resume"] and cfg["overwrite"]:
+        raise ConfigError("--resume continues the work dir's run and --overwrite removes it: pass one of them")
+    if cfg["decode"] and not cfg["check_data"]:
+        raise ConfigError("--decode works with --check-data")
     mode = any(cfg[key] for key in FLAGS["modes (each does its work and exits)"])
     weights = ARCHS[arch]["weights"]
     if not cfg["pretrained"] and weights and cfg["task"] != "toy" and not mode:
@@ -2498,9 +2897,49 @@ def config_json(cfg):
 
 
 def check_data(cfg):
-    """List and pair every split the task reads (no decoding) and print the counts."""
-    for name, split in ((cfg.source, "train"), (cfg.target, "train"), (cfg.target, "val")):
-        print(f"{name} {split}: {len(Domain(name, cfg.data_root, split, cfg.seed))} image/label pairs")
+    """List and pair every split the task reads and print the counts; with --decode also decode and validate
+    every pair (check_pair) in --workers processes, with a progress line, and list every problem."""
+    domains = [Domain(name, cfg.data_root, split, cfg.seed) for name, split in
+               ((cfg.source, "train"), (cfg.target, "train"), (cfg.target, "val"))]
+    for domain, split in zip(domains, ("train", "train", "val")):
+        print(f"{domain.name} {split}: {len(domain)} image/label pairs", flush=True)
+    if not cfg.decode:
+        return
+    items = [(domain, i) for domain in domains if hasattr(domain, "pairs") for i in range(len(domain))]
+    problems, notes, start = [], [], time.perf_counter()
+    results = torch.utils.data.DataLoader(PairCheck(items), batch_size=None, num_workers=cfg.workers)
+    for done, (problem, note) in enumerate(results, start=1):
+        problems += [problem] if problem else []
+        notes += note
+        if done % max(1, len(items) // 10) == 0 or done == len(items):
+            seconds = (time.perf_counter() - start) / done
+            print(f"  decoded {done}/{len(items)} pairs, {len(problems)} problems, ETA "
+                  f"{format_eta(seconds * (len(items) - done))}", flush=True)
+    for line in problems + [f"warning: {note}" for note in notes]:
+        print(line, flush=True)
+    if problems:
+        raise DataError(f"{len(problems)} of {len(items)} image/label pairs are unreadable or not labels of "
+                        f"their dataset (listed above)")
+
+
+class PairCheck(torch.utils.data.Dataset):
+    """Item i: (problem or "", label warnings) of decoding the i-th (domain, index) pair as training does."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        domain, index = self.items[i]
+        LABEL_NOTES.clear()
+        try:
+            domain.load(index, full_label=True)
+            problem = ""
+        except DataError as error:
+            problem = str(error)
+        return problem, LABEL_NOTES[:]
 
 
 def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None, dilations=(6, 12), decoder=""):
