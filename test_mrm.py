@@ -3246,3 +3246,46 @@ def test_training_draws_its_curves_and_plot_draws_several_runs(tmp_path, small_t
     assert "wrote curves.png: loss_source" in capsys.readouterr().out
     both = Image.open(tmp_path / "curves.png")
     assert both.width == drawn.width and both.height > drawn.height  # one more legend line
+
+
+# ---------------------------------------------------------------- debug grids
+
+def test_debug_grids_are_written_at_their_iterations_and_show_the_steps_mrm_mask(tmp_path, small_toy, monkeypatch):
+    work = str(tmp_path / "run")
+    assert T.main(TOY_FAST + ["--iters", "4", "--debug-every", "2", "--mic", "--work-dir", work]) == 0
+    assert sorted(os.listdir(os.path.join(work, "debug"))) == ["iteration_000002.png", "iteration_000004.png"]
+    grid = Image.open(os.path.join(work, "debug", "iteration_000004.png"))
+    assert grid.size == (4 * 128, 4 * (64 + 14))  # 15 panels (9 DACS, 4 MRM, 2 MIC) of the 64x128 toy scenes
+    off = str(tmp_path / "off")
+    assert T.main(TOY_FAST + ["--iters", "4", "--debug-every", "0", "--work-dir", off]) == 0
+    assert not os.path.exists(os.path.join(off, "debug"))
+    # the MRM panel darkens exactly the cells of the mask the step's loss used
+    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--rebuilder-dim", "32",
+                          "--rebuilder-heads", "4", "--rebuilder-grid", "4", "--iters", "4"])
+    nets = T.build_nets(cfg)
+    used = []
+    real = T.mrm_auxiliary_loss
+    monkeypatch.setattr(T, "mrm_auxiliary_loss", lambda *a: used.append(a[6]) or real(*a))
+    T.train_step(cfg, nets, fake_batch(), 0)
+    panels = dict(T.debug_panels(cfg, nets))
+    assert len(panels) == 13 and all(p.shape == (32, 32, 3) and p.dtype == np.uint8 for p in panels.values())
+    shown, mixed = panels["MRM mask (4x4)"].astype(float), panels["mixed image"].astype(float)
+    darkened = (shown.sum(-1) < 0.5 * mixed.sum(-1) + 1).reshape(4, 8, 4, 8).mean(axis=(1, 3)) > 0.5
+    assert (darkened == used[0][0, 0].bool().numpy()).all() and 0 < darkened.sum() < 16
+    assert (panels["mixed target"] == T.PALETTE[nets.seen["mixed_label"][0].numpy()]).all()
+
+
+def test_the_graph_steps_debug_grid_equals_the_eager_steps():
+    cfg = T.parse_config(GRAPH_CASES[1] + ["--device", "cpu"])
+    torch.manual_seed(0)
+    eager = T.build_nets(cfg)
+    torch.manual_seed(0)
+    graphed = T.build_nets(cfg)
+    step = T.CudaGraphStep(graphed, warmup=1, capture=False)
+    for iteration in range(3):
+        torch.manual_seed(100 + iteration)
+        T.train_step(cfg, eager, fake_batch(seed=iteration), iteration)
+        torch.manual_seed(100 + iteration)
+        step(cfg, graphed, fake_batch(seed=iteration), iteration)
+    for (name, a), (_, b) in zip(T.debug_panels(cfg, eager), T.debug_panels(cfg, graphed), strict=True):
+        assert np.array_equal(a, b), name

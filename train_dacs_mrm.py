@@ -52,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import decode_png, read_file
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from mrm import Masking, Rebuilder, mrm_loss, resize_mask, segmentation_ce
 
@@ -82,6 +82,7 @@ FLAGS = {
         resume=(False, "continue from the work dir's checkpoint (the same experiment: see the end of --help)"),
         overwrite=(False, "start over in a work dir that holds another run, removing its files"),
         max_skips=(10, "corrupt files a run may skip (each is named) before it stops"),
+        debug_every=(1000, "iterations between debug grids of the first image of a batch in work_dir/debug/ (0: off)"),
     ),
     "model": dict(
         arch=("", "encoder (default: the task's); *-tiny are for tests and the toy task"),
@@ -192,7 +193,7 @@ RECIPES["daformer"] = dict(RECIPES["mmseg-dacs"], ema=0.999, rcs_temperature=0.0
 RECIPES["toy"] = dict(RECIPES["dacs"], iters=1000, batch_size=8, crop=0, optimizer="adamw", lr=1e-3,
                       head_lr_mult=1.0, weight_decay=1e-4, align_corners=False, rebuilder_lr=1e-3,
                       rebuilder_dim=64, rebuilder_heads=4, rebuilder_grid=8, mic_block_size=8, log_every=50,
-                      val_every=500, checkpoint_every=500, workers=0)
+                      val_every=500, checkpoint_every=500, debug_every=500, workers=0)
 TOY_SIZES = {"train": 2000, "val": 200}  # scenes per toy split: a finite target set, as in real UDA
 
 # Label tables: the 19 Cityscapes classes in train-id order (cityscapesscripts labels.py), Table 1's order.
@@ -470,10 +471,13 @@ def mic_masked_images(x, fill, strength, p, mask_ratio, block_size):
 # Eq. 4 through mrm.py, and the other objectives of Table 2(e).
 
 
-def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight):
+def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight, mask=None):
     """L_mrm on the encoder's `features` of `images`: Eq. 4's CE(D(R(f)), y) (--mrm-objective cls) or one of
     Table 2(e)'s regressions at masked cells (README). --mrm-trains (Table 4) holds a part fixed for this loss
-    only: decoder: the features are detached; encoder: the decoder runs with detached weights."""
+    only: decoder: the features are detached; encoder: the decoder runs with detached weights. mask: the
+    Rebuilder's (B, 1, grid, grid) mask, drawn here when not given."""
+    if mask is None:
+        mask = nets.rebuilder.random_mask(images.shape[0], images.device)
     if cfg.mrm_trains == "decoder":
         features = [f.detach() for f in features] if isinstance(features, list) else features.detach()
     if cfg.mrm_objective == "cls":
@@ -484,8 +488,8 @@ def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight):
                 return torch.func.functional_call(nets.model.decoder, weights, (f,))
         else:
             decoder = nets.calls.decoder
-        return mrm_loss(decoder, nets.calls.rebuilder, features, labels, weight, align_corners=cfg.align_corners)
-    mask = nets.rebuilder.random_mask(images.shape[0], images.device)
+        return mrm_loss(decoder, nets.calls.rebuilder, features, labels, weight, align_corners=cfg.align_corners,
+                        mask=mask)
     rebuilt = nets.calls.rebuilder(features, mask)
     if cfg.mrm_objective == "pixel":
         return masked_pixel_loss(nets.calls.pixel_head, last_level(rebuilt), images, mask)
@@ -538,6 +542,7 @@ def forward_backward(cfg, nets, x_s, y_s, x_t):
                               enabled=cfg.amp != "off")
     zero = torch.zeros((), device=nets.device)
     loss_u = loss_mrm_s = loss_mrm_t = loss_mic = loss_fd = weight = zero
+    nets.seen = dict(source_image=x_s, source_label=y_s)  # what the debug panels show (references, no copies)
     source_weight = 1.0 if mmseg else None  # mmseg 0.16 averages over all pixels, DACS over labelled ones
 
     # (1) supervised source loss, Eq. 1 (+ DAFormer's ImageNet feature distance)
@@ -577,9 +582,13 @@ def forward_backward(cfg, nets, x_s, y_s, x_t):
             f_m = encoder(x_m.contiguous(memory_format=nets.memory_format))
             loss_u = segmentation_ce(decoder(f_m), y_m, w_m, align_corners=cfg.align_corners)
             if rebuilder is not None and cfg.mrm_domain in ("target", "both"):
-                loss_mrm_t = mrm_auxiliary_loss(cfg, nets, f_m, x_m, y_m, w_m)
+                mrm_mask = rebuilder.random_mask(x_m.shape[0], x_m.device)
+                loss_mrm_t = mrm_auxiliary_loss(cfg, nets, f_m, x_m, y_m, w_m, mrm_mask)
+                nets.seen.update(mrm_mask=mrm_mask)
         scaler.scale(loss_u + cfg.mrm_weight * loss_mrm_t).backward()
         del f_m
+        nets.seen.update(target_image=x_t, pseudo_label=pseudo, pixel_weight=pixel_weight, mix=mix, mixed_image=x_m,
+                         mixed_label=y_m)
         # (6) MIC: the student on block-masked target images against the teacher's pseudo-labels of the
         # clean ones, with the un-mixed pixel weight; its own backward
         if cfg.mic:
@@ -589,6 +598,7 @@ def forward_backward(cfg, nets, x_s, y_s, x_t):
                 loss_mic = segmentation_ce(decoder(encoder(x_mic.contiguous(memory_format=nets.memory_format))),
                                            pseudo.clone(), pixel_weight.clone(), align_corners=cfg.align_corners)
             scaler.scale(cfg.mic_weight * loss_mic).backward()
+            nets.seen.update(mic_image=x_mic)
     return torch.stack([loss_s, loss_u, loss_mrm_s + loss_mrm_t, loss_mic, loss_fd, weight]).detach().float()
 
 
@@ -764,6 +774,8 @@ def training_loop(cfg, nets, loader, val, start, stop, log, say):
                 say(progress_line(cfg, done, means, speed), flush=True)
                 sums.zero_()
                 count = 0
+            if nets.rank == 0 and cfg.debug_every and done % cfg.debug_every == 0 and not cfg.source_only:
+                write_debug_grid(cfg, nets, os.path.join(cfg.work_dir, "debug", f"iteration_{done:06d}.png"))
             if nets.rank == 0 and done % cfg.val_every == 0 and done != cfg.iters:
                 validate(cfg, nets, val, done, log)  # the other ranks wait at their next collective
             interrupted = signals.requested(nets)
@@ -1670,7 +1682,8 @@ class TrainBatches(torch.utils.data.Dataset):
             rare_class, index = (rcs_pick(rng, *self.rcs) if is_source and self.rcs
                                  else (None, int(rng.integers(len(domain)))))
             try:
-                image, label = domain.load(index, with_label=is_source)  # target labels are never used
+                # target labels are never used: not read
+                image, label = domain.load(index) if is_source else domain.load(index, with_label=False)
             except CorruptFile as error:
                 skipped.append(str(error))
                 continue
@@ -2200,15 +2213,88 @@ def format_table(ious, class_ids, names=CLASSES):
     return '\n'.join(' | '.join(cell.rjust(width) for cell, width in zip(row, widths)) for row in (header, values))
 
 
+# ============================================================================= appendix: debug grids
+# What one iteration did, for the first image of its batch, as DAFormer's and MIC's debug images show it, plus
+# MRM's view: the masked cells and what the decoder predicts from the rebuilt features.
+
+def debug_panels(cfg, nets):
+    """[(title, HxWx3 uint8)] of the last step's tensors (nets.seen, first image); the predictions are the
+    student's after that step, in eval mode, on the step's own mixed image, MRM mask and MIC image."""
+    seen = {key: value[:1] for key, value in nets.seen.items()}
+    palette = np.concatenate([TASKS[cfg.task]["palette"], np.zeros((256 - len(TASKS[cfg.task]["palette"]), 3),
+                                                                     np.uint8)])  # ignore (255) is black
+
+    def image(x):
+        return (x[0].float().clamp(0, 1).permute(1, 2, 0) * 255).round().byte().cpu().numpy()
+
+    def labels(y):
+        return palette[y[0].cpu().numpy().astype(np.uint8)]
+
+    def grey(w):
+        return np.repeat((w[0].float().clamp(0, 1) * 255).round().byte().cpu().numpy()[..., None], 3, axis=-1)
+
+    def predict(logits, size):
+        return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=cfg.align_corners).argmax(1)
+
+    x_m, y_m = seen["mixed_image"], seen["mixed_label"]
+    size = x_m.shape[-2:]
+    panels = [("source image", image(seen["source_image"])), ("source label", labels(seen["source_label"])),
+              ("target image", image(seen["target_image"])), ("pseudo-label", labels(seen["pseudo_label"])),
+              ("pseudo-label weight", grey(seen["pixel_weight"])), ("ClassMix mask", grey(seen["mix"].float())),
+              ("mixed image", image(x_m)), ("mixed target", labels(y_m))]
+    model, training = nets.model, nets.model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            features = model.encoder(x_m)
+            clean = predict(model.decoder(features), size)
+            panels.append(("prediction on the mixed image", labels(clean)))
+            if "mrm_mask" in seen:
+                mask = seen["mrm_mask"]
+                dark = F.interpolate(mask.float(), size=size, mode="nearest")[0, 0].cpu().numpy()[..., None]
+                rebuilt = predict(model.decoder(nets.rebuilder(features, mask)), size)
+                differs = rebuilt != clean
+                wrong = (rebuilt != y_m) & (y_m != 255)
+                panels += [(f"MRM mask ({mask.shape[-1]}x{mask.shape[-1]})",
+                            (image(x_m) * (1 - 0.7 * dark)).round().astype(np.uint8)),
+                           ("prediction from rebuilt features", labels(rebuilt)),
+                           ("rebuilt differs from clean", grey(differs.float())),
+                           ("rebuilt differs from target", grey(wrong.float()))]
+            if "mic_image" in seen:
+                panels += [("MIC masked image", image(seen["mic_image"])),
+                           ("MIC prediction", labels(predict(model(seen["mic_image"]), size)))]
+    finally:
+        model.train(training)
+    return panels
+
+
+def write_debug_grid(cfg, nets, path, columns=4, width=256):
+    """The panels, each scaled to `width` pixels (at most its own width) under its title, `columns` a row."""
+    panels = debug_panels(cfg, nets)
+    h, w = panels[0][1].shape[:2]
+    scale = min(1.0, width / w)
+    cell_w, cell_h, title = round(w * scale), round(h * scale), 14
+    rows = -(-len(panels) // columns)
+    grid = Image.new("RGB", (columns * cell_w, rows * (cell_h + title)), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (name, picture) in enumerate(panels):
+        x, y = (k % columns) * cell_w, (k // columns) * (cell_h + title)
+        draw.text((x + 2, y + 1), name, fill="black")
+        grid.paste(Image.fromarray(picture).resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y + title))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda f: grid.save(f, format="PNG"))
+    return panels
+
+
 # ============================================================================= appendix: run safety
 # A work dir belongs to one run: checked before anything is written, locked while the run lives, resumed only
 # with the experiment it holds; signals and full disks end a run with a checkpoint or an intact one.
 
-RUN_FILES = ("checkpoint.pth", "config.json", "log.jsonl", "model.pth", "curves.png")
+RUN_FILES = ("checkpoint.pth", "config.json", "log.jsonl", "model.pth", "curves.png", "debug")
 # Settings that may differ on --resume (they do not change what is computed); every other flag must match.
 RESUME_MAY_CHANGE = ("data_root", "work_dir", "workers", "log_every", "val_every", "checkpoint_every", "stop_after",
                      "resume", "overwrite", "max_skips", "device", "compile", "cuda_graph", "channels_last",
-                     "checkpoint_blocks", "aspp_depthwise")
+                     "checkpoint_blocks", "aspp_depthwise", "debug_every")
 CHECKPOINT_KEYS = {"iteration", "config", "arch", "model", "optimizers", "scaler", "rng", "world_size"}
 
 
@@ -2316,7 +2402,8 @@ def start_work_dir(cfg, state, say):
     if state is None:
         removed = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.work_dir, name))]
         for name in removed:
-            os.remove(os.path.join(cfg.work_dir, name))
+            path = os.path.join(cfg.work_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         if removed:
             say(f"--overwrite: removed {', '.join(removed)} of the previous run in {cfg.work_dir}", flush=True)
     else:
@@ -2749,7 +2836,7 @@ RANGES = dict(
     rebuilder_grid=(1, None, True, None), rebuilder_lr=(0, None, False, None),
     rebuilder_weight_decay=(0, None, True, None), mic_mask_ratio=(0, 1, True, True),
     mic_block_size=(1, None, True, None), mic_weight=(0, None, True, None), bench=(0, None, True, None),
-    bench_data=(0, None, True, None),
+    bench_data=(0, None, True, None), debug_every=(0, None, True, None),
 )
 MRM_FLAGS = ("mrm_weight", "mask_ratio", "rebuilder_dim", "rebuilder_depth", "rebuilder_heads", "rebuilder_grid",
              "rebuilder_lr", "rebuilder_weight_decay", "mrm_domain", "mrm_mode", "mrm_objective", "mrm_trains")
