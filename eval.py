@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from train_dacs_mrm import (_LAYOUT, CITYSCAPES_ID_TO_TRAIN, DATASETS, DEFAULT_WORKERS, DEFAULTS, TASKS, CorruptFile,
-                            DataError, Domain, _list_pngs, atomic_write, build_model, evaluate, export_model,
+                            RESUME_MAY_CHANGE, DataError, Domain, _list_pngs, atomic_write, build_model, evaluate, export_model,
                             format_eta, load_checkpoint, load_model_state, miou_report, one_line, read_image,
                             resize_pair)
 
@@ -226,10 +226,8 @@ def check_output_file(path, flag, data_root, overwrite, reading=None):
 
 # ----------------------------------------------------------------------------- runs: logs, summary, curves
 
-# Settings that change how a run is run, not what it trains: runs differing only in these form one group.
-NOT_THE_EXPERIMENT = {"seed", "work_dir", "workers", "log_every", "val_every", "checkpoint_every", "device",
-                      "data_root", "stop_after", "resume", "max_skips", "channels_last", "compile", "cuda_graph",
-                      "checkpoint_blocks", "aspp_depthwise"}
+# Runs differing only in their seed and in settings that change how, not what, they train form one group.
+NOT_THE_EXPERIMENT = {"seed", *RESUME_MAY_CHANGE}
 
 
 def read_log(run_dir):

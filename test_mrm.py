@@ -2426,7 +2426,7 @@ def test_torchrun_ranks_stay_identical_and_rank_0_alone_writes(tmp_path):
     assert code == 0, err[-3000:]
     assert out.count("toy: dlv2-tiny (toy recipe), DACS + MRM") == 1 and "2 processes" in out
     assert out.count("[4/4]") == 1 and out.count("mIoU over 7 classes") == 1  # one rank prints, validates
-    assert sorted(os.listdir(work)) == ["checkpoint.pth", "config.json", "log.jsonl", "model.pth"]
+    assert sorted(os.listdir(work)) == ["checkpoint.pth", "config.json", "curves.png", "log.jsonl", "model.pth"]
     records = [json.loads(line) for line in open(os.path.join(work, "log.jsonl"))]
     assert [r["iteration"] for r in records if "loss_source" in r] == [1, 2, 3, 4]
     state = state_of(work)
@@ -2728,7 +2728,7 @@ def test_a_work_dir_belongs_to_one_run(tmp_path, small_toy, capsys, monkeypatch)
     assert T.main(TOY_FAST + ["--iters", "2", "--overwrite", "--work-dir", work]) == 0
     out = capsys.readouterr().out
     assert f"taking over the lock of process {dead.pid}" in out and "--overwrite: removed checkpoint.pth" in out
-    assert sorted(os.listdir(work)) == ["checkpoint.pth", "config.json", "log.jsonl", "model.pth"]
+    assert sorted(os.listdir(work)) == ["checkpoint.pth", "config.json", "curves.png", "log.jsonl", "model.pth"]
     assert len([line for line in open(os.path.join(work, "log.jsonl")) if "loss_source" in line]) == 1
     for bad, words in ((str(tmp_path / "run" / "model.pth"), "is a file"),
                        (str(tmp_path / "run" / "model.pth" / "sub"), "is a file, not a folder")):
@@ -2940,9 +2940,8 @@ def test_symlink_loops_do_not_hang_the_listing(tmp_path):
     (["--seed", "-1"], "[0, inf)"), (["--max-skips", "-1"], "[0, inf)"), (["--crop", "0", "--crop", "-5"], "[0, inf)"),
     (["--crop", "100000"], "from 32"), (["--crop", "7"], "from 32"), (["--lr", "-1"], "(0, inf)"),
     (["--ema", "2"], "[0, 1)"), (["--pseudo-threshold", "2"], "[0, 1]"), (["--jitter-p", "5"], "[0, 1]"),
-    (["--stop-after", "-1"], "[0, inf)"), (["--no-mrm", "--mask-ratio", "0.5"], "does nothing with --no-mrm"),
-    (["--lr", "nan"], "--lr nan: must be in (0, inf)"), (["--mic-weight", "2"], "does nothing without --mic"),
-    (["--source-only", "--ema", "0.9"], "does nothing with --source-only"),
+    (["--stop-after", "-1"], "[0, inf)"), (["--lr", "nan"], "--lr nan: must be in (0, inf)"),
+    (["--task", "gta2cs", "--arch", "dlv2-tiny", "--crop", "0"], "--crop 0 (whole images) is for the toy task"),
     (["--resume", "--overwrite"], "pass one of them"), (["--decode"], "works with --check-data")])
 def test_every_bad_flag_is_one_line_before_anything_is_written(tmp_path, capsys, flags, words):
     work = tmp_path / "run"
@@ -3289,3 +3288,13 @@ def test_the_graph_steps_debug_grid_equals_the_eager_steps():
         step(cfg, graphed, fake_batch(seed=iteration), iteration)
     for (name, a), (_, b) in zip(T.debug_panels(cfg, eager), T.debug_panels(cfg, graphed), strict=True):
         assert np.array_equal(a, b), name
+
+
+def test_flags_the_run_ignores_are_named_in_a_warning(capsys):
+    for flags, words in ((["--no-mrm", "--mask-ratio", "0.5"], "--mask-ratio 0.5 does nothing with --no-mrm"),
+                         (["--mic-weight", "2"], "--mic-weight 2.0 does nothing without --mic"),
+                         (["--source-only", "--ema", "0.9"], "--ema 0.9 does nothing with --source-only")):
+        T.parse_config(["--task", "toy"] + flags)
+        assert capsys.readouterr().err == f"warning: {words}\n"
+    T.parse_config(["--task", "toy", "--mask-ratio", "0.5", "--mic", "--mic-weight", "2"])
+    assert capsys.readouterr().err == ""

@@ -2846,7 +2846,8 @@ TARGET_FLAGS = ("ema", "pseudo_threshold", "jitter", "jitter_p", "blur_p", "pl_c
 
 def check_ranges(cfg, given):
     """Every number in its range (NaN and inf refused), the Rebuilder's shape consistent, the crop one the
-    network can take, and no flag given that the run would ignore."""
+    network can take. Returns a warning for each flag given that the run ignores (scripts often pass one set of
+    flags to several runs, so these do not stop a run)."""
     for key, (low, high, low_ok, high_ok) in RANGES.items():
         value = cfg[key]
         text = (("[" if low_ok else "(") + f"{low}, " + (f"{high}" + ("]" if high_ok else ")") if high is not None
@@ -2861,19 +2862,13 @@ def check_ranges(cfg, given):
     if cfg["crop"] and not 32 <= cfg["crop"] <= largest:
         raise ConfigError(f"--crop {cfg['crop']}: must be 0 (whole images) or from 32 (the encoders' stride) to "
                           f"{largest} (the task's largest training image side)")
-    if cfg["source_only"]:
-        ignored = [key for key in TARGET_FLAGS if key in given]
-        if ignored:
-            raise ConfigError(f"--{ignored[0].replace('_', '-')} does nothing with --source-only (no target, no "
-                              f"teacher, no MRM)")
-    if not cfg["mrm"]:
-        ignored = [key for key in MRM_FLAGS if key in given]
-        if ignored:
-            raise ConfigError(f"--{ignored[0].replace('_', '-')} {given[ignored[0]]} does nothing with --no-mrm")
-    if not cfg["mic"]:
-        ignored = [key for key in MIC_FLAGS if key in given]
-        if ignored:
-            raise ConfigError(f"--{ignored[0].replace('_', '-')} {given[ignored[0]]} does nothing without --mic")
+    if not cfg["crop"] and cfg["task"] != "toy":
+        raise ConfigError(f"--crop 0 (whole images) is for the toy task: {cfg['task']}'s images differ in size")
+    ignored = [(key, "--source-only") for key in TARGET_FLAGS if cfg["source_only"] and key in given]
+    ignored += [(key, "--no-mrm") for key in MRM_FLAGS if not cfg["mrm"] and key in given]
+    ignored += [(key, "without --mic") for key in MIC_FLAGS if not cfg["mic"] and key in given]
+    return [f"--{key.replace('_', '-')} {given[key]} does nothing {'with ' * (why[0] == '-')}{why}"
+            for key, why in ignored]
 
 
 def flag_help(key, default, text):
@@ -2963,7 +2958,8 @@ def parse_config(argv=None):
         raise ConfigError("--device cuda: no CUDA device is available")
     if cfg["iters"] <= 0 or cfg["batch_size"] <= 0:
         raise ConfigError("--iters and --batch-size must be positive")
-    check_ranges(cfg, given)
+    for warning in check_ranges(cfg, given):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     if cfg["resume"] and cfg["overwrite"]:
         raise ConfigError("--resume continues the work dir's run and --overwrite removes it: pass one of them")
     if cfg["decode"] and not cfg["check_data"]:
