@@ -1612,7 +1612,8 @@ class HostReads(TorchDispatchMode):
     ["--task", "gta2cs", "--arch", "dlv2-tiny", "--mrm-objective", "pixel"],
     ["--task", "gta2cs", "--arch", "dlv2-tiny", "--mrm-mode", "mask-only", "--mic"],
     ["--task", "gta2cs", "--arch", "mit-tiny", "--mrm-trains", "encoder", "--mrm-domain", "both"],
-    ["--task", "gta2cs", "--arch", "mit-tiny", "--mrm-objective", "feature-teacher"]])
+    ["--task", "gta2cs", "--arch", "mit-tiny", "--mrm-objective", "feature-teacher"],
+    ["--task", "gta2cs", "--arch", "dlv2-tiny", "--mrm-mode", "input"]])
 def test_device_step_reads_nothing_on_the_host(monkeypatch, flags):
     """What CudaGraphStep captures after its warm-up, for every kind of step: no operation that reads values on
     the host and no host random numbers. torch's own SGD and AdamW are left out: on the CPU they read a tensor
@@ -2204,7 +2205,7 @@ def test_toy_training_logs_and_exports_without_rebuilder(tmp_path, small_toy, ca
                                    ["--arch", "mit-tiny", "--checkpoint-blocks"], ["--mic"], ["--mic", "--no-mrm"],
                                    ["--mrm-objective", "pixel"], ["--mrm-objective", "feature-teacher"],
                                    ["--mrm-objective", "feature-student"], ["--mrm-mode", "mask-only"],
-                                   ["--mrm-trains", "encoder"], ["--mrm-trains", "decoder"]])
+                                   ["--mrm-trains", "encoder"], ["--mrm-trains", "decoder"], ["--mrm-mode", "input"]])
 def test_toy_variants_run(tmp_path, small_toy, extra):
     assert T.main(TOY_FAST + ["--iters", "2", "--work-dir", str(tmp_path)] + extra) == 0
     state = state_of(str(tmp_path))
@@ -3298,3 +3299,44 @@ def test_flags_the_run_ignores_are_named_in_a_warning(capsys):
         assert capsys.readouterr().err == f"warning: {words}\n"
     T.parse_config(["--task", "toy", "--mask-ratio", "0.5", "--mic", "--mic-weight", "2"])
     assert capsys.readouterr().err == ""
+
+
+def test_input_space_masking_masks_the_mixed_image_on_the_grid_and_its_loss_trains_the_whole_student(monkeypatch):
+    """Table 6's "Input Space" row: the mixed images masked on the 16x16 grid (exactly 102 cells each), masked
+    pixels the colour that normalises to 0, a second student pass whose loss alone reaches encoder and decoder."""
+    x = torch.rand(2, 3, 64, 48)
+    mask = Masking(16, 0.4).random_mask(2)
+    fill = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)
+    masked = T.masked_input(x, mask, fill)
+    cells = mask.repeat_interleave(4, dim=2).repeat_interleave(3, dim=3).bool().expand_as(x)  # 64/16, 48/16
+    assert mask.flatten(1).sum(1).tolist() == [102, 102]
+    assert torch.equal(masked[~cells], x[~cells]) and torch.equal(masked[cells], fill.expand_as(x)[cells])
+    assert T.main(["--task", "gta2cs", "--arch", "dlv2-tiny", "--mrm-mode", "input", "--mrm-domain", "both"]) == 2
+    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--mrm-mode", "input",
+                          "--iters", "4"])
+    nets = T.build_nets(cfg)
+    assert nets.rebuilder is not None and not list(nets.rebuilder.parameters()) and len(nets.optimizers) == 1
+    state = {}
+    real_masked_input, real_ce = T.masked_input, T.segmentation_ce
+
+    def spied_masked_input(*args):
+        state["next"] = True  # the next loss is the masked pass's
+        return real_masked_input(*args)
+
+    def only_the_masked_loss(*args, **kwargs):
+        loss = real_ce(*args, **kwargs)
+        return loss if state.pop("next", False) else 0 * loss
+
+    monkeypatch.setattr(T, "masked_input", spied_masked_input)
+    monkeypatch.setattr(T, "segmentation_ce", only_the_masked_loss)
+    nets.model.train()
+    batch = fake_batch()
+    losses = T.forward_backward(cfg, nets, *T.step_inputs(nets, *[batch[k] for k in T.BATCH_KEYS]))
+    assert losses[2] > 0 and losses[0] == losses[1] == 0
+    for part in (nets.model.encoder, nets.model.decoder):
+        grads = [p.grad for p in part.parameters() if p.requires_grad]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    monkeypatch.undo()
+    assert "MRM masked input" in dict(T.debug_panels(cfg, nets))
+    base = T.count_flops("dlv2", mode="rebuild")
+    assert T.count_flops("dlv2", mode="input")["ratio"] == 2.0 and base["ratio"] < 1.1

@@ -134,7 +134,8 @@ FLAGS = {
         rebuilder_lr=(2e-4, "Rebuilder learning rate; it always trains with AdamW"),
         rebuilder_weight_decay=(0.01, "Rebuilder weight decay"),
         mrm_domain=("target", "whose features MRM rebuilds (Table 3)", ("target", "source", "both")),
-        mrm_mode=("rebuild", "rebuild the masked cells, or only mask them (Table 2c)", ("rebuild", "mask-only")),
+        mrm_mode=("rebuild", "rebuild the masked cells, only mask them (Table 2c), or mask the mixed image "
+                             "itself and run the student again (Table 6, input space)", ("rebuild", "mask-only", "input")),
         mrm_objective=("cls", "what the rebuilt features learn (Table 2e): the decoder's classes (Eq. 4), "
                               "image patches or features", ("cls", "pixel", "feature-teacher", "feature-student")),
         mrm_trains=("both", "what the MRM loss's gradient reaches besides the Rebuilder (Table 4)",
@@ -499,6 +500,12 @@ def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight, mask=None):
     return masked_feature_loss(rebuilt, features, mask)
 
 
+def masked_input(images, mask, fill):
+    """Table 6's "Input Space" masking: the grid's masked cells of the images (nearest-upsampled) take `fill`,
+    the colour that normalises to 0. The paper does not say what fills them; we chose MIC's."""
+    return torch.where(F.interpolate(mask, size=images.shape[-2:], mode="nearest").bool(), fill, images)
+
+
 PIXELS_PER_CELL = 8  # the pixel objective's target: each grid cell's image patch, area-resized to 8 x 8
 
 
@@ -583,7 +590,13 @@ def forward_backward(cfg, nets, x_s, y_s, x_t):
             loss_u = segmentation_ce(decoder(f_m), y_m, w_m, align_corners=cfg.align_corners)
             if rebuilder is not None and cfg.mrm_domain in ("target", "both"):
                 mrm_mask = rebuilder.random_mask(x_m.shape[0], x_m.device)
-                loss_mrm_t = mrm_auxiliary_loss(cfg, nets, f_m, x_m, y_m, w_m, mrm_mask)
+                if cfg.mrm_mode == "input":  # Table 6: the image masked, a second encoder and decoder pass
+                    x_masked = masked_input(x_m, mrm_mask, model.encoder.normalize.zero_colour())
+                    loss_mrm_t = segmentation_ce(decoder(encoder(x_masked.contiguous(memory_format=nets.memory_format))),
+                                                 y_m, w_m, align_corners=cfg.align_corners)
+                    nets.seen.update(mrm_input=x_masked)
+                else:
+                    loss_mrm_t = mrm_auxiliary_loss(cfg, nets, f_m, x_m, y_m, w_m, mrm_mask)
                 nets.seen.update(mrm_mask=mrm_mask)
         scaler.scale(loss_u + cfg.mrm_weight * loss_mrm_t).backward()
         del f_m
@@ -917,8 +930,9 @@ def build_nets(cfg, rank=0, world=1):
 
 
 def build_rebuilder(cfg, encoder):
-    """The Rebuilder (or Table 2(c)'s Masking), and the linear pixel head of Table 2(e)'s pixel objective."""
-    if cfg.mrm_mode == "mask-only":
+    """The Rebuilder (or Table 2(c)'s Masking), and the linear pixel head of Table 2(e)'s pixel objective. Table
+    6's input-space masking needs neither (Masking draws its masks)."""
+    if cfg.mrm_mode in ("mask-only", "input"):
         return Masking(cfg.rebuilder_grid, cfg.mask_ratio), None
     rebuilder = Rebuilder(encoder.out_channels, embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth,
                           num_heads=cfg.rebuilder_heads, grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio,
@@ -2249,7 +2263,10 @@ def debug_panels(cfg, nets):
             features = model.encoder(x_m)
             clean = predict(model.decoder(features), size)
             panels.append(("prediction on the mixed image", labels(clean)))
-            if "mrm_mask" in seen:
+            if "mrm_input" in seen:
+                panels += [("MRM masked input", image(seen["mrm_input"])),
+                           ("prediction on the masked input", labels(predict(model(seen["mrm_input"]), size)))]
+            elif "mrm_mask" in seen:
                 mask = seen["mrm_mask"]
                 dark = F.interpolate(mask.float(), size=size, mode="nearest")[0, 0].cpu().numpy()[..., None]
                 rebuilt = predict(model.decoder(nets.rebuilder(features, mask)), size)
@@ -2947,6 +2964,9 @@ def parse_config(argv=None):
     mrm_flags = [f"--{k.replace('_', '-')} {given[k]}" for k in ("mrm_mode", "mrm_objective", "mrm_trains") if k in given]
     if mrm_flags and (not cfg["mrm"] or cfg["source_only"]):
         raise ConfigError(f"{mrm_flags[0]} needs MRM, which --no-mrm / --source-only switch off")
+    if cfg["mrm_mode"] == "input" and (cfg["mrm_domain"] != "target" or cfg["mrm_trains"] != "both"):
+        raise ConfigError("--mrm-mode input masks the mixed target images and trains the whole student on them: "
+                          "it takes --mrm-domain target and --mrm-trains both")
     if cfg["mrm_objective"] != "cls" and (cfg["mrm_mode"] != "rebuild" or cfg["mrm_trains"] != "both"):
         raise ConfigError(f"--mrm-objective {cfg['mrm_objective']} regresses the Rebuilder's output without the "
                           f"decoder: it needs --mrm-mode rebuild and --mrm-trains both")
@@ -3025,9 +3045,11 @@ class PairCheck(torch.utils.data.Dataset):
         return problem, LABEL_NOTES[:]
 
 
-def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None, dilations=(6, 12), decoder=""):
-    """Forward multiply-accumulates of D(E(x)) and of the extra D(R(f)) for one image, counted by
-    torch.utils.flop_counter on the meta device (shapes only: instant, no memory)."""
+def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None, dilations=(6, 12), decoder="",
+                mode="rebuild"):
+    """Forward multiply-accumulates of D(E(x)) and of what MRM adds for one image, the extra D(R(f)) (mode
+    rebuild) or a second D(E(x)) of the masked image (mode input), counted by torch.utils.flop_counter on the
+    meta device (shapes only: instant, no memory)."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         model, _ = build_model(arch, num_classes, aspp_dilations=dilations, decoder=decoder)
@@ -3039,8 +3061,8 @@ def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None,
             features = model.encoder(x)
             model.decoder(features)
         with FlopCounterMode(display=False) as extra:
-            model.decoder(rebuilder(features))
-    trainable = sum(p.numel() for p in rebuilder.parameters() if p.requires_grad)
+            model.decoder(rebuilder(features)) if mode != "input" else model.decoder(model.encoder(x))
+    trainable = sum(p.numel() for p in rebuilder.parameters() if p.requires_grad) if mode != "input" else 0
     return dict(model_gmac=base.get_total_flops() / 2e9, extra_gmac=extra.get_total_flops() / 2e9,
                 rebuilder_params=trainable, ratio=1 + extra.get_total_flops() / base.get_total_flops(),
                 encoder_params=sum(p.numel() for p in model.encoder.parameters()),
@@ -3051,11 +3073,12 @@ def print_flops(cfg):
     crop = cfg.crop or 512
     kw = dict(embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth, num_heads=cfg.rebuilder_heads,
               grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio)
-    r = count_flops(cfg.arch, (crop, crop), cfg.num_classes, kw, aspp_dilations(cfg), cfg.decoder)
+    r = count_flops(cfg.arch, (crop, crop), cfg.num_classes, kw, aspp_dilations(cfg), cfg.decoder, cfg.mrm_mode)
+    extra = "decoder(encoder(masked x))" if cfg.mrm_mode == "input" else "decoder(rebuilder(f))"
     print(f"{cfg.arch} + {cfg.decoder}: encoder {r['encoder_params']:,} + decoder {r['decoder_params']:,} parameters; "
           f"Rebuilder {r['rebuilder_params']:,} trainable parameters\n"
           f"at {crop}x{crop}: encoder+decoder {r['model_gmac']:.2f} GMAC; "
-          f"decoder(rebuilder(f)) adds {r['extra_gmac']:.2f} GMAC ({r['ratio']:.3f}x)")
+          f"{extra} adds {r['extra_gmac']:.2f} GMAC ({r['ratio']:.3f}x)")
 
 
 # ============================================================================= appendix: toy scenes
