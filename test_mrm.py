@@ -3255,7 +3255,7 @@ def test_debug_grids_are_written_at_their_iterations_and_show_the_steps_mrm_mask
     assert T.main(TOY_FAST + ["--iters", "4", "--debug-every", "2", "--mic", "--work-dir", work]) == 0
     assert sorted(os.listdir(os.path.join(work, "debug"))) == ["iteration_000002.png", "iteration_000004.png"]
     grid = Image.open(os.path.join(work, "debug", "iteration_000004.png"))
-    assert grid.size == (4 * 128, 4 * (64 + 14))  # 15 panels (9 DACS, 4 MRM, 2 MIC) of the 64x128 toy scenes
+    assert grid.size == (4 * 256, 4 * (128 + 14))  # 15 panels (9 DACS, 4 MRM, 2 MIC), 64x128 scenes at 256 wide
     off = str(tmp_path / "off")
     assert T.main(TOY_FAST + ["--iters", "4", "--debug-every", "0", "--work-dir", off]) == 0
     assert not os.path.exists(os.path.join(off, "debug"))

@@ -2286,10 +2286,10 @@ def debug_panels(cfg, nets):
 
 
 def write_debug_grid(cfg, nets, path, columns=4, width=256):
-    """The panels, each scaled to `width` pixels (at most its own width) under its title, `columns` a row."""
+    """The panels, each scaled to `width` pixels wide under its title, `columns` a row."""
     panels = debug_panels(cfg, nets)
     h, w = panels[0][1].shape[:2]
-    scale = min(1.0, width / w)
+    scale = width / w
     cell_w, cell_h, title = round(w * scale), round(h * scale), 14
     rows = -(-len(panels) // columns)
     grid = Image.new("RGB", (columns * cell_w, rows * (cell_h + title)), "white")
