@@ -3340,3 +3340,14 @@ def test_input_space_masking_masks_the_mixed_image_on_the_grid_and_its_loss_trai
     assert "MRM masked input" in dict(T.debug_panels(cfg, nets))
     base = T.count_flops("dlv2", mode="rebuild")
     assert T.count_flops("dlv2", mode="input")["ratio"] == 2.0 and base["ratio"] < 1.1
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
+def test_read_image_decodes_pngs_as_pil_does(tmp_path, mode):
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, size=(13, 21, 3), dtype=np.uint8))
+    picture = picture.quantize(16) if mode == "P" else picture.convert(mode)
+    path = str(tmp_path / "image.png")
+    picture.save(path)
+    image = read_image(path)
+    assert image.dtype == np.uint8 and np.array_equal(image, np.array(picture.convert("RGB")))

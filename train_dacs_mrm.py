@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 import torchvision.transforms.v2.functional as TF
-from torchvision.io import decode_png, read_file
+from torchvision.io import ImageReadMode, decode_png, read_file
 from PIL import Image, ImageDraw
 
 from mrm import Masking, Rebuilder, mrm_loss, resize_mask, segmentation_ce
@@ -1864,8 +1864,16 @@ def _first_channel(path):
 
 
 def read_image(path):
-    """HxWx3 uint8 RGB."""
-    return _pil_array(path, path, 'RGB')
+    """HxWx3 uint8 RGB. PNGs are decoded by torchvision (the same pixels as PIL, faster), others by PIL."""
+    if not path.lower().endswith('.png'):
+        return _pil_array(path, path, 'RGB')
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its image IO in favour of torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = decode_png(read_file(path), mode=ImageReadMode.RGB)
+    except Exception as e:  # a RuntimeError from libpng, or an OSError
+        raise CorruptFile(path, e) from e
+    return image.permute(1, 2, 0).numpy() if image.dtype == torch.uint8 else _pil_array(path, path, 'RGB')
 
 
 # What a label file must be, per dataset: PNG colour types (0 grey, 2 RGB, 3 palette, 4 grey+alpha, 6 RGBA), bit
