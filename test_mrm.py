@@ -2493,6 +2493,32 @@ def test_killed_rank_stops_the_run_and_resume_ends_where_a_straight_run_ends(tmp
         assert_states_equal(a[part], b[part])
 
 
+def test_sigterm_to_one_process_stops_every_rank_at_the_same_iteration_with_a_checkpoint(tmp_path):
+    """A cluster's SIGTERM reaching one of two processes: both finish the same iteration, one checkpoint holds
+    both ranks' random states, rank 0 says so in one line; --resume ends bit-identical to a straight run."""
+    args = TORCHRUN_TOY + ["--iters", "12", "--checkpoint-every", "100"]
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    process = torchrun(tmp_path, args + ["--work-dir", stopped], wait=False)
+    log = os.path.join(stopped, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and (not os.path.exists(log) or sum(1 for _ in open(log)) < 3):
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    rank_1 = next(pid for pid in workers if b"RANK=1" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
+    os.kill(int(rank_1), signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    state = state_of(stopped)
+    assert f"interrupted at iteration {state['iteration']}: checkpoint written; continue with --resume" in err, err
+    assert 3 <= state["iteration"] < 12 and len(state["rng"]) == 2
+    code, _, err = torchrun(tmp_path, args + ["--work-dir", stopped, "--resume"])
+    assert code == 0, err[-3000:]
+    code, _, err = torchrun(tmp_path, args + ["--work-dir", straight])
+    assert code == 0, err[-3000:]
+    a, b = state_of(straight), state_of(stopped)
+    for part in ("model", "teacher", "rebuilder"):
+        assert_states_equal(a[part], b[part])
+
+
 # ---------------------------------------------------------------- hardening: bad input and faults
 
 def test_missing_data_folder_is_one_line_exit_2(tmp_path, capsys):
