@@ -1868,9 +1868,13 @@ def test_profile_steps_counts_no_gpu_work_on_the_cpu():
 
 def test_bench_data_reports_pairs_per_second(capsys):
     assert T.main(["--bench-data", "1", "--batch-size", "1", "--workers", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "one worker: " in out and "image pairs/s" in out and "batches of 1+1/s" in out
-    assert "the training loader with --workers 1: " in out and "batches/s" in out
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines[:2]] == ["dacs recipe", "daformer recipe"]  # the run's is dacs
+    for line in lines[:2]:
+        rate = float(re.search(r"\((\d+\.\d+) batches of 1\+1/s\)", line).group(1))
+        workers = [int(n) for n in re.findall(r"a \d+ ms step (\d+)", line)]
+        assert workers == [math.ceil(1000 / 45 / rate), math.ceil(1000 / 100 / rate)]
+    assert lines[2].startswith("the training loader of the dacs recipe with --workers 1: ") and len(lines) == 3
 
 
 # ---------------------------------------------------------------- the paper's other experiments

@@ -2811,35 +2811,38 @@ def profile_steps(step, first_iteration, steps, cuda=True):
 
 
 def bench_data(cfg):
-    """--bench-data N: decode + resize + crop speed of one loader worker on GTA-sized PNGs (1914x1052)
-    written to a temporary folder, then of the training DataLoader with --workers workers, so you know
-    how many workers keep the GPU busy."""
+    """--bench-data N: for each recipe of the paper's tasks, the decode + resize + crop (+ rare class sampling)
+    speed of one loader worker on GTA-sized PNGs (1914x1052) written to a temporary folder, and the workers a
+    45 ms and a 100 ms step need; then the training DataLoader of this run's recipe with --workers workers."""
     with tempfile.TemporaryDirectory() as root:
         write_fake_dataset(root, "gta", 4, (1914, 1052), seed=cfg.seed)
         write_fake_dataset(root, "cityscapes", 2, (2048, 1024), seed=cfg.seed)
-        run = SimpleNamespace(**{**vars(cfg), "source": "gta", "target": "cityscapes", "data_root": root,
-                                 "iters": cfg.bench_data + cfg.workers})
-        batches = TrainBatches(run, Domain("gta", root, framework=cfg.framework),
-                               Domain("cityscapes", root, framework=cfg.framework))
-        batches[0]
-        start = time.perf_counter()
-        for i in range(1, cfg.bench_data + 1):
-            batches[i]
-        seconds = time.perf_counter() - start
-        pairs = cfg.bench_data * 2 * cfg.batch_size
-        batches_per_s = cfg.bench_data / seconds
-        print(f"one worker: {pairs / seconds:.1f} image pairs/s ({batches_per_s:.2f} batches of "
-              f"{cfg.batch_size}+{cfg.batch_size}/s); a GPU step of T ms needs about {1000 / batches_per_s:.0f}/T "
-              f"workers", flush=True)
+        rates, loaders = {}, {}
+        for name in dict.fromkeys(("dacs", "daformer", cfg.recipe)):
+            run = SimpleNamespace(**{**vars(cfg), **RECIPES[name], "recipe": name, "source": "gta", "target": "cityscapes",
+                                     "data_root": root, "work_dir": root, "iters": cfg.bench_data + cfg.workers})
+            source, target = (Domain(d, root, framework=run.framework) for d in ("gta", "cityscapes"))
+            rcs = rcs_statistics(run, source, lambda *a, **k: None) if run.rcs_temperature > 0 else None
+            batches = TrainBatches(run, source, target, rcs)
+            loaders[name] = (run, batches)
+            batches[0]
+            start = time.perf_counter()
+            for i in range(1, cfg.bench_data + 1):
+                batches[i]
+            rates[name] = cfg.bench_data / (time.perf_counter() - start)
+            needs = ", ".join(f"a {ms} ms step {math.ceil(1000 / ms / rates[name])}" for ms in (45, 100))
+            print(f"{name} recipe, one worker: {2 * cfg.batch_size * rates[name]:.1f} image pairs/s ({rates[name]:.2f} "
+                  f"batches of {cfg.batch_size}+{cfg.batch_size}/s); workers needed: {needs}", flush=True)
         if cfg.workers:
+            run, batches = loaders[cfg.recipe]
             # Timed from the batch at which every worker has delivered its first one: steady state.
             for i, _ in enumerate(make_loader(run, batches, 0), start=1):
                 if i == cfg.workers:
                     start = time.perf_counter()
             loader_batches_per_s = cfg.bench_data / (time.perf_counter() - start)
-            print(f"the training loader with --workers {cfg.workers}: {loader_batches_per_s:.2f} batches/s "
-                  f"({1000 / loader_batches_per_s:.0f} ms per batch)", flush=True)
-    return pairs / seconds
+            print(f"the training loader of the {run.recipe} recipe with --workers {cfg.workers}: "
+                  f"{loader_batches_per_s:.2f} batches/s ({1000 / loader_batches_per_s:.0f} ms per batch)", flush=True)
+    return rates
 
 
 # ============================================================================= appendix: modes
