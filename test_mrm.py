@@ -2471,6 +2471,17 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path, mo
     assert not torch.equal(two["model"]["decoder.conv2d_list.0.weight"], two["teacher"]["decoder.conv2d_list.0.weight"])
 
 
+def signal_rank_1_after_two_records(process, work_dir, signum):
+    """Once log.jsonl holds three lines, send signum to the rank-1 worker of a torchrun process."""
+    log = os.path.join(work_dir, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and (not os.path.exists(log) or sum(1 for _ in open(log)) < 3):
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    rank_1 = next(pid for pid in workers if b"RANK=1" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
+    os.kill(int(rank_1), signum)
+
+
 def test_killed_rank_stops_the_run_and_resume_ends_where_a_straight_run_ends(tmp_path):
     """SIGKILL one of two processes: rank 0 says so in one line and the run stops; the last checkpoint
     loads, and --resume under two processes ends bit-identical to an uninterrupted two-process run."""
@@ -2479,13 +2490,7 @@ def test_killed_rank_stops_the_run_and_resume_ends_where_a_straight_run_ends(tmp
     code, _, err = torchrun(tmp_path, args + ["--work-dir", straight])
     assert code == 0, err[-3000:]
     process = torchrun(tmp_path, args + ["--work-dir", killed], wait=False)
-    log = os.path.join(killed, "log.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and (not os.path.exists(log) or sum(1 for _ in open(log)) < 3):
-        time.sleep(0.05)
-    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
-    rank_1 = next(pid for pid in workers if b"RANK=1" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
-    os.kill(int(rank_1), 9)
+    signal_rank_1_after_two_records(process, killed, signal.SIGKILL)
     out, err = process.communicate(timeout=120)
     assert process.returncode != 0
     assert "error: another process of this run stopped" in err and "continue with --resume" in err
@@ -2503,13 +2508,7 @@ def test_sigterm_to_one_process_stops_every_rank_at_the_same_iteration_with_a_ch
     args = TORCHRUN_TOY + ["--iters", "12", "--checkpoint-every", "100"]
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     process = torchrun(tmp_path, args + ["--work-dir", stopped], wait=False)
-    log = os.path.join(stopped, "log.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and (not os.path.exists(log) or sum(1 for _ in open(log)) < 3):
-        time.sleep(0.05)
-    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
-    rank_1 = next(pid for pid in workers if b"RANK=1" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"))
-    os.kill(int(rank_1), signal.SIGTERM)
+    signal_rank_1_after_two_records(process, stopped, signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     state = state_of(stopped)
     assert f"interrupted at iteration {state['iteration']}: checkpoint written; continue with --resume" in err, err

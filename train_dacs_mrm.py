@@ -1752,7 +1752,7 @@ def rcs_statistics(cfg, source, say=print):
     label or a corrupt cache is counted anew. Returns (class probabilities, images per class)."""
     cache_name = f"rcs_stats_{source.name}_{len(source)}.json"
     candidates = [os.path.join(cfg.data_root, source.name, cache_name), os.path.join(cfg.work_dir, cache_name)]
-    stats = [os.stat(label) for _, label in source.pairs]
+    stats = [os.stat(label) for _, label in getattr(source, "pairs", [])]  # toy scenes: no files
     key = zlib.crc32(json.dumps([(s.st_size, s.st_mtime_ns) for s in stats]).encode())
     counts = None
     for path in candidates:
