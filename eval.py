@@ -9,7 +9,8 @@ files; summarise and plot training runs.
     python eval.py --summary runs/gta2cs-*-seed* [--per-class]            # final mIoU per run, mean +- std
     python eval.py --plot runs/a runs/b --out curves.png                  # losses, lr, val mIoU per iteration
 
-Whole-image inference at the training input size (Cityscapes: 1024x512), logits resized bilinearly
+Whole-image inference at the training input size (Cityscapes: 1024x512; an HRDA model: 2048x1024 in
+1024x1024 windows at stride 512, as HRDA's test_cfg, read from the checkpoint), logits resized bilinearly
 (with the align_corners the model was trained with, recorded in the checkpoint) to the full-resolution
 label (2048x1024) before the argmax: the mmseg protocol of DAFormer, MIC and MRM (images resized as
 OpenCV does, without antialiasing). `--protocol dacs` resizes the images with PIL and the labels to
@@ -92,13 +93,14 @@ def list_images(where):
     return paths
 
 
-def input_transform(task, protocol):
-    """(size, dacs_filter) of resize_pair for the task's target images as training resizes them; size None:
-    toy scenes, used as drawn."""
+def input_transform(task, protocol, resolution=1):
+    """(size, dacs_filter) of resize_pair for the task's target images as training resizes them (at the model's
+    training resolution); size None: toy scenes, used as drawn."""
     target = TASKS[task]["target"]
     if target not in DATASETS:
         return None, None
-    return DATASETS[target]["size"], DATASETS[target]["dacs_filter"] if protocol == "dacs" else None
+    size = tuple(side * resolution for side in DATASETS[target]["size"])
+    return size, DATASETS[target]["dacs_filter"] if protocol == "dacs" else None
 
 
 class ImageBatches(torch.utils.data.Dataset):
@@ -496,13 +498,14 @@ def run_model(args):
         os.makedirs(args.out, exist_ok=True)
         write = (image_writer(args.out, task["palette"], args.blend) if args.images else
                  cityscapes_writer(args.out, image_dir))
-        predict_files(model, paths, input_transform(args.task, args.protocol), device, info["align_corners"], write,
-                      args.amp, args.batch_size, args.workers)
+        predict_files(model, paths, input_transform(args.task, args.protocol, info.get("resolution", 1)), device,
+                      info["align_corners"], write, args.amp, args.batch_size, args.workers)
         what = ("colour and train-id PNGs" if args.images else
                 f"Cityscapes {args.split} labelIds PNGs, CITY/CITY_NNNNNN_NNNNNN_leftImg8bit.png,")
         print(f"wrote {len(paths)} {what} to {args.out} in {time.perf_counter() - start:.1f} s on {device}")
         return
-    val = Domain(task["target"], args.data_root, "val", args.seed, framework=args.protocol)
+    val = Domain(task["target"], args.data_root, "val", args.seed, framework=args.protocol,
+                 resolution=info.get("resolution", 1))
     writer = None
     if args.save_dir:
         os.makedirs(args.save_dir, exist_ok=True)

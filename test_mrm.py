@@ -1413,7 +1413,7 @@ def test_source_loss_reduction_and_ema_timing_follow_the_framework(arch, framewo
     nets = T.build_nets(cfg)
     before, teacher_before = copy.deepcopy(nets.model).train(), copy.deepcopy(nets.teacher)
     batch = fake_batch(source_label=label)
-    x_s, y_s, _ = T.step_inputs(nets, *T.to_device(batch, nets))
+    x_s, y_s, _, _ = T.step_inputs(nets, *T.to_device(batch, nets))
     with torch.no_grad():
         ce = F.cross_entropy(F.interpolate(before(x_s), size=(32, 32), mode="bilinear",
                                            align_corners=cfg.align_corners), y_s, ignore_index=255, reduction="none")
@@ -1466,7 +1466,7 @@ def test_rare_class_sampling_reruns_the_whole_pipeline_up_to_ten_more_times(monk
     """DAFormer's get_rare_class_sample: while the crop holds <= min_pixels / 2 of the class, run the
     pipeline (crop with its own cat_max_ratio checks, flip) again on the same image, at most 10 more times."""
     cfg = SimpleNamespace(seed=0, batch_size=1, crop=16, flip=True, cat_max_ratio=1.0, max_skips=0, rcs_min_pixels=40,
-                          iters=1)
+                          rcs_min_crop_ratio=0.5, iters=1, pseudo_margins="0,0,0,0")
     domain = CountingDomain(size=20)
     batches = T.TrainBatches(cfg, domain, domain, rcs=(np.array([0.0, 0.0, 1.0]), [[], [], [0]]))
     runs = []  # pixels of class 2 in each run's crop
@@ -1869,12 +1869,12 @@ def test_profile_steps_counts_no_gpu_work_on_the_cpu():
 def test_bench_data_reports_pairs_per_second(capsys):
     assert T.main(["--bench-data", "1", "--batch-size", "1", "--workers", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(",")[0] for line in lines[:2]] == ["dacs recipe", "daformer recipe"]  # the run's is dacs
-    for line in lines[:2]:
+    assert [line.split(",")[0] for line in lines[:3]] == ["dacs recipe", "daformer recipe", "hrda recipe"]
+    for line in lines[:3]:
         rate = float(re.search(r"\((\d+\.\d+) batches of 1\+1/s\)", line).group(1))
         workers = [int(n) for n in re.findall(r"a \d+ ms step (\d+)", line)]
         assert workers == [math.ceil(1000 / 45 / rate), math.ceil(1000 / 100 / rate)]
-    assert lines[2].startswith("the training loader of the dacs recipe with --workers 1: ") and len(lines) == 3
+    assert lines[3].startswith("the training loader of the dacs recipe with --workers 1: ") and len(lines) == 4
 
 
 # ---------------------------------------------------------------- the paper's other experiments
@@ -1923,7 +1923,7 @@ def test_mic_loss_is_the_student_on_masked_targets_against_the_teachers_pseudo_l
     monkeypatch.setattr(T, "mic_masked_images", lambda *args: masked)
     batch = fake_batch()
     losses = T.train_step(cfg, nets, batch, 0)
-    _, _, x_t = T.step_inputs(nets, *T.to_device(batch, nets))
+    _, _, x_t, _ = T.step_inputs(nets, *T.to_device(batch, nets))
     with torch.no_grad():
         probs = F.interpolate(teacher(x_t), size=(32, 32), mode="bilinear", align_corners=True).softmax(dim=1)
         confidence, pseudo = probs.max(dim=1)
@@ -2294,7 +2294,7 @@ def test_every_flag_has_help_its_default_and_its_choices_in_groups():
     parser = T.build_parser()
     groups = {group.title: group._group_actions for group in parser._action_groups if group.title in T.FLAGS}
     assert list(groups) == list(T.FLAGS) == ["run and data", "model", "recipe and schedule", "DACS",
-                                             "MRM and the paper's ablations", "MIC", "precision and speed",
+                                             "MRM and the paper's ablations", "MIC", "HRDA", "precision and speed",
                                              "several GPUs (torchrun)", "modes (each does its work and exits)"]
     actions = {action.dest: action for group in groups.values() for action in group}
     assert actions.keys() == T.DEFAULTS.keys()
@@ -2302,10 +2302,10 @@ def test_every_flag_has_help_its_default_and_its_choices_in_groups():
         default = T.DEFAULTS[key]
         assert len(action.help) > 20, key
         assert default in ("", []) or f"default {default}" in action.help, key
-    assert "(recipe daformer: 0.999)" in actions["ema"].help
-    assert "(recipe mmseg-dacs, daformer: 40000; toy: 1000)" in actions["iters"].help.replace("dacs: 250000; ", "")
+    assert "(recipe daformer, hrda: 0.999)" in actions["ema"].help
+    assert "(recipe mmseg-dacs, daformer, hrda: 40000; toy: 1000)" in actions["iters"].help.replace("dacs: 250000; ", "")
     text = parser.format_help()
-    for shown in ("--amp off|bf16|fp16", "--task gta2cs|syn2cs|toy", "--recipe dacs|mmseg-dacs|daformer|toy",
+    for shown in ("--amp off|bf16|fp16", "--task gta2cs|syn2cs|toy", "--recipe dacs|mmseg-dacs|daformer|hrda|toy",
                   "--mrm-domain target|source|both", "--arch dlv2|dlv2-r50|", "--aspp-dilations 6,12|6,12,18,24",
                   "--cuda-graph, --no-cuda-graph", "--decoder deeplabv2|deeplabv3plus|daformer"):
         assert shown in text, shown
@@ -3360,7 +3360,7 @@ def test_input_space_masking_masks_the_mixed_image_on_the_grid_and_its_loss_trai
     monkeypatch.setattr(T, "segmentation_ce", only_the_masked_loss)
     nets.model.train()
     batch = fake_batch()
-    losses = T.forward_backward(cfg, nets, *T.step_inputs(nets, *[batch[k] for k in T.BATCH_KEYS]))
+    losses = T.forward_backward(cfg, nets, *T.step_inputs(nets, *[batch[k] for k in T.BATCH_KEYS if k in batch]))
     assert losses[2] > 0 and losses[0] == losses[1] == 0
     for part in (nets.model.encoder, nets.model.decoder):
         grads = [p.grad for p in part.parameters() if p.requires_grad]
@@ -3380,3 +3380,345 @@ def test_read_image_decodes_pngs_as_pil_does(tmp_path, mode):
     picture.save(path)
     image = read_image(path)
     assert image.dtype == np.uint8 and np.array_equal(image, np.array(picture.convert("RGB")))
+
+
+# ---------------------------------------------------------------- HRDA: multi-resolution model, losses, slides
+
+HRDA_TOY = TOY_FAST + ["--arch", "mit-tiny", "--detail-crop", "32"]
+
+
+def tiny_hrda(num_classes=3, crop=64, side=32, window=0):
+    torch.manual_seed(0)
+    encoder = T.MiTEncoder(T.MIT_TINY)
+    return T.HRDAModel(encoder, num_classes, 8, context_scale=0.5, detail_crop=side, window=window or crop)
+
+
+def test_hrda_detail_window_offsets_are_multiples_of_8_one_per_batch_new_per_forward():
+    """HRDA's get_crop_bbox(divisible=8): offsets randint(0, (1024 - 512 + 1) // 8) * 8, so 0..504 (512 never);
+    one window for the whole batch, a new one at every training forward."""
+    encoder = T.HRDAEncoder(T.MiTEncoder(T.MIT_TINY), 0.5, 512)
+    random.seed(0)
+    boxes = [encoder.draw_box(1024, 1024) for _ in range(4000)]
+    offsets = {v for box in boxes for v in box}
+    assert offsets == set(range(0, 505, 8))
+    assert encoder.draw_box(512, 512) == (0, 0)
+    seen, real_mit = [], encoder.mit.forward
+    encoder.mit.forward = lambda x: seen.append(x) or real_mit(x)
+    x = torch.rand(2, 3, 64, 96)
+    small = T.HRDAEncoder(encoder.mit, 0.5, 32)
+    views = [small(x) for _ in range(6)]
+    for v, (context, detail) in zip(views, zip(seen[::2], seen[1::2])):
+        (top, left), = v.boxes  # one window for both images
+        assert top % 8 == 0 and left % 8 == 0 and 0 <= top <= 32 and 0 <= left <= 64
+        assert torch.equal(detail, x[:, :, top:top + 32, left:left + 32])
+        assert torch.equal(context, F.interpolate(x, size=(32, 48), mode="bilinear", align_corners=False))
+    assert len({tuple(v.boxes[0]) for v in views}) > 1
+
+
+def bilinear_up2(t):
+    """x2 bilinear upsampling, align_corners False, written out per output pixel in float64."""
+    B, C, h, w = t.shape
+    out = torch.zeros(B, C, 2 * h, 2 * w, dtype=torch.float64)
+
+    def taps(i, n):
+        src = max((i + 0.5) / 2 - 0.5, 0.0)
+        i0 = min(int(math.floor(src)), n - 1)
+        return i0, min(i0 + 1, n - 1), src - i0
+
+    for y in range(2 * h):
+        y0, y1, fy = taps(y, h)
+        for x in range(2 * w):
+            x0, x1, fx = taps(x, w)
+            out[:, :, y, x] = ((1 - fy) * ((1 - fx) * t[:, :, y0, x0] + fx * t[:, :, y0, x1]) +
+                               fy * ((1 - fx) * t[:, :, y1, x0] + fx * t[:, :, y1, x1]))
+    return out
+
+
+def test_hrda_fused_prediction_against_a_loop_over_pixels():
+    """64 crop, 32 window at (8, 16): lr and attention (8x8, stride 8 of the crop), hr (8x8, stride 4 of the
+    window); attention 0 outside the window's LR cells, lr * (1 - a), both up x2, hr pasted at box / 4."""
+    head = tiny_hrda().decoder.eval()
+    torch.manual_seed(1)
+    context = [torch.randn(2, c, 32 // s, 32 // s) for c, s in zip(T.MIT_TINY["embed_dims"], (4, 8, 16, 32))]
+    detail = [torch.randn_like(f) for f in context]
+    views = T.Views(context, detail, [(8, 16)], 32)
+    out = head(views)
+    lr = head.head(context).double()
+    attention = torch.sigmoid(head.scale_attention(context)).double()
+    hr = head.head(detail).double()
+    assert out.fused.shape == (2, 3, 16, 16) and out.detail.shape == (2, 3, 8, 8)
+    masked = torch.zeros_like(attention)
+    for y in range(8):
+        for x in range(8):
+            if 1 <= y < 5 and 2 <= x < 6:  # the window's rows 8..40, columns 16..48 in cells of 8 pixels
+                masked[:, :, y, x] = attention[:, :, y, x]
+    up_a, up_lr = bilinear_up2(masked), bilinear_up2((1 - masked) * lr)
+    expected = up_lr.clone()
+    for y in range(16):
+        for x in range(16):
+            if 2 <= y < 10 and 4 <= x < 12:  # the window in stride-4 cells
+                expected[:, :, y, x] += up_a[:, :, y, x] * hr[:, :, y - 2, x - 4]
+    torch.testing.assert_close(out.fused.double(), expected, rtol=1e-5, atol=1e-5)
+    # outside the window's reach the attention is 0 and the fused logits are the context's own
+    far = torch.ones(16, 16, dtype=torch.bool)
+    far[1:11, 3:13] = False
+    torch.testing.assert_close(out.fused.double()[..., far], bilinear_up2(lr)[..., far], rtol=1e-5, atol=1e-5)
+
+
+def test_hrda_losses_are_0_9_fused_and_0_1_detail_against_float64():
+    cfg = SimpleNamespace(align_corners=False, hr_loss_weight=0.1)
+    torch.manual_seed(2)
+    fused, detail = torch.randn(2, 5, 16, 16), torch.randn(2, 5, 8, 8)
+    labels = torch.randint(0, 5, (2, 64, 64))
+    labels[:, :4] = 255
+    weight = torch.rand(2, 64, 64)
+    out = T.HRDAOutput(fused, detail, [(8, 24)], 32)
+
+    def ce(logits, y, w):  # mean over all pixels of w * CE, ignored pixels 0
+        up = F.interpolate(logits.double(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        logp = up.log_softmax(dim=1)
+        picked = torch.zeros(y.shape, dtype=torch.float64)
+        for b in range(y.shape[0]):
+            for i in range(y.shape[1]):
+                for j in range(y.shape[2]):
+                    if y[b, i, j] != 255:
+                        picked[b, i, j] = -logp[b, y[b, i, j], i, j]
+        return (picked * w.double()).mean()
+
+    expected = 0.9 * ce(fused, labels, weight) + 0.1 * ce(detail, labels[:, 8:40, 24:56], weight[:, 8:40, 24:56])
+    assert T.segmentation_loss(cfg, out, labels, weight).item() == pytest.approx(expected.item(), rel=1e-6)
+    scalar = 0.9 * ce(fused, labels, torch.ones(1)) + 0.1 * ce(detail, labels[:, 8:40, 24:56], torch.ones(1))
+    assert T.segmentation_loss(cfg, out, labels, 1.0).item() == pytest.approx(scalar.item(), rel=1e-6)
+
+
+def test_hrda_teacher_slides_9_detail_windows_that_tile_the_crop():
+    """The inference forward on a 1024 crop: context at 0.5, 9 windows of 512 at stride 256 in one encoder batch;
+    a model predicting one constant gives that constant everywhere only if the windows cover every pixel."""
+    boxes = T.slide_boxes(1024, 1024, 512, 256)
+    assert boxes == [(t, l) for t in (0, 256, 512) for l in (0, 256, 512)]
+    count = torch.zeros(1024, 1024)
+    for t, l in boxes:
+        count[t:t + 512, l:l + 512] += 1
+    assert count.min() == 1 and count.max() == 4
+    model = tiny_hrda(crop=64, side=32).eval()
+    with torch.no_grad():
+        for head in (model.decoder.head, model.decoder.scale_attention):
+            head.conv_seg.weight.zero_()
+        model.decoder.head.conv_seg.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    batches, real_mit = [], model.encoder.mit.forward
+    model.encoder.mit.forward = lambda x: batches.append(x.shape[0]) or real_mit(x)
+    out = model(torch.rand(2, 3, 64, 64))
+    assert batches == [2, 2 * 9] and out.shape == (2, 3, 64, 64)
+    torch.testing.assert_close(out, torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1).expand(2, 3, 64, 64))
+
+
+def test_hrda_test_time_slide_1024_windows_at_stride_512_average_their_logits(monkeypatch):
+    """2048x1024 images: three 1024 windows in one batch, each window's logits at its size, averaged where two
+    overlap. With encode_decode returning its input, the average gives the image back."""
+    model = tiny_hrda(window=1024)
+    assert T.slide_boxes(1024, 2048, 1024, 512) == [(0, 0), (0, 512), (0, 1024)]
+    seen = []
+    monkeypatch.setattr(model, "encode_decode", lambda x: seen.append(x.shape) or x * 1.0)
+    x = torch.rand(1, 3, 1024, 2048)
+    assert torch.allclose(model(x), x, atol=1e-6) and seen == [(3, 3, 1024, 1024)]
+    monkeypatch.setattr(model, "encode_decode", lambda x: torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 1024, 1024))
+    out = model(x)[0, 0]
+    assert out[0, :512].eq(0).all() and out[0, 512:1024].eq(0.5).all() and out[0, 1024:1536].eq(1.5).all()
+    assert out[0, 1536:].eq(2).all()
+
+
+class FakeTarget:
+    """A target domain of one image whose colours are its pixel coordinates: R = row, G = column."""
+    name = "fake"
+
+    def __init__(self, h, w):
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        self.image = np.stack([rows, cols, np.zeros_like(rows)], axis=-1).astype(np.uint8)
+
+    def __len__(self):
+        return 1
+
+    def load(self, i, full_label=False, with_label=True):
+        return self.image, np.full(self.image.shape[:2], 255, np.uint8)
+
+
+def test_hrda_pseudo_margins_follow_the_target_crop_and_flip():
+    margins = (3, 24, 3, 5)
+    full = T.margin_mask((100, 200), margins)
+    assert full.sum() == (100 - 27) * (200 - 8) and full[3:76, 3:195].all()
+    cfg = T.parse_config(["--task", "toy", "--crop", "64", "--flip", "--pseudo-margins", "3,24,3,5", "--batch-size", "8"])
+    target = FakeTarget(100, 200)
+    flipped = 0
+    for iteration in range(3):
+        batch = T.TrainBatches(cfg, target, target)[iteration]
+        images, valid = batch["target_image"], batch["target_valid"]
+        assert valid.shape == (8, 64, 64) and valid.dtype == torch.uint8
+        for image, v in zip(images, valid):
+            rows, cols = image[0].long(), image[1].long()
+            assert torch.equal(v, torch.from_numpy(full)[rows, cols])
+            flipped += int(cols[0, 0] > cols[0, -1])
+    assert 0 < flipped < 24
+    assert "target_valid" not in T.TrainBatches(T.parse_config(["--task", "toy"]), target, target)[0]
+
+
+def test_hrda_recipe_settings_and_mic_blocks_of_64_at_1024(capsys):
+    assert T.main(["--task", "gta2cs", "--recipe", "hrda", "--arch", "mitb5", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert {k: cfg[k] for k in ("crop", "detail_crop", "context_scale", "hr_loss_weight", "pseudo_margins",
+                                "rcs_min_crop_ratio", "ema", "lr", "iters", "resolution", "mic_block_size", "pl_crop",
+                                "fd_weight", "optimizer", "warmup_iters", "batch_size", "flip", "cat_max_ratio")} == dict(
+        crop=1024, detail_crop=512, context_scale=0.5, hr_loss_weight=0.1, pseudo_margins="30,240,30,30",
+        rcs_min_crop_ratio=2.0, ema=0.999, lr=6e-5, iters=40000, resolution=2, mic_block_size=64, pl_crop=False,
+        fd_weight=0.005, optimizer="adamw", warmup_iters=1500, batch_size=2, flip=True, cat_max_ratio=0.75)
+    assert cfg["work_dir"] == "runs/gta2cs-mitb5-hrda-dacs-mrm-seed0"
+    torch.manual_seed(0)
+    fill = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    out = T.mic_masked_images(torch.full((2, 3, 1024, 1024), 0.3), fill, 0.0, 0.8, 0.7, cfg["mic_block_size"])
+    masked = (out - fill).abs().sum(dim=1) < 1e-6
+    blocks = masked.view(2, 16, 64, 16, 64)
+    assert (blocks == blocks[:, :, :1, :, :1]).all() and 0.55 < masked.float().mean() < 0.85
+    # HRDA's training forward costs two MiT passes at half the crop's side and the heads; MRM decodes both views
+    hrda = T.count_flops("mit-tiny", (64, 64), 19, dict(embed_dim=32, num_heads=4),
+                         hrda=dict(context_scale=0.5, detail_crop=32, window=64))
+    single = T.count_flops("mit-tiny", (32, 32), 19, dict(embed_dim=32, num_heads=4))
+    assert 2 * single["model_gmac"] < hrda["model_gmac"] < 2.2 * single["model_gmac"]
+    assert 2 * single["extra_gmac"] <= hrda["extra_gmac"] < 2.2 * single["extra_gmac"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--arch", "dlv2-tiny", "--detail-crop", "32"], "runs a MiT"),
+    (["--arch", "mit-tiny", "--detail-crop", "36"], "multiples of 16"),
+    (["--arch", "mit-tiny", "--detail-crop", "32", "--mrm-objective", "pixel"], "--mrm-objective cls"),
+    (["--arch", "mit-tiny", "--detail-crop", "32", "--compile"], "recompile"),
+    (["--arch", "mit-tiny", "--hr-loss-weight", "0.2"], "needs --detail-crop"),
+    (["--arch", "mit-tiny", "--pseudo-margins", "1,2,3"], "four pixel counts"),
+])
+def test_hrda_flags_that_cannot_work_are_refused_in_one_line(capsys, args, message):
+    assert T.main(["--task", "toy"] + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_hrda_mrm_gradient_reaches_both_views_the_rebuilder_and_the_heads():
+    cfg = T.parse_config(HRDA_TOY + ["--iters", "2"])
+    nets = T.build_nets(cfg)
+    nets.model.train()
+    x = torch.rand(2, 3, 64, 128)
+    views = nets.model.encoder(x)
+    for f in views.context + views.detail:
+        f.retain_grad()
+    labels = torch.randint(0, 7, (2, 64, 128))
+    loss = T.mrm_auxiliary_loss(cfg, nets, views, x, labels, torch.ones(2, 64, 128))
+    loss.backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in views.context + views.detail)
+    for module in (nets.rebuilder, nets.model.decoder.head, nets.model.decoder.scale_attention):
+        grads = [p.grad for p in module.parameters() if p.requires_grad]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    mask = torch.zeros(4, 1, 8, 8)
+    mask[:2, :, :4] = 1  # the context's masks: its top half; the detail windows' masks: nothing
+    rebuilt = T.rebuild(nets.rebuilder, views, mask)
+    assert rebuilt.boxes == views.boxes and all(torch.equal(a, b) for a, b in zip(rebuilt.detail, views.detail))
+    assert not torch.equal(rebuilt.context[0], views.context[0])
+
+
+def test_hrda_toy_recipe_trains_resumes_bit_exactly_and_evaluates_by_its_record(tmp_path, small_toy):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    args = HRDA_TOY + ["--iters", "6", "--mic", "--pseudo-margins", "2,8,2,2"]
+    assert T.main(args + ["--work-dir", straight]) == 0
+    assert T.main(args + ["--stop-after", "3", "--work-dir", split]) == 0
+    assert T.main(args + ["--resume", "--work-dir", split]) == 0
+    assert_checkpoints_equal(state_of(straight), state_of(split))
+    exported = torch.load(os.path.join(straight, "model.pth"), weights_only=True)
+    assert exported["arch"]["hrda"] == dict(context_scale=0.5, detail_crop=32, window=0)
+    model, _, _ = E.load_segmentation_model(os.path.join(straight, "model.pth"))
+    assert isinstance(model, T.HRDAModel) and not any("rebuild" in key for key in exported["model"])
+    assert eval_main([os.path.join(straight, "model.pth"), "--task", "toy", "--workers", "0"]) == 0
+
+
+def test_hrda_toy_loss_falls(tmp_path, small_toy):
+    work = str(tmp_path / "run")
+    assert T.main(HRDA_TOY + ["--iters", "40", "--log-every", "5", "--checkpoint-every", "40", "--work-dir", work,
+                              "--no-mrm"]) == 0
+    losses = [json.loads(line)["loss_source"] for line in open(os.path.join(work, "log.jsonl")) if "loss_source" in line]
+    assert len(losses) == 8 and sum(losses[-2:]) < 0.9 * sum(losses[:2])
+
+
+def test_hrda_paper_command_starts_on_fake_data_at_full_resolution(tmp_path, monkeypatch, capsys):
+    """`--task gta2cs --recipe hrda --pretrained mit_b5.pth` on GTA (1914x1052 -> 2560x1407) and Cityscapes
+    (2048x1024) files, cut to one iteration of one image pair on 256 crops with a 128 window; checkpoints and
+    validation recorded, not run."""
+    root = str(tmp_path / "data")
+    write_fake_dataset(root, "gta", 1, (1914, 1052))
+    write_fake_dataset(root, "cityscapes", 1, (2048, 1024))
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in MixVisionTransformer(**MIT_B5).state_dict().items()}
+    weights = {k: torch.zeros(shape, dtype=torch.half) for k, shape in shapes.items()}
+    torch.save(weights, str(tmp_path / "mit_b5.pth"))
+    seen, calls = [], []
+    real_forward = T.forward_backward
+    monkeypatch.setattr(T, "forward_backward", lambda cfg, nets, *inputs: seen.append(inputs) or real_forward(cfg, nets, *inputs))
+    for name in ("save_checkpoint", "export_model", "validate"):
+        monkeypatch.setattr(T, name, lambda *a, name=name: calls.append(name))
+    args = ["--task", "gta2cs", "--recipe", "hrda", "--arch", "mitb5", "--pretrained", str(tmp_path / "mit_b5.pth"),
+            "--data-root", root, "--iters", "1", "--crop", "256", "--detail-crop", "128", "--batch-size", "1",
+            "--workers", "0", "--work-dir", str(tmp_path / "run")]
+    assert T.main(args) == 0
+    out = capsys.readouterr().out
+    assert "gta2cs: mitb5 (hrda recipe), DACS + MRM" in out
+    (x_s, y_s, x_t, valid), = seen
+    assert x_s.shape == (1, 3, 256, 256) and valid.shape == (1, 256, 256)
+    assert calls == ["save_checkpoint", "export_model", "validate"]
+    source = T.Domain("gta", root, resolution=2)
+    target = T.Domain("cityscapes", root, resolution=2)
+    assert source.load(0)[0].shape == (1407, 2560, 3) and target.load(0)[0].shape == (1024, 2048, 3)
+
+
+@pytest.mark.parametrize("args", [["--task", "gta2cs", "--arch", "dlv2-tiny", "--crop", "64"],
+                                  ["--task", "gta2cs", "--arch", "mit-tiny", "--crop", "64", "--amp", "bf16"],
+                                  ["--task", "gta2cs", "--recipe", "hrda", "--arch", "mit-tiny", "--crop", "64",
+                                   "--detail-crop", "32", "--mic", "--checkpoint-blocks"]])
+def test_memory_estimate_on_fake_tensors_agrees_with_a_real_cpu_step(args):
+    """--estimate-memory's two steps on fake tensors hold within 1% of the bytes the same steps' real CPU tensors
+    hold; MRM adds to it."""
+    cfg = T.parse_config(args + ["--batch-size", "2", "--pretrained", "none"])
+    (fake, networks), (real, real_networks) = T.step_memory(cfg, fake=True), T.step_memory(cfg, fake=False)
+    assert networks == real_networks > 0 and fake > 2 * networks
+    assert abs(fake - real) < 0.01 * real
+    without = T.step_memory(T.parse_config(args + ["--batch-size", "2", "--pretrained", "none", "--no-mrm"]))[0]
+    assert without < fake
+
+
+def test_live_bytes_counts_tensors_while_they_live():
+    with T.LiveBytes() as counter:
+        a = torch.ones(1000, 1000)  # 4 MB
+        b = a * 2
+        view = b[:10]
+        del a, b
+        c = view + 1
+    assert counter.peak == 8_000_000 and counter.live == 4_000_000 + 40_000
+    del view, c
+    assert counter.live == 0
+
+
+def test_hrda_debug_grid_shows_the_detail_window_and_the_rebuilt_prediction():
+    cfg = T.parse_config(HRDA_TOY + ["--iters", "2", "--mic"])
+    nets = T.build_nets(cfg)
+    batch = T.TrainBatches(cfg, T.Domain("toy-source"), T.Domain("toy-target"))[0]
+    T.train_step(cfg, nets, batch, 0)
+    panels = dict(T.debug_panels(cfg, nets))
+    (top, left, side), = nets.seen["detail_window"]
+    window = panels["HRDA detail window (32x32)"]
+    mixed = panels["mixed image"]
+    assert np.array_equal(window[top:top + side, left:left + side], mixed[top:top + side, left:left + side])
+    assert window.sum() < mixed.sum()
+    assert {"prediction from rebuilt features", "MIC prediction"} <= panels.keys()
+    assert all(p.shape[:2] == (64, 128) for p in panels.values())
+
+
+@pytest.mark.parametrize("extra", [["--mrm-domain", "both"], ["--mrm-domain", "source"], ["--mrm-trains", "encoder"],
+                                   ["--mrm-trains", "decoder"], ["--mrm-mode", "mask-only"], ["--mrm-mode", "input"],
+                                   ["--no-mrm"], ["--source-only"], ["--fd-weight", "0.005"]])
+def test_hrda_toy_variants_run(tmp_path, small_toy, extra):
+    assert T.main(HRDA_TOY + ["--iters", "2", "--work-dir", str(tmp_path)] + extra) == 0
+    records = [json.loads(line) for line in open(os.path.join(str(tmp_path), "log.jsonl")) if "loss_mrm" in line]
+    assert (records[-1]["loss_mrm"] > 0) == ("--no-mrm" not in extra and "--source-only" not in extra)

@@ -5,6 +5,7 @@
     python train_dacs_mrm.py --task gta2cs --pretrained resnet101COCO-41f33a49.pth --no-mrm # the DACS baseline
     python train_dacs_mrm.py --task gta2cs --arch dlv2-v1c --pretrained resnet101_v1c-e67eebb6.pth  # in mmseg
     python train_dacs_mrm.py --task gta2cs --arch mitb5 --pretrained mit_b5.pth             # DAFormer
+    python train_dacs_mrm.py --task gta2cs --recipe hrda --mic --pretrained mit_b5.pth      # MIC on HRDA
 
 Each iteration (DACS, Tranheden et al. 2021, with MRM, Zhou et al. 2025, Algorithm 1), forward_backward below:
   1. source loss CE(D(E(x_s)), y_s)
@@ -14,8 +15,9 @@ Each iteration (DACS, Tranheden et al. 2021, with MRM, Zhou et al. 2025, Algorit
   5. L_u = weighted CE(D(E(x_mix)), y_mix), and L_mrm = CE(D(R(E(x_mix))), y_mix) on the SAME encoder
      features (mrm.py): one encoder pass, two decoder passes
   6. loss = L_s + L_u + lambda * L_mrm; optimizer step (the Rebuilder's: AdamW); EMA update of the teacher
-A recipe reproduces the official code around a baseline (DACS's trainUDA.py, DAFormer's mmseg code); the
-README's Fidelity section lists what still differs. Under torchrun one run spans several processes (DDP).
+A recipe reproduces the official code around a baseline (DACS's trainUDA.py, DAFormer's and HRDA's mmseg
+code); docs/fidelity.md lists what still differs. HRDA's model (HRDAModel) gives E a context and a detail view
+and D their fused prediction; its two losses are segmentation_loss's. Under torchrun one run spans several processes (DDP).
 
 The file reads top to bottom: config tables, DACS operations, MRM's losses, the step, the training loop and
 main; then an appendix: models, data, checkpoints and evaluation, several processes, speed machinery, modes,
@@ -38,10 +40,12 @@ import tempfile
 import textwrap
 import time
 import warnings
+import weakref
 import zlib
 from datetime import timedelta
 from functools import lru_cache
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,6 +53,7 @@ import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_png, read_file
@@ -120,8 +125,12 @@ FLAGS = {
         cat_max_ratio=(1.0, "re-crop the source up to 10 times while one class covers this share or more (1: off)"),
         rcs_temperature=(0.0, "rare class sampling of source images, DAFormer's temperature (0: off)"),
         rcs_min_pixels=(3000, "rare class sampling: an image qualifies for a class with more pixels of it"),
+        rcs_min_crop_ratio=(0.5, "rare class sampling: re-crop (up to 10 times) until the crop holds more than this "
+                                 "x --rcs-min-pixels pixels of the class"),
         fd_weight=(0.0, "weight of DAFormer's ImageNet feature distance on thing classes (0: off)"),
-        pl_crop=(False, "pseudo-label weight 0 on the top 15 and bottom 120 rows (DAFormer)"),
+        pl_crop=(False, "pseudo-label weight 0 on the top 15 and bottom 120 rows of the crop (DAFormer)"),
+        pseudo_margins=("0,0,0,0", "pseudo-label weight 0 on this many top,bottom,left,right rows and columns of "
+                                   "the whole target image, carried through crop and flip"),
     ),
     "MRM and the paper's ablations": dict(
         mrm=(True, "the MRM auxiliary task (--no-mrm: the baseline)"),
@@ -147,6 +156,14 @@ FLAGS = {
         mic_block_size=(32, "MIC's block side in pixels"),
         mic_weight=(1.0, "weight of MIC's loss"),
     ),
+    "HRDA": dict(
+        resolution=(1, "training and evaluation images at this multiple (1 or 2) of DAFormer's sizes (GTA "
+                       "1280x720, SYNTHIA 1280x760, Cityscapes 1024x512)"),
+        detail_crop=(0, "HRDA's multi-resolution model: the side of its full-resolution detail window in the crop "
+                        "(0: a single-scale model)"),
+        context_scale=(0.5, "HRDA: the context view is the whole crop resized by this"),
+        hr_loss_weight=(0.1, "HRDA: the loss is (1 - this) x CE(fused) + this x CE(detail window)"),
+    ),
     "precision and speed": dict(
         device=("", "where to train (default: cuda when available)", ("cpu", "cuda")),
         amp=("off", "autocast precision: off (fp32, the official setting), bf16 (faster) or fp16",
@@ -169,6 +186,8 @@ FLAGS = {
         count_flops=(False, "count the forward multiply-adds of the model and of MRM's extra decoder pass"),
         bench=(0, "time N training steps on random batches of the paper's sizes"),
         bench_data=(0, "time N batches of the data pipeline on GTA-sized PNGs"),
+        estimate_memory=(False, "the peak memory of this run's training step at its real sizes, without a GPU: two "
+                                "steps on fake tensors, every tensor's bytes counted while it lives"),
         plot=([], "draw the losses, pseudo-label weight, lr and validation mIoU of these run dirs into curves.png "
                   "in the current folder"),
     ),
@@ -191,6 +210,9 @@ RECIPES = {
                        fd_weight=0.0, pl_crop=False),
 }
 RECIPES["daformer"] = dict(RECIPES["mmseg-dacs"], ema=0.999, rcs_temperature=0.01, fd_weight=0.005, pl_crop=True)
+RECIPES["hrda"] = dict(RECIPES["daformer"], resolution=2, crop=1024, detail_crop=512, context_scale=0.5,
+                       hr_loss_weight=0.1, rcs_min_crop_ratio=2.0, pl_crop=False, pseudo_margins="30,240,30,30",
+                       mic_block_size=64, arch="mitb5")  # arch: the default of --arch under this recipe
 RECIPES["toy"] = dict(RECIPES["dacs"], iters=1000, batch_size=8, crop=0, optimizer="adamw", lr=1e-3,
                       head_lr_mult=1.0, weight_decay=1e-4, align_corners=False, rebuilder_lr=1e-3,
                       rebuilder_dim=64, rebuilder_heads=4, rebuilder_grid=8, mic_block_size=8, log_every=50,
@@ -478,9 +500,9 @@ def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight, mask=None):
     only: decoder: the features are detached; encoder: the decoder runs with detached weights. mask: the
     Rebuilder's (B, 1, grid, grid) mask, drawn here when not given."""
     if mask is None:
-        mask = nets.rebuilder.random_mask(images.shape[0], images.device)
+        mask = draw_mrm_mask(nets.rebuilder, features, images)
     if cfg.mrm_trains == "decoder":
-        features = [f.detach() for f in features] if isinstance(features, list) else features.detach()
+        features = detached(features)
     if cfg.mrm_objective == "cls":
         if cfg.mrm_trains == "encoder":
             weights = {name: p.detach() for name, p in nets.model.decoder.named_parameters()}
@@ -489,6 +511,8 @@ def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight, mask=None):
                 return torch.func.functional_call(nets.model.decoder, weights, (f,))
         else:
             decoder = nets.calls.decoder
+        if isinstance(features, Views):  # HRDA: both views rebuilt, decoded with their window, HRDA's two losses
+            return segmentation_loss(cfg, decoder(rebuild(nets.calls.rebuilder, features, mask)), labels, weight)
         return mrm_loss(decoder, nets.calls.rebuilder, features, labels, weight, align_corners=cfg.align_corners,
                         mask=mask)
     rebuilt = nets.calls.rebuilder(features, mask)
@@ -498,6 +522,29 @@ def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight, mask=None):
         with torch.no_grad():
             features = nets.teacher.encoder(images)
     return masked_feature_loss(rebuilt, features, mask)
+
+
+def draw_mrm_mask(rebuilder, features, images):
+    """The Rebuilder's random masks for the images' features: one per image, and for HRDA's views one per view."""
+    return rebuilder.random_mask(images.shape[0] * (2 if isinstance(features, Views) else 1), images.device)
+
+
+def rebuild(rebuilder, features, mask):
+    """The Rebuilder on the encoder's features; on HRDA's views, one Rebuilder (the same weights) on each view's
+    pyramid, the context with the first B masks and the detail windows with the rest, the windows kept (the
+    paper: MRM "trained using both the fused multi-scale predictions and the detail crop predictions")."""
+    if not isinstance(features, Views):
+        return rebuilder(features, mask)
+    batch = features.context[0].shape[0]
+    return features._replace(context=rebuilder(features.context, mask[:batch]),
+                             detail=rebuilder(features.detail, mask[batch:]))
+
+
+def detached(features):
+    """The encoder's features cut from its graph: a tensor, a list of levels, or HRDA's views."""
+    if isinstance(features, Views):
+        return features._replace(context=detached(features.context), detail=detached(features.detail))
+    return [f.detach() for f in features] if isinstance(features, list) else features.detach()
 
 
 def masked_input(images, mask, fill):
@@ -538,10 +585,26 @@ def masked_feature_loss(rebuilt, targets, mask):
 # forward_backward is the iteration of DACS (+ MRM, + MIC); device_step adds the optimizer and the EMA.
 
 
-def forward_backward(cfg, nets, x_s, y_s, x_t):
+def segmentation_loss(cfg, logits, labels, weight=None):
+    """mrm.segmentation_ce of a prediction; of HRDA's (HRDAOutput) as HRDAHead.losses: (1 - w) CE(fused) +
+    w CE(the detail window's logits, labels and pixel weights cropped to the window), w = --hr-loss-weight."""
+    if not isinstance(logits, HRDAOutput):
+        return segmentation_ce(logits, labels, weight, align_corners=cfg.align_corners)
+    (top, left), side = logits.boxes[0], logits.side
+
+    def window(t):
+        return t[:, top:top + side, left:left + side] if isinstance(t, torch.Tensor) and t.dim() == 3 else t
+
+    fused = segmentation_ce(logits.fused, labels, weight, align_corners=cfg.align_corners)
+    detail = segmentation_ce(logits.detail, window(labels), window(weight), align_corners=cfg.align_corners)
+    return (1 - cfg.hr_loss_weight) * fused + cfg.hr_loss_weight * detail
+
+
+def forward_backward(cfg, nets, x_s, y_s, x_t, valid_t=None):
     """Steps (1)-(6) of the iteration: the losses and their gradients. Source and mixed losses are
     backpropagated separately, which frees the source graph before the mixed forward (same gradients, lower
-    peak memory). Returns the detached losses as one tensor."""
+    peak memory). valid_t: 0 on the target pixels whose pseudo-labels never count (--pseudo-margins). Returns
+    the detached losses as one tensor."""
     model, rebuilder, scaler = nets.model, nets.rebuilder, nets.scaler
     encoder, decoder = nets.calls.encoder, nets.calls.decoder
     mmseg = cfg.framework == "mmseg"
@@ -556,10 +619,10 @@ def forward_backward(cfg, nets, x_s, y_s, x_t):
     with without_gradient_sync(cfg, nets):
         with autocast:
             f_s = encoder(x_s)
-            loss_s = segmentation_ce(decoder(f_s), y_s, source_weight, align_corners=cfg.align_corners)
+            loss_s = segmentation_loss(cfg, decoder(f_s), y_s, source_weight)
             if nets.imagenet is not None:
                 with torch.no_grad():
-                    f_imagenet = last_level(nets.imagenet(x_s))
+                    f_imagenet = last_level(nets.imagenet(x_s))  # HRDA: of the context view
                 loss_fd = feature_distance(last_level(f_s), f_imagenet, y_s)
             if rebuilder is not None and cfg.mrm_domain in ("source", "both"):
                 loss_mrm_s = mrm_auxiliary_loss(cfg, nets, f_s, x_s, y_s, source_weight)
@@ -577,6 +640,8 @@ def forward_backward(cfg, nets, x_s, y_s, x_t):
             pixel_weight = pixel_weight.clone()
             pixel_weight[:, :15].zero_()
             pixel_weight[:, -120:].zero_()
+        if valid_t is not None:  # HRDA's margins of the whole target image
+            pixel_weight = pixel_weight * valid_t
         # (3) ClassMix source onto target; pasted source pixels keep their label, weight 1
         mix = class_mix_masks(y_s, batch_classes=mmseg)
         x_m = torch.where(mix[:, None], x_s, x_t)
@@ -587,15 +652,18 @@ def forward_backward(cfg, nets, x_s, y_s, x_t):
         # (5) L_u on the mixed batch, and MRM on the same encoder features (Algorithm 1, Eq. 5)
         with autocast:
             f_m = encoder(x_m.contiguous(memory_format=nets.memory_format))
-            loss_u = segmentation_ce(decoder(f_m), y_m, w_m, align_corners=cfg.align_corners)
+            loss_u = segmentation_loss(cfg, decoder(f_m), y_m, w_m)
+            if isinstance(f_m, Views):  # the debug grid shows HRDA's detail window (host numbers, no copy)
+                nets.seen.update(detail_window=[(*f_m.boxes[0], f_m.side)])
             if rebuilder is not None and cfg.mrm_domain in ("target", "both"):
-                mrm_mask = rebuilder.random_mask(x_m.shape[0], x_m.device)
                 if cfg.mrm_mode == "input":  # Table 6: the image masked, a second encoder and decoder pass
+                    mrm_mask = rebuilder.random_mask(x_m.shape[0], x_m.device)
                     x_masked = masked_input(x_m, mrm_mask, model.encoder.normalize.zero_colour())
-                    loss_mrm_t = segmentation_ce(decoder(encoder(x_masked.contiguous(memory_format=nets.memory_format))),
-                                                 y_m, w_m, align_corners=cfg.align_corners)
+                    loss_mrm_t = segmentation_loss(
+                        cfg, decoder(encoder(x_masked.contiguous(memory_format=nets.memory_format))), y_m, w_m)
                     nets.seen.update(mrm_input=x_masked)
                 else:
+                    mrm_mask = draw_mrm_mask(rebuilder, f_m, x_m)
                     loss_mrm_t = mrm_auxiliary_loss(cfg, nets, f_m, x_m, y_m, w_m, mrm_mask)
                 nets.seen.update(mrm_mask=mrm_mask)
         scaler.scale(loss_u + cfg.mrm_weight * loss_mrm_t).backward()
@@ -608,14 +676,14 @@ def forward_backward(cfg, nets, x_s, y_s, x_t):
             x_mic = mic_masked_images(x_t, model.encoder.normalize.zero_colour(), cfg.jitter, cfg.jitter_p,
                                       cfg.mic_mask_ratio, cfg.mic_block_size)
             with autocast:  # clones: autograd may save them, which it refuses for inference tensors
-                loss_mic = segmentation_ce(decoder(encoder(x_mic.contiguous(memory_format=nets.memory_format))),
-                                           pseudo.clone(), pixel_weight.clone(), align_corners=cfg.align_corners)
+                loss_mic = segmentation_loss(cfg, decoder(encoder(x_mic.contiguous(memory_format=nets.memory_format))),
+                                             pseudo.clone(), pixel_weight.clone())
             scaler.scale(cfg.mic_weight * loss_mic).backward()
             nets.seen.update(mic_image=x_mic)
     return torch.stack([loss_s, loss_u, loss_mrm_s + loss_mrm_t, loss_mic, loss_fd, weight]).detach().float()
 
 
-def device_step(cfg, nets, source_image, source_label, target_image):
+def device_step(cfg, nets, source_image, source_label, target_image, target_valid=None):
     """The device's part of an iteration, from the uint8 batch on the device to the EMA update: no host sync,
     no host random numbers and no host values that change between iterations, so that CudaGraphStep can
     capture it once."""
@@ -623,7 +691,8 @@ def device_step(cfg, nets, source_image, source_label, target_image):
     # Autocast drops its low-precision copies of the weights when the outermost autocast scope exits: this
     # scope, closed before the optimizer step, makes the source, mixed and MIC passes cast each weight once.
     with torch.autocast(nets.device.type, enabled=False):
-        losses = forward_backward(cfg, nets, *step_inputs(nets, source_image, source_label, target_image))
+        losses = forward_backward(cfg, nets, *step_inputs(nets, source_image, source_label, target_image,
+                                                          target_valid))
     for optimizer in nets.optimizers:
         nets.scaler.step(optimizer)
     nets.scaler.update()
@@ -672,23 +741,28 @@ def set_learning_rates(cfg, nets, iteration):
 
 
 def last_level(features):
-    """The coarsest level of a hierarchical encoder's list, or a single-scale encoder's one map."""
+    """The coarsest level of a hierarchical encoder's list, or a single-scale encoder's one map; of HRDA's views,
+    the context's."""
+    if isinstance(features, Views):
+        features = features.context
     return features[-1] if isinstance(features, (list, tuple)) else features
 
 
-BATCH_KEYS = ("source_image", "source_label", "target_image")
+# target_valid, 1 where a target pixel's pseudo-label may count, comes only with --pseudo-margins
+BATCH_KEYS = ("source_image", "source_label", "target_image", "target_valid")
 
 
 def to_device(batch, nets):
     """The batch's uint8 images and labels, as they are, on the device."""
-    return [batch[key].to(nets.device, non_blocking=True) for key in BATCH_KEYS]
+    return [batch[key].to(nets.device, non_blocking=True) for key in BATCH_KEYS if key in batch]
 
 
-def step_inputs(nets, source_image, source_label, target_image):
-    """uint8 images -> float RGB in [0, 1], labels -> int64: on the device, inside the step."""
+def step_inputs(nets, source_image, source_label, target_image, target_valid=None):
+    """uint8 images -> float RGB in [0, 1], labels -> int64, the pseudo-label mask -> float: on the device."""
     def image(t):
         return t.float().div_(255).contiguous(memory_format=nets.memory_format)
-    return image(source_image), source_label.long(), image(target_image)
+    valid = None if target_valid is None else target_valid.float()
+    return image(source_image), source_label.long(), image(target_image), valid
 
 
 # ============================================================================= the training loop and main
@@ -702,9 +776,10 @@ def train(cfg):
     random.seed(cfg.seed)
     if cfg.device == "cuda":
         torch.backends.cudnn.benchmark = True
-    source = Domain(cfg.source, cfg.data_root, "train", cfg.seed, cfg.framework)
-    target = Domain(cfg.target, cfg.data_root, "train", cfg.seed, cfg.framework)
-    val = Domain(cfg.target, cfg.data_root, "val", cfg.seed)  # the mmseg protocol, whatever the recipe
+    source = Domain(cfg.source, cfg.data_root, "train", cfg.seed, cfg.framework, cfg.resolution)
+    target = Domain(cfg.target, cfg.data_root, "train", cfg.seed, cfg.framework, cfg.resolution)
+    # the mmseg protocol, whatever the recipe
+    val = Domain(cfg.target, cfg.data_root, "val", cfg.seed, resolution=cfg.resolution)
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # torchrun --max-restarts: go on, or start over
         cfg.resume = os.path.exists(os.path.join(cfg.work_dir, "checkpoint.pth"))
         cfg.overwrite = not cfg.resume
@@ -846,6 +921,8 @@ def main(argv=None):
             bench(cfg)
         elif cfg.bench_data:
             bench_data(cfg)
+        elif cfg.estimate_memory:
+            estimate_memory(cfg)
         elif cfg.plot:
             from eval import plot_curves
             drawn = plot_curves(cfg.plot, "curves.png")
@@ -904,13 +981,18 @@ def build_nets(cfg, rank=0, world=1):
     device = torch.device(cfg.device)
     pretrained = "" if cfg.pretrained == "none" else cfg.pretrained
     model, info = build_model(cfg.arch, cfg.num_classes, pretrained, cfg.checkpoint_blocks, aspp_dilations(cfg),
-                              cfg.decoder)
+                              cfg.decoder, hrda=hrda_views(cfg))
     info["align_corners"] = cfg.align_corners  # evaluation must resample the logits as training did
+    if cfg.resolution != 1:  # and see images at the size training saw
+        info["resolution"] = cfg.resolution
     for module in model.modules():  # a speed choice of training only: the same result, the same weights
         if isinstance(module, DepthwiseConv3x3):
             module.form = cfg.aspp_depthwise
     rebuilder, pixel_head = build_rebuilder(cfg, model.encoder) if cfg.mrm and not cfg.source_only else (None, None)
-    imagenet = copy.deepcopy(model.encoder).requires_grad_(False).eval() if cfg.fd_weight > 0 else None
+    imagenet = None
+    if cfg.fd_weight > 0:  # HRDA: on the context view, as the student's features it is compared with
+        imagenet = (nn.Sequential(copy.deepcopy(model.encoder.downscale), copy.deepcopy(model.encoder.mit))
+                    if isinstance(model, HRDAModel) else copy.deepcopy(model.encoder)).requires_grad_(False).eval()
     teacher = None if cfg.source_only else copy.deepcopy(model).requires_grad_(False)
     if teacher is not None:
         teacher_mode(teacher)
@@ -927,6 +1009,13 @@ def build_nets(cfg, rank=0, world=1):
     nets.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     nets.calls = step_calls(cfg, nets)
     return nets
+
+
+def hrda_views(cfg):
+    """HRDA's model settings from the config, or None for a single-scale model."""
+    if not cfg.detail_crop:
+        return None
+    return dict(context_scale=cfg.context_scale, detail_crop=cfg.detail_crop, window=cfg.crop)
 
 
 def build_rebuilder(cfg, encoder):
@@ -1042,9 +1131,10 @@ class SegModel(nn.Module):
 
 
 def build_model(arch, num_classes, pretrained="", checkpoint_blocks=False, aspp_dilations=(6, 12), decoder="",
-                info=None):
+                info=None, hrda=None):
     """(SegModel, info). info records what the weights decided (DeepLab style), the decoder and the classifier's
-    dilations, so that eval.py rebuilds the same network from a checkpoint without the pretrained file."""
+    dilations, HRDA's views, so that eval.py rebuilds the same network from a checkpoint without the pretrained
+    file. hrda: dict(context_scale, detail_crop, window) builds HRDA's multi-resolution model on a MiT."""
     spec = ARCHS[arch]
     if pretrained and not os.path.isfile(pretrained):
         raise DataError(f"{pretrained}: pretrained weights file not found")
@@ -1053,8 +1143,12 @@ def build_model(arch, num_classes, pretrained="", checkpoint_blocks=False, aspp_
             encoder = MiTEncoder(spec["mit"], checkpoint_blocks)
             if pretrained:
                 load_mit_weights(encoder.backbone, pretrained)
-            decoder = DAFormerHead(encoder.out_channels, num_classes, embed_dim=spec["head_dim"])
+            hrda = hrda or (info or {}).get("hrda")
             info = dict(arch=arch)
+            if hrda:
+                info["hrda"] = dict(hrda)
+                return HRDAModel(encoder, num_classes, spec["head_dim"], **hrda), info
+            decoder = DAFormerHead(encoder.out_channels, num_classes, embed_dim=spec["head_dim"])
         elif info is not None:
             encoder, decoder = build_deeplab_from_info(num_classes, info)
         else:
@@ -1518,7 +1612,8 @@ def classifier(in_ch, num_classes):
 
 
 class DAFormerHead(nn.Module):
-    """Context-aware fusion: embed each level, upsample to stride 4, fuse with a separable ASPP."""
+    """Context-aware fusion: embed each level, upsample to stride 4, fuse with a separable ASPP. Without
+    fusion_dilations the fusion is one 1x1 conv + BN + ReLU (SegFormer's MLP decoder: HRDA's scale attention)."""
 
     def __init__(self, in_channels, num_classes, embed_dim=256, fusion_dilations=(6, 12, 18), dropout=0.1):
         super().__init__()
@@ -1526,7 +1621,8 @@ class DAFormerHead(nn.Module):
         cat_ch = embed_dim * len(in_channels)
         self.branches = nn.ModuleList([conv_bn_relu(cat_ch, embed_dim, 1)] + [
             separable_conv_bn_relu(cat_ch, embed_dim, d) for d in fusion_dilations])
-        self.bottleneck = conv_bn_relu(embed_dim * len(self.branches), embed_dim, 3)
+        self.bottleneck = (conv_bn_relu(embed_dim * len(self.branches), embed_dim, 3) if fusion_dilations
+                           else nn.Identity())
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = classifier(embed_dim, num_classes)
 
@@ -1571,6 +1667,144 @@ class DeepLabV3PlusHead(nn.Module):
         x = F.interpolate(x, size=c1.shape[2:], mode='bilinear', align_corners=False)
         x = self.sep_bottleneck(torch.cat([x, self.c1_bottleneck(c1)], dim=1))
         return self.conv_seg(self.dropout(x))
+
+
+# HRDA (Hoyer et al. 2022; lhoyer/HRDA mmseg/models/segmentors/hrda_encoder_decoder.py, decode_heads/hrda_head.py):
+# a context view (the whole crop, downscaled) and a full-resolution detail window, one encoder run each with the
+# same weights, one DAFormer head for both, fused by a class-wise scale attention predicted from the context.
+class Views(NamedTuple):
+    """An HRDA encoder's output: the context view's and the detail windows' feature levels, and the windows'
+    (top, left) corners in the crop's full-resolution pixels (training: one window for the whole batch; inference:
+    the slide windows, their features stacked window after window along the batch)."""
+    context: list
+    detail: list
+    boxes: list
+    side: int
+
+
+class HRDAOutput(NamedTuple):
+    """The fused logits (stride 4 of the crop) and the detail windows' own logits (stride 4 of a window)."""
+    fused: torch.Tensor
+    detail: torch.Tensor
+    boxes: list
+    side: int
+
+
+class Downscale(nn.Module):
+    """Bilinear, align_corners False, no antialiasing (mmseg's resize, as HRDA makes its context view)."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+
+
+def slide_boxes(height, width, side, stride):
+    """mmseg's slide windows of `side` at `stride` over height x width, the last row and column moved inside."""
+    rows = max(height - side + stride - 1, 0) // stride + 1
+    cols = max(width - side + stride - 1, 0) // stride + 1
+    return [(max(min(r * stride + side, height) - side, 0), max(min(c * stride + side, width) - side, 0))
+            for r in range(rows) for c in range(cols)]
+
+
+def paste_mean(windows, boxes, side, size, stride=1):
+    """Window logits (K*B, C, side/stride, side/stride), window after window, pasted at boxes / stride into a
+    (B, C, *size) map and averaged where windows overlap; 0 where none lies (HRDAHead.decode_hr)."""
+    n = side // stride
+    total = windows.new_zeros(windows.shape[0] // len(boxes), windows.shape[1], *size)
+    count = windows.new_zeros(1, 1, *size)
+    for window, (top, left) in zip(windows.chunk(len(boxes)), boxes):
+        top, left = top // stride, left // stride
+        total = total + F.pad(window, (left, size[1] - left - n, top, size[0] - top - n))
+        count[..., top:top + n, left:left + n] += 1
+    return total / count.clamp(min=1)
+
+
+class HRDAEncoder(nn.Module):
+    """The MiT encoder run on both views. forward (training) draws one detail window for the batch, at offsets
+    that are multiples of the context logits' cell (8 crop pixels at scale 0.5), a new one at every call, from
+    Python's random (what checkpoints save; a host number, whatever device or fake tensors the step runs on)."""
+
+    def __init__(self, encoder, context_scale, detail_side):
+        super().__init__()
+        self.mit, self.downscale, self.side = encoder, Downscale(context_scale), detail_side
+        self.cell = round(4 / context_scale)
+        self.out_channels, self.out_strides = encoder.out_channels, encoder.out_strides
+
+    @property
+    def normalize(self):
+        return self.mit.normalize
+
+    def draw_box(self, height, width):
+        def offset(extent):
+            steps = (extent - self.side + 1) // self.cell  # HRDA's get_crop_bbox: the last offset is never drawn
+            return random.randrange(steps) * self.cell if steps > 0 else 0
+        return offset(height), offset(width)
+
+    def forward(self, x):
+        top, left = self.draw_box(*x.shape[-2:])
+        detail = x[..., top:top + self.side, left:left + self.side]
+        return Views(self.mit(self.downscale(x)), self.mit(detail), [(top, left)], self.side)
+
+    def slide(self, x):
+        """Inference views: the detail windows slide over the crop at half their side, one encoder batch."""
+        boxes = slide_boxes(*x.shape[-2:], self.side, self.side // 2)
+        windows = torch.cat([x[..., t:t + self.side, l:l + self.side] for t, l in boxes])
+        return Views(self.mit(self.downscale(x)), self.mit(windows), boxes, self.side)
+
+
+class HRDAHead(nn.Module):
+    """HRDAHead: lr = head(context), a = sigmoid(attention(context)), hr = head(detail); with one training window a
+    is 0 outside it; fused = up(a) * hr pasted + up((1 - a) * lr), at stride 4 of the crop."""
+
+    def __init__(self, in_channels, num_classes, embed_dim, context_scale):
+        super().__init__()
+        self.head = DAFormerHead(in_channels, num_classes, embed_dim)
+        self.scale_attention = DAFormerHead(in_channels, num_classes, embed_dim, fusion_dilations=())
+        self.up = round(1 / context_scale)
+
+    def forward(self, views):
+        lr = self.head(views.context)
+        attention = torch.sigmoid(self.scale_attention(views.context))
+        hr = self.head(views.detail)
+        size = (lr.shape[-2] * self.up, lr.shape[-1] * self.up)
+        if len(views.boxes) == 1:  # training: the attention only where the window is
+            (top, left), cell, n = views.boxes[0], 4 * self.up, views.side // (4 * self.up)
+            inside = torch.zeros_like(attention[:1, :1])
+            inside[..., top // cell:top // cell + n, left // cell:left // cell + n] = 1
+            attention = attention * inside
+        lr = (1 - attention) * lr
+
+        def upsample(t):
+            return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+        fused = upsample(attention) * paste_mean(hr, views.boxes, views.side, size, stride=4) + upsample(lr)
+        return HRDAOutput(fused, hr, views.boxes, views.side)
+
+
+class HRDAModel(SegModel):
+    """forward(x) is HRDA's inference: windows of `window` (the training crop) at half stride over the image (one
+    batch), each through encode_decode, logits resized to the window and averaged where windows overlap."""
+
+    def __init__(self, encoder, num_classes, embed_dim, context_scale, detail_crop, window):
+        super().__init__(HRDAEncoder(encoder, context_scale, detail_crop),
+                         HRDAHead(encoder.out_channels, num_classes, embed_dim, context_scale))
+        self.window = window
+
+    def encode_decode(self, x):
+        """The whole crop as context, the detail windows sliding over it; logits at x's size."""
+        fused = self.decoder(self.encoder.slide(x)).fused
+        return F.interpolate(fused, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        if not self.window or (height <= self.window and width <= self.window):
+            return self.encode_decode(x)
+        boxes = slide_boxes(height, width, self.window, self.window // 2)
+        windows = torch.cat([x[..., t:t + self.window, l:l + self.window] for t, l in boxes])
+        return paste_mean(self.encode_decode(windows), boxes, self.window, (height, width))
 
 
 # ============================================================================= appendix: data
@@ -1623,10 +1857,10 @@ _LAYOUT = {
 
 class Domain:
     """One dataset, indexable: load(i) -> (uint8 HxWx3 RGB image, uint8 HxW train-id label), already
-    resized as `framework` resizes ("dacs" or "mmseg", see resize_pair). Folder datasets read files; the toy
-    domains draw scene i."""
+    resized as `framework` resizes ("dacs" or "mmseg", see resize_pair) to DATASETS' size times `resolution`.
+    Folder datasets read files; the toy domains draw scene i (as drawn, whatever the resolution)."""
 
-    def __init__(self, name, root="data", split="train", seed=0, framework="mmseg"):
+    def __init__(self, name, root="data", split="train", seed=0, framework="mmseg", resolution=1):
         self.name = name
         if name.startswith("toy-"):
             self.style = name[4:]
@@ -1635,7 +1869,7 @@ class Domain:
         else:
             self.pairs = find_pairs(name, root, split)
             self.count = len(self.pairs)
-            self.size = DATASETS[name]["size"]
+            self.size = tuple(side * resolution for side in DATASETS[name]["size"])
             self.dacs_filter = DATASETS[name]["dacs_filter"] if framework == "dacs" else None
 
     def __len__(self):
@@ -1668,6 +1902,7 @@ class TrainBatches(torch.utils.data.Dataset):
     def __init__(self, cfg, source, target, rcs=None, rank=0, world=1):
         self.cfg, self.source, self.target, self.rcs = cfg, source, target, rcs
         self.stream = [rank] if world > 1 else []  # under torchrun each process draws its own batch
+        self.margins = pseudo_margins(cfg)
 
     def __len__(self):
         return self.cfg.iters
@@ -1684,10 +1919,13 @@ class TrainBatches(torch.utils.data.Dataset):
             return dict(error=str(error))
         notes = LABEL_NOTES[:]
         LABEL_NOTES.clear()
-        return dict(source_image=torch.from_numpy(np.stack([s[0] for s in source])).permute(0, 3, 1, 2),
-                    source_label=torch.from_numpy(np.stack([s[1] for s in source])),
-                    target_image=torch.from_numpy(np.stack([t[0] for t in target])).permute(0, 3, 1, 2),
-                    skipped=skipped, notes=notes)
+        batch = dict(source_image=torch.from_numpy(np.stack([s[0] for s in source])).permute(0, 3, 1, 2),
+                     source_label=torch.from_numpy(np.stack([s[1] for s in source])),
+                     target_image=torch.from_numpy(np.stack([t[0] for t in target])).permute(0, 3, 1, 2),
+                     skipped=skipped, notes=notes)
+        if self.margins:  # the margin mask went through crop and flip as a label: 1 inside, 0 margin or padding
+            batch["target_valid"] = torch.from_numpy(np.stack([t[1] == 1 for t in target]).astype(np.uint8))
+        return batch
 
     def sample(self, domain, rng, skipped, is_source=False):
         """Pick an image (rare-class sampling on the source when on) and run the pipeline (crop, flip) on it. A
@@ -1701,10 +1939,12 @@ class TrainBatches(torch.utils.data.Dataset):
             except CorruptFile as error:
                 skipped.append(str(error))
                 continue
+            if not is_source and self.margins:
+                label = margin_mask(image.shape[:2], self.margins)
             sample = self.pipeline(image, label, rng, is_source)
             if rare_class is not None:  # DAFormer re-runs the pipeline up to 10 more times, keeping the last
                 for _ in range(10):
-                    if crop_has_enough(sample[1], rare_class, self.cfg.rcs_min_pixels // 2):
+                    if crop_has_enough(sample[1], rare_class, self.cfg.rcs_min_pixels * self.cfg.rcs_min_crop_ratio):
                         break
                     sample = self.pipeline(image, label, rng, is_source)
             return sample
@@ -1728,6 +1968,20 @@ class TrainBatches(torch.utils.data.Dataset):
         if self.cfg.flip and rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
         return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def pseudo_margins(cfg):
+    """--pseudo-margins as (top, bottom, left, right), or None when all are 0."""
+    margins = tuple(int(m) for m in cfg.pseudo_margins.split(","))
+    return margins if any(margins) else None
+
+
+def margin_mask(size, margins):
+    """HRDA's crop_pseudo_margins (lhoyer/HRDA mmseg/datasets/cityscapes.py): 1, with 0 on the margins of an
+    image of `size` (h, w); made on the whole image before crop and flip, which it follows as a label does."""
+    (top, bottom, left, right), mask = margins, np.ones(size, np.uint8)
+    mask[:top], mask[size[0] - bottom:], mask[:, :left], mask[:, size[1] - right:] = 0, 0, 0, 0
+    return mask
 
 
 def make_loader(cfg, dataset, start_iteration):
@@ -2256,6 +2510,7 @@ def debug_panels(cfg, nets):
         return np.repeat((w[0].float().clamp(0, 1) * 255).round().byte().cpu().numpy()[..., None], 3, axis=-1)
 
     def predict(logits, size):
+        logits = logits.fused if isinstance(logits, HRDAOutput) else logits
         return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=cfg.align_corners).argmax(1)
 
     x_m, y_m = seen["mixed_image"], seen["mixed_label"]
@@ -2264,11 +2519,17 @@ def debug_panels(cfg, nets):
               ("target image", image(seen["target_image"])), ("pseudo-label", labels(seen["pseudo_label"])),
               ("pseudo-label weight", grey(seen["pixel_weight"])), ("ClassMix mask", grey(seen["mix"].float())),
               ("mixed image", image(x_m)), ("mixed target", labels(y_m))]
+    if "detail_window" in seen:
+        (top, left, side), = seen["detail_window"]
+        outside = np.full(image(x_m).shape[:2] + (1,), 0.3)
+        outside[top:top + side, left:left + side] = 1
+        panels.append((f"HRDA detail window ({side}x{side})", (image(x_m) * outside).round().astype(np.uint8)))
     model, training = nets.model, nets.model.training
     model.eval()
     try:
         with torch.no_grad():
-            features = model.encoder(x_m)
+            # HRDA: the inference views (detail windows sliding over the crop), which draw no random window
+            features = model.encoder.slide(x_m) if isinstance(model, HRDAModel) else model.encoder(x_m)
             clean = predict(model.decoder(features), size)
             panels.append(("prediction on the mixed image", labels(clean)))
             if "mrm_input" in seen:
@@ -2277,7 +2538,9 @@ def debug_panels(cfg, nets):
             elif "mrm_mask" in seen:
                 mask = seen["mrm_mask"]
                 dark = F.interpolate(mask.float(), size=size, mode="nearest")[0, 0].cpu().numpy()[..., None]
-                rebuilt = predict(model.decoder(nets.rebuilder(features, mask)), size)
+                if isinstance(features, Views):  # the context's mask, and on every detail window the same
+                    mask = mask.repeat(1 + len(features.boxes), 1, 1, 1)
+                rebuilt = predict(model.decoder(rebuild(nets.rebuilder, features, mask)), size)
                 differs = rebuilt != clean
                 wrong = (rebuilt != y_m) & (y_m != 255)
                 panels += [(f"MRM mask ({mask.shape[-1]}x{mask.shape[-1]})",
@@ -2558,7 +2821,8 @@ def why_eager(cfg, world):
     reasons = ((not cfg.cuda_graph, "without --cuda-graph"), (cfg.device != "cuda", "not on CUDA"),
                (world > 1, "torchrun: DDP's all-reduce"), (cfg.compile, "--compile"),
                (cfg.amp == "fp16", "fp16's loss scaler reads the gradients on the host"),
-               (cfg.checkpoint_blocks, "--checkpoint-blocks saves the random state on the host"))
+               (cfg.checkpoint_blocks, "--checkpoint-blocks saves the random state on the host"),
+               (cfg.detail_crop > 0, "HRDA's detail windows are drawn on the host"))
     return next((why for applies, why in reasons if applies), "")
 
 
@@ -2644,7 +2908,7 @@ def reference_step(cfg, nets, batch, iteration):
     fp32, per-image Python loops (ClassMix from torch.unique + np.random.choice, pseudo-label weight
     read back with .item(), augmentation decided by Python's random), one backward of the summed loss, EMA by a parameter loop."""
     model, rebuilder = nets.model, nets.rebuilder
-    x_s, y_s, x_t = step_inputs(nets, *to_device(batch, nets))
+    x_s, y_s, x_t, _ = step_inputs(nets, *to_device(batch, nets))
     set_learning_rates(cfg, nets, iteration)
     model.train()
     loss_s = segmentation_ce(model(x_s), y_s, align_corners=cfg.align_corners)
@@ -2691,7 +2955,8 @@ def bench(cfg):
     and host launches per step. On the CPU the tiny model of the same family runs, so that a test can run it."""
     if cfg.device == "cpu":
         cfg = SimpleNamespace(**{**vars(cfg), "arch": cfg.arch if cfg.arch.endswith("tiny") else
-                                 ("mit-tiny" if "mit" in cfg.arch else "dlv2-tiny"), "crop": min(cfg.crop or 64, 64)})
+                                 ("mit-tiny" if "mit" in cfg.arch else "dlv2-tiny"), "crop": min(cfg.crop or 64, 64),
+                                 "detail_crop": min(cfg.detail_crop, 32)})
     rng = np.random.default_rng(cfg.seed)
     crop = (cfg.crop, cfg.crop)
 
@@ -2810,6 +3075,87 @@ def profile_steps(step, first_iteration, steps, cuda=True):
                 launches=sum(e.name in launch_calls for e in events) / steps)
 
 
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every tensor storage an operation under it creates, from its creation until nothing
+    (a variable, autograd's saved tensors, an optimizer) holds it any more: `live` now, `peak` the most so far."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.sizes = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # a view or an in-place result shares its input's storage, which may predate this counter (a fake copy
+        # of a real weight): not new memory
+        inputs = {t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.sizes.keys() | inputs:
+                storage = t.untyped_storage()  # torch keeps one Python object per storage while it lives
+                self.sizes[storage._cdata] = storage.nbytes()
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self.free, storage._cdata)
+        return out
+
+    def free(self, key):
+        self.live -= self.sizes.pop(key)
+
+    def known(self, tensors):
+        """Tensors counted elsewhere (the fake copies of real weights, held here so that every operation gets
+        the same copy): never new memory."""
+        self.held = list(tensors)
+        for t in self.held:
+            self.sizes[t.untyped_storage()._cdata] = 0
+
+
+def fake_step_batch(cfg):
+    """A batch of the run's shapes: uint8 images at the crop, labels of the task's classes, the margin mask."""
+    B, (h, w) = cfg.batch_size, (cfg.crop, cfg.crop) if cfg.crop else (64, 128)
+    batch = dict(source_image=torch.randint(0, 256, (B, 3, h, w), dtype=torch.uint8),
+                 source_label=torch.randint(0, cfg.num_classes, (B, h, w), dtype=torch.uint8),
+                 target_image=torch.randint(0, 256, (B, 3, h, w), dtype=torch.uint8))
+    if pseudo_margins(cfg):
+        batch["target_valid"] = torch.ones(B, h, w, dtype=torch.uint8)
+    return batch
+
+
+def step_memory(cfg, fake=True):
+    """(peak, after the networks are built) bytes of live tensors over two training steps (the second one with
+    the optimizer states the first created). The networks are real CPU tensors with random weights; with fake,
+    the steps run on fake tensors (shapes and dtypes only: no memory, no arithmetic; the weights stay as built)."""
+    cfg = SimpleNamespace(**{**vars(cfg), "device": "cpu", "pretrained": "none", "compile": False, "cuda_graph": False})
+    counter = LiveBytes()
+    with counter:
+        nets = build_nets(cfg)
+    networks = counter.live
+    fake_mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    with fake_mode or contextlib.nullcontext(), counter:  # the counter on top: it sees what the fake mode returns
+        if fake_mode is not None:
+            modules = [m for m in (nets.model, nets.teacher, nets.rebuilder, nets.pixel_head, nets.imagenet) if m is not None]
+            counter.known(fake_mode.from_tensor(t) for m in modules for t in [*m.parameters(), *m.buffers()])
+        for iteration in range(2):
+            train_step(cfg, nets, fake_step_batch(cfg), iteration)
+    return counter.peak, networks
+
+
+def estimate_memory(cfg):
+    start = time.perf_counter()
+    peak, networks = step_memory(cfg)
+    gib = 2 ** 30
+    print(f"{cfg.task}: {cfg.arch} ({cfg.recipe} recipe), {'DACS' if not cfg.source_only else 'source only'}"
+          f"{' + MRM' if cfg.mrm and not cfg.source_only else ''}{' + MIC' if cfg.mic else ''}, batch "
+          f"{cfg.batch_size}+{cfg.batch_size}, {cfg.crop}x{cfg.crop} crops"
+          f"{f', {cfg.detail_crop} detail window' if cfg.detail_crop else ''}, "
+          f"{'fp32' if cfg.amp == 'off' else cfg.amp}{', --checkpoint-blocks' if cfg.checkpoint_blocks else ''}:\n"
+          f"  peak of live tensors in a training step {peak / gib:.2f} GiB (networks, teacher and Rebuilder "
+          f"{networks / gib:.2f} GiB, then gradients, optimizer states and activations); a GPU adds its CUDA "
+          f"context and the caching allocator's rounding ({time.perf_counter() - start:.0f} s on fake tensors)",
+          flush=True)
+    return peak
+
+
 def bench_data(cfg):
     """--bench-data N: for each recipe of the paper's tasks, the decode + resize + crop (+ rare class sampling)
     speed of one loader worker on GTA-sized PNGs (1914x1052) written to a temporary folder, and the workers a
@@ -2818,10 +3164,14 @@ def bench_data(cfg):
         write_fake_dataset(root, "gta", 4, (1914, 1052), seed=cfg.seed)
         write_fake_dataset(root, "cityscapes", 2, (2048, 1024), seed=cfg.seed)
         rates, loaders = {}, {}
-        for name in dict.fromkeys(("dacs", "daformer", cfg.recipe)):
-            run = SimpleNamespace(**{**vars(cfg), **RECIPES[name], "recipe": name, "source": "gta", "target": "cityscapes",
-                                     "data_root": root, "work_dir": root, "iters": cfg.bench_data + cfg.workers})
-            source, target = (Domain(d, root, framework=run.framework) for d in ("gta", "cityscapes"))
+        recipes = dict.fromkeys(("dacs", "daformer", "hrda", cfg.recipe))
+        defaults = {key: DEFAULTS[key] for name in recipes for key in RECIPES[name] if key in DEFAULTS}
+        for name in recipes:
+            run = SimpleNamespace(**{**vars(cfg), **defaults, **RECIPES[name], "recipe": name, "source": "gta",
+                                     "target": "cityscapes", "data_root": root, "work_dir": root,
+                                     "iters": cfg.bench_data + cfg.workers})
+            source, target = (Domain(d, root, framework=run.framework, resolution=run.resolution)
+                              for d in ("gta", "cityscapes"))
             rcs = rcs_statistics(run, source, lambda *a, **k: None) if run.rcs_temperature > 0 else None
             batches = TrainBatches(run, source, target, rcs)
             loaders[name] = (run, batches)
@@ -2864,7 +3214,9 @@ RANGES = dict(
     rebuilder_grid=(1, None, True, None), rebuilder_lr=(0, None, False, None),
     rebuilder_weight_decay=(0, None, True, None), mic_mask_ratio=(0, 1, True, True),
     mic_block_size=(1, None, True, None), mic_weight=(0, None, True, None), bench=(0, None, True, None),
-    bench_data=(0, None, True, None), debug_every=(0, None, True, None),
+    bench_data=(0, None, True, None), debug_every=(0, None, True, None), rcs_min_crop_ratio=(0, None, True, None),
+    resolution=(1, 2, True, True), detail_crop=(0, None, True, None), context_scale=(0, 1, False, True),
+    hr_loss_weight=(0, 1, True, True),
 )
 MRM_FLAGS = ("mrm_weight", "mask_ratio", "rebuilder_dim", "rebuilder_depth", "rebuilder_heads", "rebuilder_grid",
              "rebuilder_lr", "rebuilder_weight_decay", "mrm_domain", "mrm_mode", "mrm_objective", "mrm_trains")
@@ -2886,7 +3238,8 @@ def check_ranges(cfg, given):
     if cfg["rebuilder_dim"] % 4 or cfg["rebuilder_dim"] % cfg["rebuilder_heads"]:
         raise ConfigError(f"--rebuilder-dim {cfg['rebuilder_dim']}: must be a multiple of 4 (the sin-cos position "
                           f"embedding) and of --rebuilder-heads {cfg['rebuilder_heads']}")
-    largest = max(max(DATASETS[name]["size"]) if name in DATASETS else 128 for name in (cfg["source"], cfg["target"]))
+    largest = max(max(DATASETS[name]["size"]) * cfg["resolution"] if name in DATASETS else 128
+                  for name in (cfg["source"], cfg["target"]))
     if cfg["crop"] and not 32 <= cfg["crop"] <= largest:
         raise ConfigError(f"--crop {cfg['crop']}: must be 0 (whole images) or from 32 (the encoders' stride) to "
                           f"{largest} (the task's largest training image side)")
@@ -2930,7 +3283,8 @@ def build_parser():
             elif isinstance(default, list):
                 group.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="RUN_DIR", help=help_text)
             else:
-                metavar = "|".join(choices) if choices else {int: "N", float: "X"}.get(type(default), "PATH")
+                metavar = ("|".join(choices) if choices else "T,B,L,R" if key == "pseudo_margins" else
+                           {int: "N", float: "X"}.get(type(default), "PATH"))
                 group.add_argument(flag, type=type(default), default=argparse.SUPPRESS, metavar=metavar,
                                    help=help_text)
     return parser
@@ -2947,7 +3301,7 @@ def parse_config(argv=None):
 
     one_of("task", given.get("task", DEFAULTS["task"]), TASKS)
     task = TASKS[given.get("task", DEFAULTS["task"])]
-    arch = given.get("arch") or task["arch"]
+    arch = given.get("arch") or RECIPES.get(given.get("recipe"), {}).get("arch") or task["arch"]
     one_of("arch", arch, ARCHS)
     recipe = given.get("recipe") or task.get("recipe") or ARCHS[arch]["recipe"]
     one_of("recipe", recipe, RECIPES)
@@ -2981,6 +3335,11 @@ def parse_config(argv=None):
     if cfg["mrm_objective"] != "cls" and (cfg["mrm_mode"] != "rebuild" or cfg["mrm_trains"] != "both"):
         raise ConfigError(f"--mrm-objective {cfg['mrm_objective']} regresses the Rebuilder's output without the "
                           f"decoder: it needs --mrm-mode rebuild and --mrm-trains both")
+    margins = cfg["pseudo_margins"].split(",")
+    if len(margins) != 4 or not all(m.strip().isdigit() for m in margins):
+        raise ConfigError(f"--pseudo-margins {cfg['pseudo_margins']}: must be four pixel counts top,bottom,left,right "
+                          f"(HRDA: 30,240,30,30)")
+    check_hrda(cfg, given)
     if cfg["sync_bn"] and cfg["device"] != "cuda":
         raise ConfigError("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only)")
     if cfg["mic"] and cfg["source_only"]:
@@ -3002,8 +3361,36 @@ def parse_config(argv=None):
                           f"--pretrained none trains from random weights")
     if not cfg["work_dir"]:
         method = "source-only" if cfg["source_only"] else "dacs-mrm" if cfg["mrm"] else "dacs"
+        method = ("" if recipe == (task.get("recipe") or ARCHS[arch]["recipe"]) else f"{recipe}-") + method
+        method += "-mic" if cfg["mic"] else ""
         cfg["work_dir"] = os.path.join("runs", f"{cfg['task']}-{arch}-{method}-seed{cfg['seed']}")
     return SimpleNamespace(**cfg)
+
+
+def check_hrda(cfg, given):
+    """HRDA's model needs a MiT, window sides whose strides stay whole cells, and the Rebuilder's class objective."""
+    if not cfg["detail_crop"]:
+        hrda_only = [key for key in ("context_scale", "hr_loss_weight") if key in given]
+        if hrda_only:
+            raise ConfigError(f"--{hrda_only[0].replace('_', '-')} is a setting of HRDA's model: it needs "
+                              f"--detail-crop (or --recipe hrda)")
+        return
+    up = 1 / cfg["context_scale"]
+    if abs(up - round(up)) > 1e-9:
+        raise ConfigError(f"--context-scale {cfg['context_scale']}: must be 1 / an integer (HRDA: 0.5)")
+    cell = 8 * round(up)  # half a detail window (its slide stride) in whole cells of the context logits
+    if "mit" not in ARCHS[cfg["arch"]]:
+        raise ConfigError(f"--detail-crop: HRDA's model runs a MiT (--arch mitb5 | mitb3 | mitb2 | mit-tiny), "
+                          f"not --arch {cfg['arch']}")
+    if cfg["detail_crop"] % cell or (cfg["crop"] and (cfg["crop"] % cell or cfg["detail_crop"] > cfg["crop"])):
+        raise ConfigError(f"--detail-crop {cfg['detail_crop']}, --crop {cfg['crop']}: both must be multiples of "
+                          f"{cell} (8 / --context-scale), the detail window at most the crop")
+    if cfg["mrm"] and cfg["mrm_objective"] != "cls":
+        raise ConfigError(f"--mrm-objective {cfg['mrm_objective']}: with HRDA's model MRM trains on its losses "
+                          f"(--mrm-objective cls)")
+    if cfg["compile"]:
+        raise ConfigError("--compile: HRDA's detail window moves at every forward, which torch.compile would "
+                          "recompile for; train HRDA without it")
 
 
 def config_json(cfg):
@@ -3057,13 +3444,13 @@ class PairCheck(torch.utils.data.Dataset):
 
 
 def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None, dilations=(6, 12), decoder="",
-                mode="rebuild"):
+                mode="rebuild", hrda=None):
     """Forward multiply-accumulates of D(E(x)) and of what MRM adds for one image, the extra D(R(f)) (mode
     rebuild) or a second D(E(x)) of the masked image (mode input), counted by torch.utils.flop_counter on the
-    meta device (shapes only: instant, no memory)."""
+    meta device (shapes only: instant, no memory). hrda: HRDA's training forward (both views, one window)."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
-        model, _ = build_model(arch, num_classes, aspp_dilations=dilations, decoder=decoder)
+        model, _ = build_model(arch, num_classes, aspp_dilations=dilations, decoder=decoder, hrda=hrda)
         model.eval()  # the same FLOPs; BatchNorm of DeepLabV3+'s image pooling refuses one image in train mode
         rebuilder = Rebuilder(model.encoder.out_channels, **(rebuilder_kw or {}),
                               scale_factors=rebuilder_scales(model.encoder))
@@ -3072,7 +3459,10 @@ def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None,
             features = model.encoder(x)
             model.decoder(features)
         with FlopCounterMode(display=False) as extra:
-            model.decoder(rebuilder(features)) if mode != "input" else model.decoder(model.encoder(x))
+            if mode == "input":
+                model.decoder(model.encoder(x))
+            else:
+                model.decoder(rebuild(rebuilder, features, draw_mrm_mask(rebuilder, features, x)))
     trainable = sum(p.numel() for p in rebuilder.parameters() if p.requires_grad) if mode != "input" else 0
     return dict(model_gmac=base.get_total_flops() / 2e9, extra_gmac=extra.get_total_flops() / 2e9,
                 rebuilder_params=trainable, ratio=1 + extra.get_total_flops() / base.get_total_flops(),
@@ -3084,9 +3474,11 @@ def print_flops(cfg):
     crop = cfg.crop or 512
     kw = dict(embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth, num_heads=cfg.rebuilder_heads,
               grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio)
-    r = count_flops(cfg.arch, (crop, crop), cfg.num_classes, kw, aspp_dilations(cfg), cfg.decoder, cfg.mrm_mode)
+    r = count_flops(cfg.arch, (crop, crop), cfg.num_classes, kw, aspp_dilations(cfg), cfg.decoder, cfg.mrm_mode,
+                    hrda_views(cfg))
     extra = "decoder(encoder(masked x))" if cfg.mrm_mode == "input" else "decoder(rebuilder(f))"
-    print(f"{cfg.arch} + {cfg.decoder}: encoder {r['encoder_params']:,} + decoder {r['decoder_params']:,} parameters; "
+    views = f" (HRDA: context {cfg.context_scale}, a {cfg.detail_crop} detail window)" if cfg.detail_crop else ""
+    print(f"{cfg.arch} + {cfg.decoder}{views}: encoder {r['encoder_params']:,} + decoder {r['decoder_params']:,} parameters; "
           f"Rebuilder {r['rebuilder_params']:,} trainable parameters\n"
           f"at {crop}x{crop}: encoder+decoder {r['model_gmac']:.2f} GMAC; "
           f"{extra} adds {r['extra_gmac']:.2f} GMAC ({r['ratio']:.3f}x)")
