@@ -947,7 +947,8 @@ def main(argv=None):
     except torch.OutOfMemoryError:
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
         print(f"error: out of GPU memory (peak {peak:.1f} GiB allocated). Reduce it with --amp bf16, "
-              f"a smaller --crop, --checkpoint-blocks (MiT) or --batch-size 1", file=sys.stderr)
+              f"a smaller --crop, --checkpoint-blocks (MiT) or --batch-size 1; --estimate-memory prints a "
+              f"setting's peak without a GPU", file=sys.stderr)
         return 4
     except RuntimeError as error:
         if "DataLoader worker" in str(error):  # killed by a signal or the out-of-memory killer
@@ -968,7 +969,8 @@ def main(argv=None):
 
 # ============================================================================= appendix: models
 # The networks of the step (student, teacher, Rebuilder, ImageNet copy) and their optimizers, then the
-# architectures: dilated ResNets with the DeepLabV2 classifier, MiT with the DAFormer head, DeepLabV3+.
+# architectures: dilated ResNets with the DeepLabV2 classifier, MiT with the DAFormer head, DeepLabV3+, and
+# HRDA's multi-resolution model around a MiT.
 
 
 def aspp_dilations(cfg):
