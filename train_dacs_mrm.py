@@ -2947,8 +2947,8 @@ def reference_step(cfg, nets, batch, iteration):
 
 
 def bench(cfg):
-    """--bench N: training steps on random batches shaped like gta2cs (1280x720 source, 1024x512 target,
-    cropped), data loading excluded. Every variant warms up (and, on CUDA, captures its graph) first; then N
+    """--bench N: training steps on random batches shaped like gta2cs (1280x720 source, 1024x512 target, times
+    --resolution, cropped), data loading excluded. Every variant warms up (and, on CUDA, captures its graph) first; then N
     rounds time one step of each in turn (A, B, C, A, B, C ...), so that their ratios share the machine's state,
     and each reports its median. Variants: the step as configured (DACS+MRM), without MRM, eager instead of one
     CUDA graph, fp32 instead of --amp, the other --aspp-depthwise forms (DAFormer and DeepLabV3+ heads), and
@@ -2967,11 +2967,13 @@ def bench(cfg):
         image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
         return random_crop(image, label[:height, :width].astype(np.uint8), crop, rng)
 
-    source = [random_pair(1280, 720) for _ in range(cfg.batch_size)]
-    target = [random_pair(1024, 512) for _ in range(cfg.batch_size)]
+    source = [random_pair(1280 * cfg.resolution, 720 * cfg.resolution) for _ in range(cfg.batch_size)]
+    target = [random_pair(1024 * cfg.resolution, 512 * cfg.resolution) for _ in range(cfg.batch_size)]
     batch = dict(source_image=torch.from_numpy(np.stack([s[0] for s in source])).permute(0, 3, 1, 2),
                  source_label=torch.from_numpy(np.stack([s[1] for s in source])),
                  target_image=torch.from_numpy(np.stack([t[0] for t in target])).permute(0, 3, 1, 2))
+    if pseudo_margins(cfg):
+        batch["target_valid"] = torch.ones_like(batch["source_label"])
     cuda = cfg.device == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
