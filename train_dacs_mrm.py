@@ -17,7 +17,8 @@ Each iteration (DACS, Tranheden et al. 2021, with MRM, Zhou et al. 2025, Algorit
   6. loss = L_s + L_u + lambda * L_mrm; optimizer step (the Rebuilder's: AdamW); EMA update of the teacher
 A recipe reproduces the official code around a baseline (DACS's trainUDA.py, DAFormer's and HRDA's mmseg
 code); docs/fidelity.md lists what still differs. HRDA's model (HRDAModel) gives E a context and a detail view
-and D their fused prediction; its two losses are segmentation_loss's. Under torchrun one run spans several processes (DDP).
+and D their fused prediction; its two losses are segmentation_loss's. Under torchrun one run spans several
+processes (DDP).
 
 The file reads top to bottom: config tables, DACS operations, MRM's losses, the step, the training loop and
 main; then an appendix: models, data, checkpoints and evaluation, several processes, speed machinery, modes,
@@ -632,8 +633,10 @@ def forward_backward(cfg, nets, x_s, y_s, x_t, valid_t=None):
     if not cfg.source_only:
         # (2) pseudo-labels from the EMA teacher on the un-augmented target batch
         with torch.inference_mode(), autocast:
-            teacher_logits = F.interpolate(nets.teacher(x_t), size=x_t.shape[-2:], mode="bilinear",
-                                           align_corners=cfg.align_corners)
+            teacher_logits = nets.teacher(x_t)  # HRDA's inference forward returns them at the input's size
+            if teacher_logits.shape[-2:] != x_t.shape[-2:]:
+                teacher_logits = F.interpolate(teacher_logits, size=x_t.shape[-2:], mode="bilinear",
+                                               align_corners=cfg.align_corners)
             pseudo, weight = pseudo_label(teacher_logits, cfg.pseudo_threshold)
         pixel_weight = weight.expand_as(pseudo)  # inference tensors: read below, never saved for backward
         if cfg.pl_crop:  # DAFormer: the top and bottom rows (sky border, ego car) are unreliable
@@ -2948,8 +2951,8 @@ def reference_step(cfg, nets, batch, iteration):
 
 def bench(cfg):
     """--bench N: training steps on random batches shaped like gta2cs (1280x720 source, 1024x512 target, times
-    --resolution, cropped), data loading excluded. Every variant warms up (and, on CUDA, captures its graph) first; then N
-    rounds time one step of each in turn (A, B, C, A, B, C ...), so that their ratios share the machine's state,
+    --resolution, cropped), data loading excluded. Every variant warms up (and, on CUDA, captures its graph)
+    first; then N rounds time one step of each in turn (A, B, C, A, B, C ...), so that their ratios share the machine's state,
     and each reports its median. Variants: the step as configured (DACS+MRM), without MRM, eager instead of one
     CUDA graph, fp32 instead of --amp, the other --aspp-depthwise forms (DAFormer and DeepLabV3+ heads), and
     (DACS recipe) DACS's per-image fp32 reference_step. All are alive at once: the run needs about their sum in
@@ -3086,7 +3089,7 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live = self.peak = 0
-        self.sizes = {}
+        self.sizes, self.held = {}, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -3095,8 +3098,10 @@ class LiveBytes(TorchDispatchMode):
         inputs = {t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves((args, kwargs))
                   if isinstance(t, torch.Tensor)}
         for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.sizes.keys() | inputs:
-                storage = t.untyped_storage()  # torch keeps one Python object per storage while it lives
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()  # torch keeps one Python object per storage while it lives
+            if storage._cdata not in self.sizes and storage._cdata not in inputs:
                 self.sizes[storage._cdata] = storage.nbytes()
                 self.live += storage.nbytes()
                 self.peak = max(self.peak, self.live)
@@ -3137,7 +3142,8 @@ def step_memory(cfg, fake=True):
     fake_mode = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     with fake_mode or contextlib.nullcontext(), counter:  # the counter on top: it sees what the fake mode returns
         if fake_mode is not None:
-            modules = [m for m in (nets.model, nets.teacher, nets.rebuilder, nets.pixel_head, nets.imagenet) if m is not None]
+            modules = [m for m in (nets.model, nets.teacher, nets.rebuilder, nets.pixel_head, nets.imagenet)
+                       if m is not None]
             counter.known(fake_mode.from_tensor(t) for m in modules for t in [*m.parameters(), *m.buffers()])
         for iteration in range(2):
             train_step(cfg, nets, fake_step_batch(cfg), iteration)
@@ -3150,7 +3156,7 @@ def estimate_memory(cfg):
     gib = 2 ** 30
     print(f"{cfg.task}: {cfg.arch} ({cfg.recipe} recipe), {'DACS' if not cfg.source_only else 'source only'}"
           f"{' + MRM' if cfg.mrm and not cfg.source_only else ''}{' + MIC' if cfg.mic else ''}, batch "
-          f"{cfg.batch_size}+{cfg.batch_size}, {cfg.crop}x{cfg.crop} crops"
+          f"{cfg.batch_size}+{cfg.batch_size}, {f'{cfg.crop}x{cfg.crop} crops' if cfg.crop else 'whole images'}"
           f"{f', {cfg.detail_crop} detail window' if cfg.detail_crop else ''}, "
           f"{'fp32' if cfg.amp == 'off' else cfg.amp}{', --checkpoint-blocks' if cfg.checkpoint_blocks else ''}:\n"
           f"  peak of live tensors in a training step {peak / gib:.2f} GiB (networks, teacher and Rebuilder "
@@ -3340,7 +3346,7 @@ def parse_config(argv=None):
         raise ConfigError(f"--mrm-objective {cfg['mrm_objective']} regresses the Rebuilder's output without the "
                           f"decoder: it needs --mrm-mode rebuild and --mrm-trains both")
     margins = cfg["pseudo_margins"].split(",")
-    if len(margins) != 4 or not all(m.strip().isdigit() for m in margins):
+    if len(margins) != 4 or not all(m.strip().isdigit() for m in margins):  # pseudo_margins() then reads them
         raise ConfigError(f"--pseudo-margins {cfg['pseudo_margins']}: must be four pixel counts top,bottom,left,right "
                           f"(HRDA: 30,240,30,30)")
     check_hrda(cfg, given)
