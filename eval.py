@@ -32,10 +32,98 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from train_dacs_mrm import (_LAYOUT, CITYSCAPES_ID_TO_TRAIN, DATASETS, DEFAULT_WORKERS, DEFAULTS, TASKS, CorruptFile,
-                            RESUME_MAY_CHANGE, DataError, Domain, _list_pngs, atomic_write, build_model, evaluate, export_model,
-                            format_eta, load_checkpoint, load_model_state, miou_report, one_line, read_image,
-                            resize_pair)
+from support.base import CorruptFile, DataError, atomic_write, format_eta, one_line
+from support.cli import DEFAULTS, DEFAULT_WORKERS
+from support.data import (CITYSCAPES_ID_TO_TRAIN, CLASSES, DATASETS, Domain, LABEL_NOTES, TASKS, LAYOUT, list_pngs,
+                          read_image, resize_pair)
+from support.networks import build_model
+from support.runs import RESUME_MAY_CHANGE, export_model, load_checkpoint, load_model_state
+
+
+@torch.no_grad()
+def evaluate(model, domain, num_classes, device, align_corners, amp="off", protocol="mmseg", on_prediction=None,
+             workers=0, say=None):
+    """Confusion matrix over a labelled domain: the whole image at the training input size, logits
+    resized bilinearly (with the align_corners the model was trained with) to the label (mmseg protocol:
+    the full-resolution label; dacs: the label resized to the input size), argmax.
+    on_prediction(i, image, prediction) sees every prediction; say (print) gets about ten progress lines."""
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    items = torch.utils.data.DataLoader(EvalImages(domain, protocol == "mmseg"), batch_size=None,
+                                        num_workers=workers)
+    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                              enabled=amp != "off")
+    start, every = time.perf_counter(), max(1, len(domain) // 10)
+    for i, (image, label) in enumerate(items):
+        if say is not None and i and i % every == 0:
+            seconds = (time.perf_counter() - start) / i
+            say(f"  evaluated {i}/{len(domain)} images, {seconds:.2f} s/image, ETA "
+                f"{format_eta(seconds * (len(domain) - i))}", flush=True)
+        x = image.to(device).permute(2, 0, 1)[None].float() / 255
+        with autocast:
+            logits = model(x)
+        prediction = F.interpolate(logits.float(), size=label.shape, mode="bilinear",
+                                   align_corners=align_corners).argmax(dim=1)[0]
+        conf += confusion_matrix(prediction, label.to(device), num_classes)
+        if on_prediction is not None:
+            on_prediction(i, image.numpy(), prediction.to(torch.uint8).cpu().numpy())
+    LABEL_NOTES.clear()  # unknown label ids are reported by training and --check-data --decode
+    return conf
+
+
+class EvalImages(torch.utils.data.Dataset):
+    def __init__(self, domain, full_label):
+        self.domain, self.full_label = domain, full_label
+
+    def __len__(self):
+        return len(self.domain)
+
+    def __getitem__(self, i):
+        image, label = self.domain.load(i, full_label=self.full_label)
+        return torch.from_numpy(image), torch.from_numpy(label)
+
+
+def miou_report(conf, eval_classes, class_names):
+    """The per-class table (paper Table 1 order) for each class subset, and the first subset's mIoU."""
+    ious = iou_per_class(conf.cpu())
+    tables = [f"mIoU over {name} classes:\n{format_table(ious, ids, class_names)}"
+              for name, ids in eval_classes.items()]
+    first = next(iter(eval_classes.values()))
+    return "\n".join(tables), float(np.nanmean(np.asarray(ious)[list(first)]) * 100)
+
+
+# evaluation
+def confusion_matrix(pred, label, num_classes, ignore_index=255):
+    """int64 (num_classes, num_classes) pixel counts, rows = ground truth, columns = prediction."""
+    label = torch.as_tensor(label)
+    pred = torch.as_tensor(pred, device=label.device)
+    if pred.shape != label.shape:
+        raise ValueError(f'prediction {tuple(pred.shape)} and label {tuple(label.shape)} differ in shape')
+    label, pred = label.reshape(-1).long(), pred.reshape(-1).long()
+    keep = label != ignore_index
+    label, pred = label[keep], pred[keep]
+    # an out-of-range id would silently land in a neighbouring cell of the flattened matrix
+    if ((label < 0) | (label >= num_classes) | (pred < 0) | (pred >= num_classes)).any():
+        raise ValueError(f'labels and predictions must be in [0, {num_classes}) or {ignore_index}')
+    return torch.bincount(label * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def iou_per_class(conf):
+    """float64 IoU per class; nan for a class absent from both ground truth and prediction."""
+    conf = torch.as_tensor(conf).double()
+    hits = conf.diag()
+    return hits / (conf.sum(0) + conf.sum(1) - hits)
+
+
+def format_table(ious, class_ids, names=CLASSES):
+    """Two aligned rows like the paper's Table 1: class names + mIoU, then IoU * 100 (mIoU = nanmean over
+    class_ids)."""
+    ious = torch.as_tensor(ious, dtype=torch.float64).cpu().numpy() * 100
+    class_ids = list(class_ids)
+    header = [names[i] for i in class_ids] + ['mIoU']
+    values = [f'{v:.1f}' for v in list(ious[class_ids]) + [np.nanmean(ious[class_ids])]]
+    widths = [max(len(name), 5) for name in header]
+    return '\n'.join(' | '.join(cell.rjust(width) for cell, width in zip(row, widths)) for row in (header, values))
 
 
 def load_segmentation_model(path, device="cpu"):
@@ -173,9 +261,9 @@ def cityscapes_writer(out, image_dir):
 
 def cityscapes_images(data_root, split):
     """(folder, sorted image paths) of leftImg8bit/<split>; no labels needed (the test split has none)."""
-    layout = _LAYOUT["cityscapes"]
+    layout = LAYOUT["cityscapes"]
     folder = os.path.join(data_root, layout["images"].format(split=split))
-    images = _list_pngs(folder, layout["image_re"], None, layout["naming"][0])
+    images = list_pngs(folder, layout["image_re"], None, layout["naming"][0])
     if not images:
         raise DataError(f"{folder}: no images found, expected files named {layout['naming'][0]}")
     if len(images) != CITYSCAPES_SPLIT_SIZES[split]:

@@ -6,6 +6,7 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import random
 import re
 import shutil
@@ -27,16 +28,34 @@ from types import SimpleNamespace
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import eval as E
+import support.augment
+import support.data
+import support.networks
 import train_dacs_mrm as T
 from eval import main as eval_main
 from mrm import Masking, Rebuilder, mrm_loss, segmentation_ce, sincos_pos_embed_2d
-from train_dacs_mrm import (CITYSCAPES_ID_TO_TRAIN, CLASSES, MIT_B5, PALETTE, SYNTHIA_13, SYNTHIA_16,
-                            SYNTHIA_ID_TO_TRAIN, TOY_PALETTE, ASPPClassifier, Attention, CorruptFile, DAFormerHead, DataError,
+from support.augment import blur_kernel_size, color_jitter, gaussian_blur, jitter_images
+from support.base import ConfigError, CorruptFile, DataError
+from support.cli import DEFAULTS, DEFAULT_WORKERS, FLAGS, build_parser
+from support.data import (BATCH_KEYS, BadLabel, CITYSCAPES_ID_TO_TRAIN, CLASSES, DATASETS, Domain, LABEL_NOTES, PALETTE,
+                          SYNTHIA_13, SYNTHIA_16, SYNTHIA_ID_TO_TRAIN, TOY_SIZES, TrainBatches, crop_has_enough,
+                          find_pairs, margin_mask, mmseg_rescale_size, random_crop, rcs_class_probabilities, rcs_pick,
+                          rcs_statistics, read_image, read_label, resize_pair, step_inputs, to_device,
+                          write_fake_dataset)
+from eval import confusion_matrix, evaluate, format_table, iou_per_class
+from support.hrda import HRDAEncoder, HRDAModel, HRDAOutput, Views, rebuild, slide_boxes
+from support.models import (ASPPClassifier, Attention, DAFormerHead, DEPTHWISE_FORMS, DeepLabV3PlusHead,
+                            DepthwiseConv3x3, DropPath, MIT_B2, MIT_B3, MIT_B5, MIT_TINY, MiTEncoder,
                             MixVisionTransformer, Normalize, ResNetDilated, build_deeplab, build_deeplab_from_info,
-                            build_model, export_model, confusion_matrix, crop_has_enough, feature_distance, find_pairs, format_table,
-                            iou_per_class, load_backbone_state, load_mit_weights, random_crop,
-                            rcs_class_probabilities, rcs_pick, read_image, read_label, read_pretrained, resize_pair,
-                            write_fake_dataset)
+                            load_backbone_state, load_mit_weights, read_pretrained)
+from support.networks import (PIXELS_PER_CELL, SlotSGD, build_model, build_nets, dacs_parameter_slots, lr_factor,
+                              set_learning_rates, why_eager)
+from support.reports import debug_panels
+from support.runs import export_model, resume, save_checkpoint
+from train_dacs_mrm import feature_distance
+from support.speed import (CudaGraphStep, LiveBytes, busy_time, count_flops, device_name, device_scalars, profile_steps,
+                           reference_step, step_memory)
+from support.toy import TOY_CLASSES, TOY_PALETTE, make_toy_scene, toy_layout, toy_render
 
 torch.set_num_threads(2)
 
@@ -506,9 +525,9 @@ def test_deeplabv2_classifier_defaults_to_the_two_branches_uda_code_ran(capsys):
     two branches by default in every DeepLabV2 setting, four on request, anything else refused."""
     assert [c.dilation for c in ASPPClassifier(8, 3).conv2d_list] == [(6, 6), (12, 12)]
     for arch in ('dlv2-tiny', 'dlv2-v1c-tiny'):
-        model, info = T.build_model(arch, 5)
+        model, info = build_model(arch, 5)
         assert len(model.decoder.conv2d_list) == 2 and info['aspp_dilations'] == [6, 12]
-    nets = T.build_nets(T.parse_config(['--task', 'toy', '--device', 'cpu', '--aspp-dilations', '6,12,18,24']))
+    nets = build_nets(T.parse_args(['--task', 'toy', '--device', 'cpu', '--aspp-dilations', '6,12,18,24']))
     assert [c.dilation[0] for c in nets.model.decoder.conv2d_list] == [6, 12, 18, 24]
     assert nets.info['aspp_dilations'] == [6, 12, 18, 24]
     assert T.main(['--task', 'toy', '--aspp-dilations', '6,12,18']) == 2
@@ -537,7 +556,7 @@ def test_resnet_v1c_structure_like_mmseg():
     assert all(p.requires_grad for p in tiny.parameters())
     x = torch.rand(1, 3, 97, 161)
     assert tiny.eval()(x).shape[-2:] == ((97 + 1) // 2 // 2 // 2 + 1, 161 // 2 // 2 // 2 + 1) == (13, 21)
-    assert T.build_model('dlv2-v1c-tiny', 3)[0].encoder.normalize.kind == 'imagenet'
+    assert build_model('dlv2-v1c-tiny', 3)[0].encoder.normalize.kind == 'imagenet'
 
 
 def test_load_mmcv_resnet_v1c_layout(tmp_path):
@@ -1051,13 +1070,13 @@ STYLES = ('source', 'target')
 
 def _toy_split(style, n, seed, size=(64, 128)):
     rng = np.random.default_rng(seed)
-    images, labels = zip(*(T.make_toy_scene(rng, style, size) for _ in range(n)))
+    images, labels = zip(*(make_toy_scene(rng, style, size) for _ in range(n)))
     return np.stack(images), np.stack(labels)
 
 
 def test_toy_classes_are_cityscapes_subset():
-    assert 5 <= len(T.TOY_CLASSES) <= 8 and set(T.TOY_CLASSES) <= set(CLASSES)
-    assert T.TOY_PALETTE.shape == (len(T.TOY_CLASSES), 3) and T.TOY_PALETTE.dtype == np.uint8
+    assert 5 <= len(TOY_CLASSES) <= 8 and set(TOY_CLASSES) <= set(CLASSES)
+    assert TOY_PALETTE.shape == (len(TOY_CLASSES), 3) and TOY_PALETTE.dtype == np.uint8
 
 
 @pytest.mark.parametrize('style', STYLES)
@@ -1070,7 +1089,7 @@ def test_toy_deterministic_for_seed(style):
 @pytest.mark.parametrize('style', STYLES)
 @pytest.mark.parametrize('size', [(64, 128), (32, 48), (97, 201), (128, 256)])
 def test_toy_shapes_and_dtypes(style, size):
-    img, lab = T.make_toy_scene(np.random.default_rng(0), style, size)
+    img, lab = make_toy_scene(np.random.default_rng(0), style, size)
     assert img.shape == (*size, 3) and img.dtype == np.uint8
     assert lab.shape == size and lab.dtype == np.uint8
     imgs, labs = _toy_split(style, 3, seed=0, size=size)
@@ -1079,35 +1098,35 @@ def test_toy_shapes_and_dtypes(style, size):
 
 
 def test_toy_default_size():
-    img, lab = T.make_toy_scene(np.random.default_rng(0), 'source')
+    img, lab = make_toy_scene(np.random.default_rng(0), 'source')
     assert img.shape == (64, 128, 3) and lab.shape == (64, 128)
 
 
 def test_toy_unknown_style_rejected():
     with pytest.raises(ValueError):
-        T.make_toy_scene(np.random.default_rng(0), 'night')
+        make_toy_scene(np.random.default_rng(0), 'night')
 
 
 @pytest.mark.parametrize('style', STYLES)
 def test_toy_every_class_appears_and_labels_in_range(style):
     _, labs = _toy_split(style, 50, seed=0)
-    assert labs.max() < len(T.TOY_CLASSES)
-    assert set(np.unique(labs)) == set(range(len(T.TOY_CLASSES)))
+    assert labs.max() < len(TOY_CLASSES)
+    assert set(np.unique(labs)) == set(range(len(TOY_CLASSES)))
 
 
 def _toy_class_stats(style, n=30):
     """Per-class mean colour and fine texture (median |horizontal step| inside the class),
     rendering the same layouts in the given style."""
     rng = np.random.default_rng(0)
-    means, steps = [[] for _ in T.TOY_CLASSES], [[] for _ in T.TOY_CLASSES]
+    means, steps = [[] for _ in TOY_CLASSES], [[] for _ in TOY_CLASSES]
     for k in range(n):
-        layout = T.toy_layout(np.random.default_rng(k), 'source')
-        img, lab = T.toy_render(rng, layout, style)
+        layout = toy_layout(np.random.default_rng(k), 'source')
+        img, lab = toy_render(rng, layout, style)
         assert np.array_equal(lab, layout[-1])  # rendering never changes the geometry
         img = img.astype(float)
         step = np.abs(img[:, 1:] - img[:, :-1]).mean(-1)
         inside = lab[:, 1:] == lab[:, :-1]
-        for c in range(len(T.TOY_CLASSES)):
+        for c in range(len(TOY_CLASSES)):
             means[c].append(img[lab == c])
             steps[c].append(step[inside & (lab[:, 1:] == c)])
     return (np.array([np.concatenate(m).mean(0) for m in means]),
@@ -1119,7 +1138,7 @@ def test_toy_styles_differ_in_colour_statistics_for_same_geometry():
     tgt_mean, tgt_texture = _toy_class_stats('target')
     shift = np.linalg.norm(src_mean - tgt_mean, axis=1)
     # Road keeps roughly its grey on purpose; every other class moves its mean colour.
-    assert (np.delete(shift, T.TOY_CLASSES.index('road')) > 20).all()
+    assert (np.delete(shift, TOY_CLASSES.index('road')) > 20).all()
     # Target is textured and noisy where source is flat.
     assert (tgt_texture > src_texture + 2).all()
 
@@ -1161,12 +1180,12 @@ def test_pseudo_label_and_confidence_weight_by_hand():
 def test_color_jitter_and_blur_keep_range_and_respect_probability():
     torch.manual_seed(0)
     x = torch.rand(6, 3, 40, 40)
-    assert torch.equal(T.color_jitter(x, 0.25, p=0.0), x) and torch.equal(T.gaussian_blur(x, p=0.0), x)
-    jittered, blurred = T.color_jitter(x, 0.25, p=1.0), T.gaussian_blur(x, p=1.0)
+    assert torch.equal(color_jitter(x, 0.25, p=0.0), x) and torch.equal(gaussian_blur(x, p=0.0), x)
+    jittered, blurred = color_jitter(x, 0.25, p=1.0), gaussian_blur(x, p=1.0)
     assert jittered.min() >= 0 and jittered.max() <= 1 and not torch.equal(jittered, x)
     assert blurred.std() < x.std()  # a low-pass filter of white noise
     flat = torch.full((1, 3, 40, 40), 0.3)
-    torch.testing.assert_close(T.gaussian_blur(flat, p=1.0), flat)  # kernel sums to 1, reflect padding
+    torch.testing.assert_close(gaussian_blur(flat, p=1.0), flat)  # kernel sums to 1, reflect padding
 
 
 # a 2x2 RGB image: blue-ish, red, grey, orange
@@ -1209,15 +1228,15 @@ def test_color_jitter_operations_match_kornia_by_hand(op, index, factor):
     factors[index] = torch.tensor([factor])
     order = torch.tensor([[index] + [i for i in range(4) if i != index]])
     # the identity HSV steps round-trip through kornia's eps = 1e-6 saturation, hence the tolerance
-    torch.testing.assert_close(T.jitter_images(x, *factors, order), jitter_by_hand(op, factor), atol=1e-5, rtol=0)
+    torch.testing.assert_close(jitter_images(x, *factors, order), jitter_by_hand(op, factor), atol=1e-5, rtol=0)
 
 
 def test_color_jitter_order_and_per_image_factors():
     x = JITTER_PIXELS.T.reshape(1, 3, 2, 2)
     one, zero = torch.tensor([1.0]), torch.tensor([0.0])
-    bright_then_contrast = T.jitter_images(x, torch.tensor([1.25]), torch.tensor([1.25]), one, zero,
+    bright_then_contrast = jitter_images(x, torch.tensor([1.25]), torch.tensor([1.25]), one, zero,
                                            torch.tensor([[0, 1, 2, 3]]))
-    contrast_then_bright = T.jitter_images(x, torch.tensor([1.25]), torch.tensor([1.25]), one, zero,
+    contrast_then_bright = jitter_images(x, torch.tensor([1.25]), torch.tensor([1.25]), one, zero,
                                            torch.tensor([[1, 0, 2, 3]]))
     torch.testing.assert_close(bright_then_contrast[0, :, 0, 0], torch.tensor([0.5625, 0.8125, 1.0]))
     torch.testing.assert_close(contrast_then_bright[0, :, 0, 0], torch.tensor([0.5, 0.75, 1.0]))
@@ -1226,9 +1245,9 @@ def test_color_jitter_order_and_per_image_factors():
     batch = torch.rand(3, 3, 5, 7)
     factors = [torch.rand(3) + 0.5, torch.rand(3) + 0.5, torch.rand(3) + 0.5, torch.rand(3) - 0.5]
     order = torch.rand(3, 4).argsort(dim=1)
-    together = T.jitter_images(batch, *factors, order)
+    together = jitter_images(batch, *factors, order)
     for i in range(3):
-        alone = T.jitter_images(batch[i:i + 1], *(f[i:i + 1] for f in factors), order[i:i + 1])
+        alone = jitter_images(batch[i:i + 1], *(f[i:i + 1] for f in factors), order[i:i + 1])
         torch.testing.assert_close(together[i:i + 1], alone, rtol=0, atol=0)
 
 
@@ -1236,20 +1255,20 @@ def test_jitter_and_blur_decide_once_per_batch_and_draw_per_image():
     """As DACS and DAFormer: one draw decides jitter (blur) for the whole batch; factors and sigma per image."""
     torch.manual_seed(0)
     x = torch.rand(4, 3, 20, 30)
-    for augment in (lambda t: T.color_jitter(t, 0.25, 0.5), lambda t: T.gaussian_blur(t, 0.5)):
+    for augment in (lambda t: color_jitter(t, 0.25, 0.5), lambda t: gaussian_blur(t, 0.5)):
         changed = [tuple(not torch.equal(a, b) for a, b in zip(augment(x), x)) for _ in range(40)]
         assert set(changed) == {(True,) * 4, (False,) * 4}
     twins = x[:1].expand(4, -1, -1, -1)
-    jittered, blurred = T.color_jitter(twins, 0.25, 1.0), T.gaussian_blur(twins, 1.0)
+    jittered, blurred = color_jitter(twins, 0.25, 1.0), gaussian_blur(twins, 1.0)
     assert len({tuple(img.flatten()[:5].tolist()) for img in jittered}) == 4
     assert len({tuple(img.flatten()[:5].tolist()) for img in blurred}) == 4
 
 
 def test_blur_kernel_is_ten_percent_of_each_side_as_kornia():
-    assert [T.blur_kernel_size(n) for n in (512, 1024, 64, 128, 20, 30)] == [51, 103, 7, 13, 1, 3]
+    assert [blur_kernel_size(n) for n in (512, 1024, 64, 128, 20, 30)] == [51, 103, 7, 13, 1, 3]
     impulse = torch.zeros(1, 3, 64, 128)
     impulse[:, :, 32, 64] = 1
-    out = T.gaussian_blur(impulse, 1.0, sigma_range=(0.8, 0.8))[0, 0]
+    out = gaussian_blur(impulse, 1.0, sigma_range=(0.8, 0.8))[0, 0]
     rows, cols = out.nonzero().unbind(1)
     assert (rows.min(), rows.max(), cols.min(), cols.max()) == (32 - 3, 32 + 3, 64 - 6, 64 + 6)  # 7 x 13 taps
 
@@ -1299,8 +1318,8 @@ def torch1x_sgd_step(groups, state, momentum, weight_decay):
 
 def test_dacs_parameter_slots_count_like_the_official_generator():
     with torch.device("meta"):
-        model, _ = T.build_model("dlv2", 19, aspp_dilations=(6, 12, 18, 24))
-    slots = T.dacs_parameter_slots(model.encoder.backbone)
+        model, _ = build_model("dlv2", 19, aspp_dilations=(6, 12, 18, 24))
+    slots = dacs_parameter_slots(model.encoder.backbone)
     assert sum(slots.values()) == len(list(dacs_1x_lr_params(model.encoder.backbone))) == 314
     # with DACS's four-conv classifier (8 tensors, once each): the 322 slots for 112 tensors torch 1.x warned of
     assert sum(slots.values()) + 8 == 322 and len(slots) + 8 == 112
@@ -1311,10 +1330,10 @@ def test_dacs_parameter_slots_count_like_the_official_generator():
 def test_dacs_sgd_matches_a_torch_1x_per_slot_loop_over_three_steps(slots):
     """Our optimizer against torch 1.x's SGD loop over DACS's duplicated list (official) or a de-duplicated
     one (unique), on a tiny caffe ResNet; the two listings end far apart, so the test tells them apart."""
-    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--no-mrm", "--iters", "10",
+    cfg = T.parse_args(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--no-mrm", "--iters", "10",
                           "--lr", "0.05", "--dacs-param-slots", slots])
     torch.manual_seed(0)
-    nets = T.build_nets(cfg)
+    nets = build_nets(cfg)
     references = {name: copy.deepcopy(nets.model) for name in ("official", "unique")}
     listings = {"official": lambda b: list(dacs_1x_lr_params(b)),
                 "unique": lambda b: list(dict.fromkeys(dacs_1x_lr_params(b)))}
@@ -1326,11 +1345,11 @@ def test_dacs_sgd_matches_a_torch_1x_per_slot_loop_over_three_steps(slots):
             model.eval()  # BatchNorm on its running statistics: the same forward for every copy
             model.zero_grad()
             model(x).square().mean().backward()
-        T.set_learning_rates(cfg, nets, iteration)
+        set_learning_rates(cfg, nets, iteration)
         nets.optimizers[0].step()
         for name in references:
             for group, lr in zip(groups[name], (0.05, 0.5)):
-                group["lr"] = lr * T.lr_factor(cfg, iteration)
+                group["lr"] = lr * lr_factor(cfg, iteration)
             torch1x_sgd_step(groups[name], states[name], momentum=0.9, weight_decay=5e-4)
     for (name, a), b in zip(nets.model.named_parameters(), references[slots].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
@@ -1339,14 +1358,14 @@ def test_dacs_sgd_matches_a_torch_1x_per_slot_loop_over_three_steps(slots):
 
     listings_apart = (conv(references["official"]) - conv(references["unique"])).abs().max()
     assert listings_apart > 1e-3 and listings_apart > 100 * (conv(nets.model) - conv(references[slots])).abs().max()
-    assert isinstance(nets.optimizers[0], T.SlotSGD if slots == "official" else torch.optim.SGD)
+    assert isinstance(nets.optimizers[0], SlotSGD if slots == "official" else torch.optim.SGD)
 
 
 def test_slot_sgd_with_one_slot_is_torch_sgd_bit_for_bit():
     torch.manual_seed(0)
     a, b = nn.Linear(4, 3), nn.Linear(4, 3)
     b.load_state_dict(a.state_dict())
-    ours = T.SlotSGD([dict(params=list(a.parameters()))], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    ours = SlotSGD([dict(params=list(a.parameters()))], lr=0.1, momentum=0.9, weight_decay=5e-4)
     torchs = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     for _ in range(3):
         x = torch.randn(5, 4)
@@ -1358,18 +1377,18 @@ def test_slot_sgd_with_one_slot_is_torch_sgd_bit_for_bit():
 
 
 def test_rebuilder_trains_with_adamw_in_every_recipe():
-    dacs = T.build_nets(T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu"]))
+    dacs = build_nets(T.parse_args(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu"]))
     sgd, adamw = dacs.optimizers
-    assert isinstance(sgd, T.SlotSGD) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(sgd, SlotSGD) and isinstance(adamw, torch.optim.AdamW)
     assert {id(p) for g in adamw.param_groups for p in g["params"]} == {id(p) for p in dacs.rebuilder.parameters()}
     assert {g["initial_lr"] for g in adamw.param_groups} == {2e-4} and adamw.param_groups[0]["weight_decay"] == 0.01
     assert not any(p is q for g in sgd.param_groups for p in g["params"] for q in dacs.rebuilder.parameters())
-    daformer = T.build_nets(T.parse_config(["--task", "gta2cs", "--arch", "mit-tiny", "--device", "cpu"]))
+    daformer = build_nets(T.parse_args(["--task", "gta2cs", "--arch", "mit-tiny", "--device", "cpu"]))
     (shared,) = daformer.optimizers
     rebuilder_groups = [g for g in shared.param_groups
                         if any(p is q for p in g["params"] for q in daformer.rebuilder.parameters())]
     assert rebuilder_groups and all(g["initial_lr"] == 2e-4 for g in rebuilder_groups)
-    assert len(T.build_nets(T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu",
+    assert len(build_nets(T.parse_args(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu",
                                             "--no-mrm"])).optimizers) == 1
 
 
@@ -1405,15 +1424,15 @@ def test_source_loss_reduction_and_ema_timing_follow_the_framework(arch, framewo
     """mmseg 0.16 averages the source CE over ALL pixels (ignored ones count 0), DACS over labelled ones.
     DACS updates the teacher after step `it` with alpha(it) (0 at it = 0: a copy); DAFormer before step it + 1
     with alpha(it + 1) (0.5 after the first step)."""
-    cfg = T.parse_config(["--task", "gta2cs", "--arch", arch, "--device", "cpu", "--no-mrm", "--iters", "10"])
+    cfg = T.parse_args(["--task", "gta2cs", "--arch", arch, "--device", "cpu", "--no-mrm", "--iters", "10"])
     assert cfg.framework == framework
     label = torch.randint(0, 5, (2, 32, 32), dtype=torch.uint8)
     label[:, :16] = 255
     torch.manual_seed(0)
-    nets = T.build_nets(cfg)
+    nets = build_nets(cfg)
     before, teacher_before = copy.deepcopy(nets.model).train(), copy.deepcopy(nets.teacher)
     batch = fake_batch(source_label=label)
-    x_s, y_s, _, _ = T.step_inputs(nets, *T.to_device(batch, nets))
+    x_s, y_s, _, _ = step_inputs(nets, *to_device(batch, nets))
     with torch.no_grad():
         ce = F.cross_entropy(F.interpolate(before(x_s), size=(32, 32), mode="bilinear",
                                            align_corners=cfg.align_corners), y_s, ignore_index=255, reduction="none")
@@ -1439,11 +1458,11 @@ def test_resize_as_each_framework_does():
     assert (torch.from_numpy(mmseg_image).float() - reference).abs().max() < 1.01
     rows, cols = (np.arange(704) * 1052 / 704).astype(int), (np.arange(1280) * 1916 / 1280).astype(int)
     assert (mmseg_label == label[rows][:, cols]).all()  # OpenCV's nearest: floor(dst * scale)
-    dacs_image, dacs_label = resize_pair(image, label, (1280, 720), T.DATASETS["gta"]["dacs_filter"])
+    dacs_image, dacs_label = resize_pair(image, label, (1280, 720), DATASETS["gta"]["dacs_filter"])
     expected = np.array(Image.fromarray(image).resize((1280, 720), Image.Resampling.BICUBIC))
     assert dacs_image.shape == (720, 1280, 3) and (dacs_image == expected).all() and dacs_label.shape == (720, 1280)
-    assert T.mmseg_rescale_size(2048, 1024, (1024, 512)) == (1024, 512)
-    assert T.mmseg_rescale_size(1280, 760, (1280, 760)) == (1280, 760)
+    assert mmseg_rescale_size(2048, 1024, (1024, 512)) == (1024, 512)
+    assert mmseg_rescale_size(1280, 760, (1280, 760)) == (1280, 760)
 
 
 class CountingDomain:
@@ -1468,7 +1487,7 @@ def test_rare_class_sampling_reruns_the_whole_pipeline_up_to_ten_more_times(monk
     cfg = SimpleNamespace(seed=0, batch_size=1, crop=16, flip=True, cat_max_ratio=1.0, max_skips=0, rcs_min_pixels=40,
                           rcs_min_crop_ratio=0.5, iters=1, pseudo_margins="0,0,0,0")
     domain = CountingDomain(size=20)
-    batches = T.TrainBatches(cfg, domain, domain, rcs=(np.array([0.0, 0.0, 1.0]), [[], [], [0]]))
+    batches = TrainBatches(cfg, domain, domain, rcs=(np.array([0.0, 0.0, 1.0]), [[], [], [0]]))
     runs = []  # pixels of class 2 in each run's crop
     real = batches.pipeline
 
@@ -1493,8 +1512,8 @@ def test_rare_class_sampling_reruns_the_whole_pipeline_up_to_ten_more_times(monk
     # mmseg's cat_max_ratio: a one-class crop is never balanced: 10 checks, 11 crops drawn, the last one kept
     cfg.cat_max_ratio, cfg.rcs_min_pixels = 0.75, 0
     crops = []
-    real_crop = T.random_crop
-    monkeypatch.setattr(T, "random_crop", lambda *a: crops.append(1) or real_crop(*a))
+    real_crop = random_crop
+    monkeypatch.setattr(support.data, "random_crop", lambda *a: crops.append(1) or real_crop(*a))
     batches.pipeline(np.zeros((64, 64, 3), np.uint8), np.ones((64, 64), np.uint8), rng, True)
     assert len(crops) == 11
     crops.clear()
@@ -1518,9 +1537,9 @@ def test_ema_follows_dacs_formula():
 
 def test_teacher_is_deterministic_but_stays_in_train_mode():
     """DAFormer switches off the teacher's DropPath and dropout only (BatchNorm stays in train mode)."""
-    nets = T.build_nets(T.parse_config(["--task", "toy", "--arch", "mit-tiny", "--device", "cpu"]))
+    nets = build_nets(T.parse_args(["--task", "toy", "--arch", "mit-tiny", "--device", "cpu"]))
     assert nets.teacher.training
-    assert any(isinstance(m, T.DropPath) and m.p > 0 for m in nets.teacher.modules())
+    assert any(isinstance(m, DropPath) and m.p > 0 for m in nets.teacher.modules())
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(nets.teacher(x), nets.teacher(x), rtol=0, atol=0)
@@ -1529,16 +1548,16 @@ def test_teacher_is_deterministic_but_stays_in_train_mode():
 
 def test_lr_schedules():
     dacs = SimpleNamespace(iters=100, poly_power=0.9, warmup_iters=0)
-    assert T.lr_factor(dacs, 0) == 1.0 and T.lr_factor(dacs, 50) == pytest.approx(0.5 ** 0.9)
+    assert lr_factor(dacs, 0) == 1.0 and lr_factor(dacs, 50) == pytest.approx(0.5 ** 0.9)
     daformer = SimpleNamespace(iters=40000, poly_power=1.0, warmup_iters=1500)
-    assert T.lr_factor(daformer, 0) == pytest.approx(1e-6)
-    assert T.lr_factor(daformer, 750) == pytest.approx((1 - 750 / 40000) * (1 - 0.5 * (1 - 1e-6)))
-    assert T.lr_factor(daformer, 20000) == pytest.approx(0.5)
+    assert lr_factor(daformer, 0) == pytest.approx(1e-6)
+    assert lr_factor(daformer, 750) == pytest.approx((1 - 750 / 40000) * (1 - 0.5 * (1 - 1e-6)))
+    assert lr_factor(daformer, 20000) == pytest.approx(0.5)
 
 
 def test_mrm_adds_at_most_14_percent_forward_flops_for_deeplabv2():
     """Paper Table 6: 1.13x. Counted on the meta device: the full ResNet-101 at 512x512, instantly."""
-    r = T.count_flops("dlv2", (512, 512))
+    r = count_flops("dlv2", (512, 512))
     assert 170 < r["model_gmac"] < 200
     assert r["ratio"] <= 1.14
     assert r["rebuilder_params"] == 10_246_016
@@ -1554,19 +1573,19 @@ def test_reference_step_computes_what_train_step_computes():
     """The per-image fp32 reference that --bench compares against is the same iteration: with
     single-class source images (ClassMix then pastes the whole image, no randomness) and no
     augmentation, both give the same loss and the same weights after two steps."""
-    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--no-mrm", "--device", "cpu",
+    cfg = T.parse_args(["--task", "gta2cs", "--arch", "dlv2-tiny", "--no-mrm", "--device", "cpu",
                           "--jitter-p", "0", "--blur-p", "0", "--iters", "10"])
     generator = torch.Generator().manual_seed(0)
     batch = dict(source_image=torch.randint(0, 256, (2, 3, 32, 32), generator=generator, dtype=torch.uint8),
                  source_label=torch.tensor([3, 7], dtype=torch.uint8)[:, None, None].expand(2, 32, 32),
                  target_image=torch.randint(0, 256, (2, 3, 32, 32), generator=generator, dtype=torch.uint8))
     torch.manual_seed(0)
-    fast = T.build_nets(cfg)
+    fast = build_nets(cfg)
     torch.manual_seed(0)
-    reference = T.build_nets(cfg)
+    reference = build_nets(cfg)
     for iteration in range(2):
         losses = T.train_step(cfg, fast, batch, iteration)
-        reference_loss = T.reference_step(cfg, reference, batch, iteration)
+        reference_loss = reference_step(cfg, reference, batch, iteration)
         torch.testing.assert_close(reference_loss, losses[0] + losses[1])
     for a, b in zip(fast.model.state_dict().values(), reference.model.state_dict().values()):
         torch.testing.assert_close(a, b)
@@ -1619,11 +1638,11 @@ def test_device_step_reads_nothing_on_the_host(monkeypatch, flags):
     the host and no host random numbers. torch's own SGD and AdamW are left out: on the CPU they read a tensor
     lr and their step count on the host, on CUDA they run fused and capturable (torch refuses to capture them
     otherwise). The detector itself finds the .item() and torch.unique of the per-image reference."""
-    cfg = T.parse_config(flags + ["--device", "cpu"])
-    nets = T.build_nets(cfg)
-    T.device_scalars(nets)
+    cfg = T.parse_args(flags + ["--device", "cpu"])
+    nets = build_nets(cfg)
+    device_scalars(nets)
     T.train_step(cfg, nets, fake_batch(seed=1), 0)  # the warm-up: optimizer states exist
-    inputs = T.to_device(fake_batch(), nets)
+    inputs = to_device(fake_batch(), nets)
     for optimizer in nets.optimizers:
         if type(optimizer) in (torch.optim.SGD, torch.optim.AdamW):
             monkeypatch.setattr(optimizer, "step", unchecked(optimizer.step))
@@ -1641,7 +1660,7 @@ def test_device_step_reads_nothing_on_the_host(monkeypatch, flags):
     monkeypatch.undo()
     if cfg.framework == "dacs" and not cfg.mic:
         with HostReads() as reads:
-            T.reference_step(cfg, nets, fake_batch(), 0)
+            reference_step(cfg, nets, fake_batch(), 0)
         assert {"_local_scalar_dense", "_unique2"} <= set(reads.found)
 
 
@@ -1650,13 +1669,13 @@ def test_graph_step_computes_what_train_step_computes(flags):
     """CudaGraphStep without a GPU (capture=False: the same input buffers, device-tensor learning rates and EMA
     weight, warm-up, then every iteration run from the buffers, only not captured) against the eager train_step
     over 5 iterations of different batches: the same losses, weights, teacher and optimizer states."""
-    cfg = T.parse_config(flags + ["--device", "cpu"])
+    cfg = T.parse_args(flags + ["--device", "cpu"])
     torch.manual_seed(0)
-    eager = T.build_nets(cfg)
+    eager = build_nets(cfg)
     torch.manual_seed(0)
-    graphed = T.build_nets(cfg)
+    graphed = build_nets(cfg)
     initial = copy.deepcopy(graphed.model.state_dict())
-    step = T.CudaGraphStep(graphed, warmup=2, capture=False)
+    step = CudaGraphStep(graphed, T.begin_step, T.device_step, warmup=2, capture=False)
     for iteration in range(5):
         batch = fake_batch(seed=iteration)
         torch.manual_seed(100 + iteration)
@@ -1682,14 +1701,14 @@ def test_graph_step_computes_what_train_step_computes(flags):
 
 
 def test_a_graph_checkpoint_resumes_with_plain_learning_rates(tmp_path):
-    cfg = T.parse_config(GRAPH_CASES[0] + ["--device", "cpu", "--work-dir", str(tmp_path)])
-    nets = T.build_nets(cfg)
-    step = T.CudaGraphStep(nets, warmup=1, capture=False)
+    cfg = T.parse_args(GRAPH_CASES[0] + ["--device", "cpu", "--work-dir", str(tmp_path)])
+    nets = build_nets(cfg)
+    step = CudaGraphStep(nets, T.begin_step, T.device_step, warmup=1, capture=False)
     for iteration in range(2):
         step(cfg, nets, fake_batch(seed=iteration), iteration)
-    T.save_checkpoint(cfg, nets, 2)
-    resumed = T.build_nets(cfg)
-    assert T.resume(cfg, resumed) == 2
+    save_checkpoint(cfg, nets, 2)
+    resumed = build_nets(cfg)
+    assert resume(cfg, resumed) == 2
     lrs = [g["lr"] for o in resumed.optimizers for g in o.param_groups]
     assert all(type(lr) is float for lr in lrs)
     assert lrs == pytest.approx([float(g["lr"]) for o in nets.optimizers for g in o.param_groups])
@@ -1708,9 +1727,9 @@ def test_a_failed_capture_stops_with_one_line_and_other_shapes_are_refused(tmp_p
         def __exit__(self, *exc):
             raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore lines")
 
-    real_step = T.CudaGraphStep
-    monkeypatch.setattr(T, "why_eager", lambda cfg, world: "")
-    monkeypatch.setattr(T, "CudaGraphStep", lambda nets: real_step(nets, warmup=0, capture=True))
+    real_step = CudaGraphStep
+    monkeypatch.setattr(support.networks, "why_eager", lambda cfg, world: "")
+    monkeypatch.setattr(T, "CudaGraphStep", lambda *args: real_step(*args, warmup=0, capture=True))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
     monkeypatch.setattr(torch.cuda, "graph", RefusingCapture)
     assert T.main(tiny_dacs_run(tmp_path, iters=2, checkpoint_every=1) + ["--work-dir", str(tmp_path / "w")]) == 2
@@ -1719,32 +1738,32 @@ def test_a_failed_capture_stops_with_one_line_and_other_shapes_are_refused(tmp_p
     assert "could not be captured as one CUDA graph (RuntimeError: CUDA error: operation not permitted when stream " \
            "is capturing more lines); run without --cuda-graph" in err
     monkeypatch.undo()
-    cfg = T.parse_config(GRAPH_CASES[0] + ["--device", "cpu"])
-    nets = T.build_nets(cfg)
-    step = T.CudaGraphStep(nets, warmup=0, capture=False)
+    cfg = T.parse_args(GRAPH_CASES[0] + ["--device", "cpu"])
+    nets = build_nets(cfg)
+    step = CudaGraphStep(nets, T.begin_step, T.device_step, warmup=0, capture=False)
     step(cfg, nets, fake_batch(), 0)
     with pytest.raises(ValueError, match=r"source_image \(2, 3, 16, 16\), captured with \(2, 3, 32, 32\)"):
         step(cfg, nets, fake_batch(size=16), 1)
 
 
 def test_the_step_is_one_cuda_graph_only_when_asked_for_and_where_it_can_be():
-    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu"])
-    assert cfg.cuda_graph is False and T.why_eager(cfg, 1) == "without --cuda-graph" and not T.build_nets(cfg).graph
-    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--cuda-graph"])
-    assert T.why_eager(cfg, 1) == "not on CUDA" and not T.build_nets(cfg).graph
+    cfg = T.parse_args(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu"])
+    assert cfg.cuda_graph is False and why_eager(cfg, 1) == "without --cuda-graph" and not build_nets(cfg).graph
+    cfg = T.parse_args(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--cuda-graph"])
+    assert why_eager(cfg, 1) == "not on CUDA" and not build_nets(cfg).graph
     on_gpu = SimpleNamespace(**{**vars(cfg), "device": "cuda"})
-    assert T.why_eager(on_gpu, 1) == ""
-    assert T.why_eager(on_gpu, 2).startswith("torchrun")
+    assert why_eager(on_gpu, 1) == ""
+    assert why_eager(on_gpu, 2).startswith("torchrun")
     for key, value, why in (("amp", "fp16", "fp16"), ("checkpoint_blocks", True, "--checkpoint-blocks"),
                             ("compile", True, "--compile"), ("cuda_graph", False, "without --cuda-graph")):
-        assert T.why_eager(SimpleNamespace(**{**vars(on_gpu), key: value}), 1).startswith(why)
+        assert why_eager(SimpleNamespace(**{**vars(on_gpu), key: value}), 1).startswith(why)
 
 
 def test_the_step_casts_each_weight_once_under_autocast():
     """bf16 autocast keeps one low-precision copy of each trainable weight for the whole forward/backward part
     of the step: the source, mixed and MRM passes share it (each pass cast them anew before)."""
-    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--amp", "bf16"])
-    nets = T.build_nets(cfg)
+    cfg = T.parse_args(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--amp", "bf16"])
+    nets = build_nets(cfg)
     trainable = {p.data_ptr() for p in nets.model.parameters() if p.requires_grad}
 
     class Casts(TorchDispatchMode):
@@ -1770,13 +1789,13 @@ def test_cuda_graph_replays_what_the_eager_step_computes_on_the_gpu(monkeypatch,
     """The capture itself, on a GPU: 6 iterations (2 eager warm-up, capture, replays) against eager ones with
     the same seeds; fp32 and deterministic cuDNN, so that only atomic additions may order sums differently."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    cfg = T.parse_config(flags + ["--device", "cuda", "--amp", "off", "--cuda-graph"])
+    cfg = T.parse_args(flags + ["--device", "cuda", "--amp", "off", "--cuda-graph"])
     torch.manual_seed(0)
-    eager = T.build_nets(SimpleNamespace(**{**vars(cfg), "cuda_graph": False}))
+    eager = build_nets(SimpleNamespace(**{**vars(cfg), "cuda_graph": False}))
     torch.manual_seed(0)
-    graphed = T.build_nets(cfg)
+    graphed = build_nets(cfg)
     assert graphed.graph and not eager.graph
-    step = T.CudaGraphStep(graphed, warmup=2)
+    step = CudaGraphStep(graphed, T.begin_step, T.device_step, warmup=2)
     for iteration in range(6):
         batch = fake_batch(seed=iteration)
         torch.manual_seed(100 + iteration)
@@ -1796,7 +1815,7 @@ def test_bench_runs_on_cpu_with_the_tiny_model(capsys, monkeypatch, arch, refere
     assert results == 0
     out = capsys.readouterr().out
     tiny = "dlv2-tiny" if arch == "dlv2" else "mit-tiny"
-    assert f"bench on {T.device_name('cpu')}" in out and f": {tiny} (" in out and "3 interleaved rounds" in out
+    assert f"bench on {device_name('cpu')}" in out and f": {tiny} (" in out and "3 interleaved rounds" in out
     names = ["DACS+MRM (eager)", "DACS (eager)", "DACS+MRM fp32 (eager)"]
     if arch == "mitb5":
         names += ["DACS+MRM (eager, --aspp-depthwise nchw)", "DACS+MRM (eager, --aspp-depthwise space-to-batch)"]
@@ -1804,7 +1823,7 @@ def test_bench_runs_on_cpu_with_the_tiny_model(capsys, monkeypatch, arch, refere
         assert re.search(rf"  {re.escape(name)}: [0-9.]+ ms/iteration \(median\), [0-9.]+ images/s", out), name
     assert "MRM step-time overhead " in out and "x as fast as DACS+MRM fp32 (eager)" in out
     assert ("fp32 per-image reference" in out) == reference
-    warmup = T.CudaGraphStep.warmup_steps + 2
+    warmup = CudaGraphStep.warmup_steps + 2
     round_of_steps = [True, False, True] + ([True, True] if arch == "mitb5" else [])  # device_step's cfg.mrm
     assert calls[-3 * len(round_of_steps):] == round_of_steps * 3 and calls[:warmup] == [True] * warmup
 
@@ -1814,14 +1833,14 @@ def test_depthwise_forms_compute_the_dilated_convolution(dilation, size):
     """--aspp-depthwise: nchw and space-to-batch against F.conv2d with dilation, in float64, for sides that are
     and are not multiples of d and both memory formats: outputs, input and weight gradients, the layout kept."""
     torch.manual_seed(0)
-    conv = T.DepthwiseConv3x3(8, 8, 3, padding=dilation, dilation=dilation, groups=8, bias=False).double()
+    conv = DepthwiseConv3x3(8, 8, 3, padding=dilation, dilation=dilation, groups=8, bias=False).double()
     x = torch.randn(2, 8, *size, dtype=torch.float64)
     weight = conv.weight.detach().clone().requires_grad_(True)
     reference_input = x.clone().requires_grad_(True)
     reference = F.conv2d(reference_input, weight, padding=dilation, dilation=dilation, groups=8)
     upstream = torch.randn_like(reference)
     reference_grads = torch.autograd.grad(reference, (reference_input, weight), upstream)
-    for form in T.DEPTHWISE_FORMS:
+    for form in DEPTHWISE_FORMS:
         conv.form = form
         for layout in (torch.contiguous_format, torch.channels_last):
             inp = x.clone().contiguous(memory_format=layout).requires_grad_(True)
@@ -1835,34 +1854,34 @@ def test_depthwise_forms_compute_the_dilated_convolution(dilation, size):
 
 def test_aspp_depthwise_flag_reaches_the_heads_and_leaves_the_result():
     outputs = []
-    for form in T.DEPTHWISE_FORMS:
+    for form in DEPTHWISE_FORMS:
         torch.manual_seed(0)
-        cfg = T.parse_config(["--task", "gta2cs", "--arch", "mit-tiny", "--device", "cpu", "--aspp-depthwise", form])
-        nets = T.build_nets(cfg)
+        cfg = T.parse_args(["--task", "gta2cs", "--arch", "mit-tiny", "--device", "cpu", "--aspp-depthwise", form])
+        nets = build_nets(cfg)
         forms = {m.form for net in (nets.model, nets.teacher) for m in net.modules()
-                 if isinstance(m, T.DepthwiseConv3x3)}
+                 if isinstance(m, DepthwiseConv3x3)}
         assert forms == {form}
         nets.model.eval()
         with torch.no_grad():
             outputs.append(nets.model(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))))
     for output in outputs[1:]:
         torch.testing.assert_close(output, outputs[0], rtol=1e-5, atol=1e-5)
-    with pytest.raises(T.ConfigError, match="--aspp-depthwise applies to the separable ASPP"):
-        T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--aspp-depthwise", "nchw"])
-    with pytest.raises(T.ConfigError, match="--aspp-depthwise sideways: must be one of direct | nchw"):
-        T.parse_config(["--task", "gta2cs", "--arch", "mit-tiny", "--aspp-depthwise", "sideways"])
+    with pytest.raises(ConfigError, match="--aspp-depthwise applies to the separable ASPP"):
+        T.parse_args(["--task", "gta2cs", "--arch", "dlv2-tiny", "--aspp-depthwise", "nchw"])
+    with pytest.raises(ConfigError, match="--aspp-depthwise sideways: must be one of direct | nchw"):
+        T.parse_args(["--task", "gta2cs", "--arch", "mit-tiny", "--aspp-depthwise", "sideways"])
 
 def test_busy_time_is_the_union_of_intervals():
-    assert T.busy_time([]) == 0
-    assert T.busy_time([(0, 2), (1, 3), (5, 6), (5.5, 5.7), (10, 11)]) == pytest.approx(3 + 1 + 1)
-    assert T.busy_time([(4, 9), (0, 1), (2, 5)]) == pytest.approx(1 + 7)
+    assert busy_time([]) == 0
+    assert busy_time([(0, 2), (1, 3), (5, 6), (5.5, 5.7), (10, 11)]) == pytest.approx(3 + 1 + 1)
+    assert busy_time([(4, 9), (0, 1), (2, 5)]) == pytest.approx(1 + 7)
 
 
 def test_profile_steps_counts_no_gpu_work_on_the_cpu():
     """The profiler plumbing --bench uses on CUDA: it runs each step once and finds no GPU activity here."""
-    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu"])
-    nets, iterations = T.build_nets(cfg), []
-    activity = T.profile_steps(lambda i: iterations.append(i) or T.train_step(cfg, nets, fake_batch(), i), 5, 2,
+    cfg = T.parse_args(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu"])
+    nets, iterations = build_nets(cfg), []
+    activity = profile_steps(lambda i: iterations.append(i) or T.train_step(cfg, nets, fake_batch(), i), 5, 2,
                                cuda=False)
     assert iterations == [5, 6] and activity == dict(gpu_busy_ms=0, kernels=0, launches=0)
 
@@ -1894,7 +1913,7 @@ def test_mic_block_mask_ratio_and_size():
     assert abs(masked.float().mean().item() - 0.7) < 0.03  # 8 x 256 Bernoulli(0.7) blocks
     odd = T.mic_masked_images(torch.full((1, 3, 100, 60), 0.3), fill, 0.0, 0.8, 0.7, 32)
     assert odd.shape == (1, 3, 100, 60)
-    assert T.Normalize("caffe").zero_colour().flatten().tolist() == pytest.approx(
+    assert Normalize("caffe").zero_colour().flatten().tolist() == pytest.approx(
         [122.67891434 / 255, 116.66876762 / 255, 104.00698793 / 255])
 
 
@@ -1903,27 +1922,27 @@ def test_mic_augments_its_batch_in_one_kornia_call(monkeypatch):
     one blur sigma for the batch (DACS/DAFormer call kornia per mixed image: an order and a sigma each)."""
     torch.manual_seed(0)
     twins = torch.rand(1, 3, 20, 30).expand(4, -1, -1, -1)
-    one, each = T.gaussian_blur(twins, 1.0, one_call=True), T.gaussian_blur(twins, 1.0)
+    one, each = gaussian_blur(twins, 1.0, one_call=True), gaussian_blur(twins, 1.0)
     assert all(torch.equal(one[0], img) for img in one) and not torch.equal(each[0], each[1])
     orders = []
-    real = T.jitter_images
-    monkeypatch.setattr(T, "jitter_images", lambda x, *f: orders.append(f[-1]) or real(x, *f))
-    T.color_jitter(twins, 0.25, 1.0, one_call=True)
-    T.color_jitter(twins, 0.25, 1.0)
+    real = jitter_images
+    monkeypatch.setattr(support.augment, "jitter_images", lambda x, *f: orders.append(f[-1]) or real(x, *f))
+    color_jitter(twins, 0.25, 1.0, one_call=True)
+    color_jitter(twins, 0.25, 1.0)
     assert (orders[0] == orders[0][:1]).all() and len({tuple(o.tolist()) for o in orders[1]}) > 1
 
 
 def test_mic_loss_is_the_student_on_masked_targets_against_the_teachers_pseudo_labels(monkeypatch):
-    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--no-mrm", "--mic",
+    cfg = T.parse_args(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--no-mrm", "--mic",
                           "--iters", "10", "--pseudo-threshold", "0.1"])
     torch.manual_seed(0)
-    nets = T.build_nets(cfg)
+    nets = build_nets(cfg)
     student, teacher = copy.deepcopy(nets.model), copy.deepcopy(nets.teacher)
     masked = torch.rand(2, 3, 32, 32)
     monkeypatch.setattr(T, "mic_masked_images", lambda *args: masked)
     batch = fake_batch()
     losses = T.train_step(cfg, nets, batch, 0)
-    _, _, x_t, _ = T.step_inputs(nets, *T.to_device(batch, nets))
+    _, _, x_t, _ = step_inputs(nets, *to_device(batch, nets))
     with torch.no_grad():
         probs = F.interpolate(teacher(x_t), size=(32, 32), mode="bilinear", align_corners=True).softmax(dim=1)
         confidence, pseudo = probs.max(dim=1)
@@ -1944,20 +1963,20 @@ def test_masking_ablation_zeroes_masked_cells_and_has_no_parameters():
     levels = masking([f, f[..., ::2, ::2]], mask)
     assert isinstance(levels, list) and (levels[1][0, :, 1:2, 3:5] == 0).all()
     assert abs(masking.random_mask(3).mean().item() - round(0.4 * 16) / 16) < 1e-6
-    nets = T.build_nets(T.parse_config(["--task", "toy", "--device", "cpu", "--mrm-mode", "mask-only"]))
+    nets = build_nets(T.parse_args(["--task", "toy", "--device", "cpu", "--mrm-mode", "mask-only"]))
     assert isinstance(nets.rebuilder, Masking) and len(nets.optimizers) == 1
     assert not any(p is q for g in nets.optimizers[0].param_groups for p in g["params"] for q in nets.rebuilder.parameters())
 
 
 def test_pixel_and_feature_objectives_against_a_float64_recomputation():
     torch.manual_seed(0)
-    head = nn.Conv2d(6, 3 * T.PIXELS_PER_CELL ** 2, 1)
+    head = nn.Conv2d(6, 3 * PIXELS_PER_CELL ** 2, 1)
     rebuilt = torch.randn(2, 6, 8, 8)
     images = torch.rand(2, 3, 64, 64)
     mask = (torch.rand(2, 1, 4, 4) < 0.4).float()
     mask[0, 0, 0, 0] = 1
     loss = T.masked_pixel_loss(head, rebuilt, images, mask)
-    q, total, count = T.PIXELS_PER_CELL, 0.0, 0
+    q, total, count = PIXELS_PER_CELL, 0.0, 0
     small = F.avg_pool2d(images.double(), 2)  # 64 -> 32 = 4 cells x 8 pixels
     pooled = F.avg_pool2d(rebuilt.double(), 2)
     for b in range(2):
@@ -1983,9 +2002,9 @@ def test_pixel_and_feature_objectives_against_a_float64_recomputation():
 @pytest.mark.parametrize("trains", ["both", "encoder", "decoder"])
 def test_mrm_trains_sends_the_mrm_gradient_only_where_asked(trains):
     """Table 4: the MRM loss alone, backpropagated; the held part gets exactly zero gradient from it."""
-    cfg = T.parse_config(["--task", "toy", "--device", "cpu", "--mrm-trains", trains])
+    cfg = T.parse_args(["--task", "toy", "--device", "cpu", "--mrm-trains", trains])
     torch.manual_seed(0)
-    nets = T.build_nets(cfg)
+    nets = build_nets(cfg)
     x = torch.rand(2, 3, 32, 64)
     features = nets.model.encoder(x)
     labels = torch.randint(0, 7, (2, 32, 64))
@@ -2000,9 +2019,9 @@ def test_mrm_trains_sends_the_mrm_gradient_only_where_asked(trains):
 
 @pytest.mark.parametrize("objective", ["pixel", "feature-teacher", "feature-student"])
 def test_objectives_train_the_rebuilder_without_the_decoder(objective):
-    cfg = T.parse_config(["--task", "toy", "--device", "cpu", "--mrm-objective", objective])
+    cfg = T.parse_args(["--task", "toy", "--device", "cpu", "--mrm-objective", objective])
     torch.manual_seed(0)
-    nets = T.build_nets(cfg)
+    nets = build_nets(cfg)
     x = torch.rand(2, 3, 32, 64)
     loss = T.mrm_auxiliary_loss(cfg, nets, nets.model.encoder(x), x, None, None)
     loss.backward()
@@ -2033,11 +2052,11 @@ def test_new_encoders_have_their_reference_parameter_counts():
     """SegFormer reports 24.2 M (B2), 44.0 M (B3) and 81.4 M (B5) encoder parameters; torchvision's resnet50
     has 25,557,032 with its 2,049,000-parameter classifier."""
     with torch.device("meta"):
-        counts = {arch: sum(p.numel() for p in T.build_model(arch, 19)[0].encoder.parameters())
+        counts = {arch: sum(p.numel() for p in build_model(arch, 19)[0].encoder.parameters())
                   for arch in ("mitb2", "mitb3", "mitb5", "dlv2-r50", "dlv2-v1c-r50")}
     assert counts["mitb5"] == mit_param_count(MIT_B5) == MIT_B5_PARAMS
-    assert counts["mitb2"] == mit_param_count(T.MIT_B2) == 24_196_288
-    assert counts["mitb3"] == mit_param_count(T.MIT_B3) == 44_072_128
+    assert counts["mitb2"] == mit_param_count(MIT_B2) == 24_196_288
+    assert counts["mitb3"] == mit_param_count(MIT_B3) == 44_072_128
     assert counts["dlv2-r50"] == 25_557_032 - 2_049_000 == 23_508_032
     assert counts["dlv2-v1c-r50"] == 23_508_032 - 9408 - 128 + 3 * 32 * 9 + 32 * 32 * 9 + 32 * 64 * 9 + 256
 
@@ -2046,40 +2065,40 @@ def test_new_pretrained_layouts_load_strictly(tmp_path):
     tv = torchvision.models.resnet50(weights=None)
     path = tmp_path / "resnet50-11ad3fa6.pth"
     torch.save(tv.state_dict(), path)
-    model, info = T.build_model("dlv2-r50", 19, pretrained=str(path))
+    model, info = build_model("dlv2-r50", 19, pretrained=str(path))
     assert info["style"] == "torchvision" and info["layers"] == [3, 4, 6, 3]
     assert torch.equal(model.encoder.backbone.layer3[5].conv2.weight, tv.layer3[5].conv2.weight)
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in MixVisionTransformer(**T.MIT_B2).state_dict().items()}
+        shapes = {k: v.shape for k, v in MixVisionTransformer(**MIT_B2).state_dict().items()}
     weights = {k: torch.zeros(shape, dtype=torch.float16) for k, shape in shapes.items()}
     torch.save(dict(weights, **{"head.weight": torch.zeros(1000, 512), "head.bias": torch.zeros(1000)}),
                tmp_path / "mit_b2.pth")
-    model, _ = T.build_model("mitb2", 19, pretrained=str(tmp_path / "mit_b2.pth"))
+    model, _ = build_model("mitb2", 19, pretrained=str(tmp_path / "mit_b2.pth"))
     assert model.encoder.backbone.block3[5].mlp.fc1.weight.abs().sum() == 0
     del weights["block3.5.mlp.fc1.weight"]
     torch.save(weights, tmp_path / "broken_b2.pth")
     with pytest.raises(DataError, match=r"1 missing \[block3.5.mlp.fc1.weight\]"):
-        T.build_model("mitb2", 19, pretrained=str(tmp_path / "broken_b2.pth"))
+        build_model("mitb2", 19, pretrained=str(tmp_path / "broken_b2.pth"))
     with pytest.raises(DataError, match="missing"):  # B2's file does not fit B3
-        T.build_model("mitb3", 19, pretrained=str(tmp_path / "mit_b2.pth"))
+        build_model("mitb3", 19, pretrained=str(tmp_path / "mit_b2.pth"))
 
 
 @pytest.mark.parametrize("arch", ["dlv2-tiny", "dlv2-v1c-tiny"])
 def test_deeplabv3plus_head_like_mmseg_and_wrapped_by_the_rebuilder(arch):
     with torch.device("meta"):
-        head = T.DeepLabV3PlusHead([256, 2048], 19)
+        head = DeepLabV3PlusHead([256, 2048], 19)
     c4, c1, ch = 2048, 256, 512  # mmseg's deeplabv3plus_r50-d8: by hand, BN = 2 per channel
     expected = (2 * (c4 * ch + 2 * ch) + 3 * (c4 * 9 + 2 * c4 + c4 * ch + 2 * ch) + 5 * ch * ch * 9 + 2 * ch
                 + c1 * 48 + 96 + (560 * 9 + 1120 + 560 * ch + 2 * ch) + (ch * 9 + 2 * ch + ch * ch + 2 * ch) + ch * 19 + 19)
     assert sum(p.numel() for p in head.parameters()) == expected == 17_697_923
-    nets = T.build_nets(T.parse_config(["--task", "gta2cs", "--arch", arch, "--decoder", "deeplabv3plus",
+    nets = build_nets(T.parse_args(["--task", "gta2cs", "--arch", arch, "--decoder", "deeplabv3plus",
                                         "--device", "cpu"]))
     assert nets.info["decoder"] == "deeplabv3plus" and nets.rebuilder.in_channels == [64, 512]
     assert [len(p) for p in nets.rebuilder.projectors] == [9, 6]  # x8 for layer1 (stride 4), x4 for layer4
     x = torch.rand(2, 3, 64, 64)
     features = nets.model.encoder(x)
     assert [f.shape[1] for f in features] == [64, 512] and nets.model.decoder(features).shape[-2:] == features[0].shape[-2:]
-    losses = T.train_step(T.parse_config(["--task", "gta2cs", "--arch", arch, "--decoder", "deeplabv3plus",
+    losses = T.train_step(T.parse_args(["--task", "gta2cs", "--arch", arch, "--decoder", "deeplabv3plus",
                                           "--device", "cpu", "--iters", "10"]), nets, fake_batch(64), 0)
     assert torch.isfinite(losses).all() and losses[2] > 0
 
@@ -2106,7 +2125,7 @@ TOY_FAST = ["--task", "toy", "--batch-size", "2", "--log-every", "2", "--checkpo
 
 @pytest.fixture
 def small_toy(monkeypatch):
-    monkeypatch.setitem(T.TOY_SIZES, "val", 4)
+    monkeypatch.setitem(TOY_SIZES, "val", 4)
 
 
 def state_of(work_dir):
@@ -2172,7 +2191,7 @@ def test_training_with_the_graph_step_logs_checkpoints_and_resumes_bit_exactly(t
     eager = str(tmp_path / "eager")
     assert T.main(args + ["--work-dir", eager]) == 0
     assert "step eager" in capsys.readouterr().out
-    monkeypatch.setattr(T, "why_eager", lambda cfg, world: "")
+    monkeypatch.setattr(support.networks, "why_eager", lambda cfg, world: "")
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     assert T.main(args + ["--work-dir", straight]) == 0
     assert "step as one CUDA graph" in capsys.readouterr().out
@@ -2284,22 +2303,22 @@ def test_paper_tasks_refuse_to_start_from_random_weights_unless_asked(tmp_path, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err and "--pretrained none" in err and "Traceback" not in err
     assert not work.exists()
-    assert T.parse_config(["--task", task, "--arch", arch, "--pretrained", "none"]).pretrained == "none"
+    assert T.parse_args(["--task", task, "--arch", arch, "--pretrained", "none"]).pretrained == "none"
     for mode in (["--print-config"], ["--count-flops"], ["--check-data", "--data-root", str(tmp_path)]):
         T.main(["--task", task, "--arch", arch] + mode)
         assert "--pretrained" not in capsys.readouterr().err  # the modes build nothing from weights
 
 
 def test_every_flag_has_help_its_default_and_its_choices_in_groups():
-    parser = T.build_parser()
-    groups = {group.title: group._group_actions for group in parser._action_groups if group.title in T.FLAGS}
-    assert list(groups) == list(T.FLAGS) == ["run and data", "model", "recipe and schedule", "DACS",
+    parser = build_parser(T.RECIPES, T.__doc__)
+    groups = {group.title: group._group_actions for group in parser._action_groups if group.title in FLAGS}
+    assert list(groups) == list(FLAGS) == ["run and data", "model", "recipe and schedule", "DACS",
                                              "MRM and the paper's ablations", "MIC", "HRDA", "precision and speed",
                                              "several GPUs (torchrun)", "modes (each does its work and exits)"]
     actions = {action.dest: action for group in groups.values() for action in group}
-    assert actions.keys() == T.DEFAULTS.keys()
+    assert actions.keys() == DEFAULTS.keys()
     for key, action in actions.items():
-        default = T.DEFAULTS[key]
+        default = DEFAULTS[key]
         assert len(action.help) > 20, key
         assert default in ("", []) or f"default {default}" in action.help, key
     assert "(recipe daformer, hrda: 0.999)" in actions["ema"].help
@@ -2310,13 +2329,13 @@ def test_every_flag_has_help_its_default_and_its_choices_in_groups():
                   "--cuda-graph, --no-cuda-graph", "--decoder deeplabv2|deeplabv3plus|daformer"):
         assert shown in text, shown
     with pytest.raises(SystemExit) as exit_:
-        T.parse_config(["--help"])
+        T.parse_args(["--help"])
     assert exit_.value.code == 0
 
 
 def test_progress_shows_the_first_iteration_at_once_and_seconds_per_iteration_when_slow(tmp_path, small_toy,
                                                                                         capsys):
-    cfg = T.parse_config(["--task", "toy"])
+    cfg = T.parse_args(["--task", "toy"])
     means = [1.0, 2.0, 3.0, 0.0, 0.0, 0.5]
     assert T.progress_line(cfg, 10, means, 2.5).endswith("weight 0.500  2.50 it/s  ETA 6m36s")
     assert T.progress_line(cfg, 10, means, 0.25).endswith("weight 0.500  4.0 s/it  ETA 1h06m")
@@ -2331,17 +2350,17 @@ def test_progress_shows_the_first_iteration_at_once_and_seconds_per_iteration_wh
 
 def test_workers_default_to_the_machines_cores_up_to_four():
     cores = len(os.sched_getaffinity(0))
-    assert T.DEFAULT_WORKERS == min(4, cores) and T.parse_config([]).workers == 0  # the toy recipe: none
-    assert T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny"]).workers == min(4, cores)
+    assert DEFAULT_WORKERS == min(4, cores) and T.parse_args([]).workers == 0  # the toy recipe: none
+    assert T.parse_args(["--task", "gta2cs", "--arch", "dlv2-tiny"]).workers == min(4, cores)
 
 
 def test_daformer_recipe_with_mmseg_deeplabv2_computes_the_feature_distance_on_its_one_level(tmp_path, monkeypatch):
     seen = []
     real = T.feature_distance
     monkeypatch.setattr(T, "feature_distance", lambda s, i, y: seen.append((s.shape, i.shape)) or real(s, i, y))
-    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-v1c-tiny", "--recipe", "daformer", "--device", "cpu",
+    cfg = T.parse_args(["--task", "gta2cs", "--arch", "dlv2-v1c-tiny", "--recipe", "daformer", "--device", "cpu",
                           "--iters", "10"])
-    nets = T.build_nets(cfg)
+    nets = build_nets(cfg)
     losses = T.train_step(cfg, nets, fake_batch(size=64), 0)
     assert seen == [((2, 512, 8, 8), (2, 512, 8, 8))] and torch.isfinite(losses).all()
 
@@ -2382,12 +2401,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 sys.path.insert(0, os.environ["REPO"])
+import support.data
 import train_dacs_mrm as T
 
-T.TOY_SIZES.update(val=4)
+support.data.TOY_SIZES.update(val=4)
 if os.environ.get("CONSTANT_SCENES"):  # every scene the same one-class image: batches equal across ranks
     scene = (np.full((32, 64, 3), 90, np.uint8), np.zeros((32, 64), np.uint8))
-    T.make_toy_scene = lambda rng, style, size=None: scene
+    support.data.make_toy_scene = lambda rng, style, size=None: scene
 if os.environ.get("CHECK_RANKS"):  # after every step, the ranks' students and teachers must be bit-identical
     real_step = T.train_step
 
@@ -2460,8 +2480,8 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(tmp_path, mo
                             {"CONSTANT_SCENES": "1"})
     assert code == 0, err[-3000:]
     scene = (np.full((32, 64, 3), 90, np.uint8), np.zeros((32, 64), np.uint8))
-    monkeypatch.setattr(T, "make_toy_scene", lambda rng, style, size=None: scene)
-    monkeypatch.setitem(T.TOY_SIZES, "val", 4)
+    monkeypatch.setattr(support.data, "make_toy_scene", lambda rng, style, size=None: scene)
+    monkeypatch.setitem(TOY_SIZES, "val", 4)
     assert T.main(TORCHRUN_TOY + common + ["--batch-size", "2", "--work-dir", str(tmp_path / "one")]) == 0
     two, one = state_of(str(tmp_path / "two")), state_of(str(tmp_path / "one"))
     for part in ("model", "teacher"):
@@ -2653,14 +2673,14 @@ def test_eval_resamples_logits_with_the_align_corners_of_training(tmp_path, smal
             return np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8)
 
     for align_corners in (True, False):
-        conf = T.evaluate(Fixed(), OneImage(), 2, torch.device("cpu"), align_corners)
+        conf = evaluate(Fixed(), OneImage(), 2, torch.device("cpu"), align_corners)
         upsampled = F.interpolate(logits, size=(4, 4), mode="bilinear", align_corners=align_corners)
         predicted_class_1 = int((upsampled.argmax(dim=1) == 1).sum())
         assert conf.tolist() == [[16 - predicted_class_1, predicted_class_1], [0, 0]]
     # by hand: class 0 is x + 2y on the sample grid, {0, 1/3, 2/3, 1} (True) or {0, .25, .75, 1} (False);
     # class 1 wins where that is below 1.5 (ties go to class 0)
-    assert T.evaluate(Fixed(), OneImage(), 2, torch.device("cpu"), True)[0, 1] == 4 + 3 + 1
-    assert T.evaluate(Fixed(), OneImage(), 2, torch.device("cpu"), False)[0, 1] == 4 + 3
+    assert evaluate(Fixed(), OneImage(), 2, torch.device("cpu"), True)[0, 1] == 4 + 3 + 1
+    assert evaluate(Fixed(), OneImage(), 2, torch.device("cpu"), False)[0, 1] == 4 + 3
     import eval as eval_module
     work = str(tmp_path / "run")
     assert T.main(TOY_FAST + ["--iters", "2", "--work-dir", work, "--align-corners"]) == 0
@@ -2747,13 +2767,13 @@ def test_a_work_dir_belongs_to_one_run(tmp_path, small_toy, capsys, monkeypatch)
     assert digest(work) == before  # config.json included: nothing written before the checks pass
     # a second run while the first lives: the lock of a live process (this one) refuses it
     lock = os.path.join(work, ".lock")
-    open(lock, "w").write(f"{os.getpid()} {T.platform.node()}")
+    open(lock, "w").write(f"{os.getpid()} {platform.node()}")
     assert T.main(TOY_FAST + ["--iters", "2", "--overwrite", "--work-dir", work]) == 2
     assert "in use by another run" in one_error_line(capsys) and digest(work) == {**before, ".lock": digest(work)[".lock"]}
     # a lock left by a dead process, and the temporary file of a write it did not finish, are cleaned up
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    open(lock, "w").write(f"{dead.pid} {T.platform.node()}")
+    open(lock, "w").write(f"{dead.pid} {platform.node()}")
     open(os.path.join(work, "checkpoint.pth.tmp12345"), "wb").write(b"half")
     assert T.main(TOY_FAST + ["--iters", "2", "--overwrite", "--work-dir", work]) == 0
     out = capsys.readouterr().out
@@ -2872,30 +2892,30 @@ def test_labels_are_validated_where_they_are_read(tmp_path, capsys):
     (_, label), _ = find_pairs("cityscapes", root, "val")
     Image.open(label).save(str(tmp_path / "as.jpg"), "JPEG")
     os.replace(str(tmp_path / "as.jpg"), label)  # a JPEG saved under the label's name
-    with pytest.raises(T.BadLabel, match="a JPEG"):
+    with pytest.raises(BadLabel, match="a JPEG"):
         read_label(label, "cityscapes")
     Image.fromarray(np.full((16, 32), 7, np.uint8)).save(label)  # half the image's size
-    with pytest.raises(T.BadLabel, match="32x16 pixels, its image .* 64x32"):
-        T.Domain("cityscapes", root, "val").load(0)
+    with pytest.raises(BadLabel, match="32x16 pixels, its image .* 64x32"):
+        Domain("cityscapes", root, "val").load(0)
     mostly_unknown = np.full((32, 64), 40, np.uint8)
     mostly_unknown[:4] = 7
     Image.fromarray(mostly_unknown).save(label)
-    with pytest.raises(T.BadLabel, match=r"ids \[40\] are not cityscapes label ids, on 87.5% of its pixels"):
+    with pytest.raises(BadLabel, match=r"ids \[40\] are not cityscapes label ids, on 87.5% of its pixels"):
         read_label(label, "cityscapes")
-    T.LABEL_NOTES.clear()
+    LABEL_NOTES.clear()
     a_few = np.full((32, 64), 7, np.uint8)
     a_few[0, :2] = 40
     Image.fromarray(a_few).save(label)
     assert (read_label(label, "cityscapes")[0, :3] == [255, 255, 0]).all()
-    assert T.LABEL_NOTES == [f"{label}: ids [40] are not cityscapes label ids, on 0.1% of its pixels; read as "
+    assert LABEL_NOTES == [f"{label}: ids [40] are not cityscapes label ids, on 0.1% of its pixels; read as "
                              f"ignore (255)"]
     (_, synthia), = find_pairs("synthia", root, "train")
     swapped = np.stack([np.full((32, 64), 300), np.full((32, 64), 3), np.zeros((32, 64))], -1)
     write_png16(synthia, swapped, 2)  # the instance channel first
-    with pytest.raises(T.BadLabel, match=r"ids \[300\] .* \(channels in another order\?\)"):
+    with pytest.raises(BadLabel, match=r"ids \[300\] .* \(channels in another order\?\)"):
         read_label(synthia, "synthia")
     Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(label)
-    with pytest.raises(T.BadLabel, match="colour type 2"):
+    with pytest.raises(BadLabel, match="colour type 2"):
         read_label(label, "cityscapes")
     # --check-data --decode finds every problem, in parallel, and says so in one line
     write_fake_dataset(root, "gta", 2, (64, 32))
@@ -2936,22 +2956,22 @@ def test_rare_class_statistics_follow_the_labels(tmp_path):
     write_fake_dataset(root, "gta", 3, (64, 48))
     cfg = SimpleNamespace(data_root=root, work_dir=str(tmp_path / "w"), num_classes=19, rcs_min_pixels=0,
                           rcs_temperature=0.01)
-    source = T.Domain("gta", root)
+    source = Domain("gta", root)
     said = []
 
     def say(*args, **kwargs):
         said.append(args)
 
-    first = T.rcs_statistics(cfg, source, say)
-    assert T.rcs_statistics(cfg, source, say)[1] == first[1] and len(said) == 1  # cached
+    first = rcs_statistics(cfg, source, say)
+    assert rcs_statistics(cfg, source, say)[1] == first[1] and len(said) == 1  # cached
     (_, label), *_ = source.pairs
     Image.fromarray(np.full((48, 64), 26, np.uint8)).save(label)  # all car now
     os.utime(label, ns=(1, 1))
-    probabilities, per_class = T.rcs_statistics(cfg, source, say)
+    probabilities, per_class = rcs_statistics(cfg, source, say)
     assert len(said) == 2 and 0 in per_class[13]  # counted again: image 0 now qualifies for car
     cache = os.path.join(root, "gta", "rcs_stats_gta_3.json")
     open(cache, "w").write("{not json")
-    assert T.rcs_statistics(cfg, source, say)[1] == per_class and len(said) == 3
+    assert rcs_statistics(cfg, source, say)[1] == per_class and len(said) == 3
 
 
 def test_symlink_loops_do_not_hang_the_listing(tmp_path):
@@ -2995,7 +3015,7 @@ def tiny_model(path, num_classes, align_corners, seed=0):
 def forward_by_hand(model, image, size_wh, align_corners):
     """Train ids of an HxWx3 uint8 image: resized to fit size_wh as mmseg does (None: as is), the model, logits
     resized bilinearly to the image's size, argmax."""
-    x = image if size_wh is None else T.resize_pair(image, None, size_wh, None, resize_label=False)[0]
+    x = image if size_wh is None else resize_pair(image, None, size_wh, None, resize_label=False)[0]
     logits = model(torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].float() / 255)
     logits = F.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=align_corners)
     return logits.argmax(1)[0].numpy()
@@ -3053,7 +3073,7 @@ def test_images_predicts_every_file_at_its_own_size(tmp_path, capsys):
     assert np.abs(np.array(Image.open(blended / "photo_color.png")) - expected).max() <= 0.5
 
     # a Cityscapes task: the image is resized to fit 1024x512 as mmseg resizes the target (37x23 -> 824x512)
-    assert T.mmseg_rescale_size(37, 23, (1024, 512)) == (824, 512)
+    assert mmseg_rescale_size(37, 23, (1024, 512)) == (824, 512)
     city, model = tiny_model(tmp_path / "city.pth", 19, align_corners=True)
     out = tmp_path / "city_out"
     assert eval_main([city, "--task", "gta2cs", "--images", str(images / "odd.png"), "--out", str(out),
@@ -3078,7 +3098,7 @@ def cityscapes_with_a_test_split(root):
 
 
 def test_format_cityscapes_writes_benchmark_label_ids(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(T.DATASETS["cityscapes"], "size", (96, 48))  # the protocol at a size a CPU test affords
+    monkeypatch.setitem(DATASETS["cityscapes"], "size", (96, 48))  # the protocol at a size a CPU test affords
     root = str(tmp_path / "data")
     names = cityscapes_with_a_test_split(root)
     city, model = tiny_model(tmp_path / "city.pth", 19, align_corners=True)
@@ -3219,7 +3239,7 @@ def refused(args, capsys, words, folder):
 
 
 def test_refusals_are_one_line_and_touch_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(T.DATASETS["cityscapes"], "size", (96, 48))
+    monkeypatch.setitem(DATASETS["cityscapes"], "size", (96, 48))
     root = str(tmp_path / "data")
     cityscapes_with_a_test_split(root)
     city, _ = tiny_model(tmp_path / "city.pth", 19, align_corners=True)
@@ -3267,7 +3287,7 @@ def test_training_draws_its_curves_and_plot_draws_several_runs(tmp_path, small_t
         assert T.main(TOY_FAST + ["--iters", "2", "--seed", str(seed), "--work-dir", run]) == 0
     record = [json.loads(line) for line in open(os.path.join(runs[0], "log.jsonl")) if "val_miou" in line][-1]
     ious = np.array([np.nan if v is None else v for v in record["val_iou"]])
-    assert len(ious) == len(T.TOY_CLASSES) and math.isclose(np.nanmean(ious), record["val_miou"])
+    assert len(ious) == len(TOY_CLASSES) and math.isclose(np.nanmean(ious), record["val_miou"])
     drawn = Image.open(os.path.join(runs[0], "curves.png"))
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
@@ -3289,34 +3309,34 @@ def test_debug_grids_are_written_at_their_iterations_and_show_the_steps_mrm_mask
     assert T.main(TOY_FAST + ["--iters", "4", "--debug-every", "0", "--work-dir", off]) == 0
     assert not os.path.exists(os.path.join(off, "debug"))
     # the MRM panel darkens exactly the cells of the mask the step's loss used
-    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--rebuilder-dim", "32",
+    cfg = T.parse_args(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--rebuilder-dim", "32",
                           "--rebuilder-heads", "4", "--rebuilder-grid", "4", "--iters", "4"])
-    nets = T.build_nets(cfg)
+    nets = build_nets(cfg)
     used = []
     real = T.mrm_auxiliary_loss
     monkeypatch.setattr(T, "mrm_auxiliary_loss", lambda *a: used.append(a[6]) or real(*a))
     T.train_step(cfg, nets, fake_batch(), 0)
-    panels = dict(T.debug_panels(cfg, nets))
+    panels = dict(debug_panels(cfg, nets))
     assert len(panels) == 13 and all(p.shape == (32, 32, 3) and p.dtype == np.uint8 for p in panels.values())
     shown, mixed = panels["MRM mask (4x4)"].astype(float), panels["mixed image"].astype(float)
     darkened = (shown.sum(-1) < 0.5 * mixed.sum(-1) + 1).reshape(4, 8, 4, 8).mean(axis=(1, 3)) > 0.5
     assert (darkened == used[0][0, 0].bool().numpy()).all() and 0 < darkened.sum() < 16
-    assert (panels["mixed target"] == T.PALETTE[nets.seen["mixed_label"][0].numpy()]).all()
+    assert (panels["mixed target"] == PALETTE[nets.seen["mixed_label"][0].numpy()]).all()
 
 
 def test_the_graph_steps_debug_grid_equals_the_eager_steps():
-    cfg = T.parse_config(GRAPH_CASES[1] + ["--device", "cpu"])
+    cfg = T.parse_args(GRAPH_CASES[1] + ["--device", "cpu"])
     torch.manual_seed(0)
-    eager = T.build_nets(cfg)
+    eager = build_nets(cfg)
     torch.manual_seed(0)
-    graphed = T.build_nets(cfg)
-    step = T.CudaGraphStep(graphed, warmup=1, capture=False)
+    graphed = build_nets(cfg)
+    step = CudaGraphStep(graphed, T.begin_step, T.device_step, warmup=1, capture=False)
     for iteration in range(3):
         torch.manual_seed(100 + iteration)
         T.train_step(cfg, eager, fake_batch(seed=iteration), iteration)
         torch.manual_seed(100 + iteration)
         step(cfg, graphed, fake_batch(seed=iteration), iteration)
-    for (name, a), (_, b) in zip(T.debug_panels(cfg, eager), T.debug_panels(cfg, graphed), strict=True):
+    for (name, a), (_, b) in zip(debug_panels(cfg, eager), debug_panels(cfg, graphed), strict=True):
         assert np.array_equal(a, b), name
 
 
@@ -3324,9 +3344,9 @@ def test_flags_the_run_ignores_are_named_in_a_warning(capsys):
     for flags, words in ((["--no-mrm", "--mask-ratio", "0.5"], "--mask-ratio 0.5 does nothing with --no-mrm"),
                          (["--mic-weight", "2"], "--mic-weight 2.0 does nothing without --mic"),
                          (["--source-only", "--ema", "0.9"], "--ema 0.9 does nothing with --source-only")):
-        T.parse_config(["--task", "toy"] + flags)
+        T.parse_args(["--task", "toy"] + flags)
         assert capsys.readouterr().err == f"warning: {words}\n"
-    T.parse_config(["--task", "toy", "--mask-ratio", "0.5", "--mic", "--mic-weight", "2"])
+    T.parse_args(["--task", "toy", "--mask-ratio", "0.5", "--mic", "--mic-weight", "2"])
     assert capsys.readouterr().err == ""
 
 
@@ -3341,9 +3361,9 @@ def test_input_space_masking_masks_the_mixed_image_on_the_grid_and_its_loss_trai
     assert mask.flatten(1).sum(1).tolist() == [102, 102]
     assert torch.equal(masked[~cells], x[~cells]) and torch.equal(masked[cells], fill.expand_as(x)[cells])
     assert T.main(["--task", "gta2cs", "--arch", "dlv2-tiny", "--mrm-mode", "input", "--mrm-domain", "both"]) == 2
-    cfg = T.parse_config(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--mrm-mode", "input",
+    cfg = T.parse_args(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--mrm-mode", "input",
                           "--iters", "4"])
-    nets = T.build_nets(cfg)
+    nets = build_nets(cfg)
     assert nets.rebuilder is not None and not list(nets.rebuilder.parameters()) and len(nets.optimizers) == 1
     state = {}
     real_masked_input, real_ce = T.masked_input, T.segmentation_ce
@@ -3360,15 +3380,15 @@ def test_input_space_masking_masks_the_mixed_image_on_the_grid_and_its_loss_trai
     monkeypatch.setattr(T, "segmentation_ce", only_the_masked_loss)
     nets.model.train()
     batch = fake_batch()
-    losses = T.forward_backward(cfg, nets, *T.step_inputs(nets, *[batch[k] for k in T.BATCH_KEYS if k in batch]))
+    losses = T.forward_backward(cfg, nets, *step_inputs(nets, *[batch[k] for k in BATCH_KEYS if k in batch]))
     assert losses[2] > 0 and losses[0] == losses[1] == 0
     for part in (nets.model.encoder, nets.model.decoder):
         grads = [p.grad for p in part.parameters() if p.requires_grad]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
     monkeypatch.undo()
-    assert "MRM masked input" in dict(T.debug_panels(cfg, nets))
-    base = T.count_flops("dlv2", mode="rebuild")
-    assert T.count_flops("dlv2", mode="input")["ratio"] == 2.0 and base["ratio"] < 1.1
+    assert "MRM masked input" in dict(debug_panels(cfg, nets))
+    base = count_flops("dlv2", mode="rebuild")
+    assert count_flops("dlv2", mode="input")["ratio"] == 2.0 and base["ratio"] < 1.1
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
@@ -3389,14 +3409,14 @@ HRDA_TOY = TOY_FAST + ["--arch", "mit-tiny", "--detail-crop", "32"]
 
 def tiny_hrda(num_classes=3, crop=64, side=32, window=0):
     torch.manual_seed(0)
-    encoder = T.MiTEncoder(T.MIT_TINY)
-    return T.HRDAModel(encoder, num_classes, 8, context_scale=0.5, detail_crop=side, window=window or crop)
+    encoder = MiTEncoder(MIT_TINY)
+    return HRDAModel(encoder, num_classes, 8, context_scale=0.5, detail_crop=side, window=window or crop)
 
 
 def test_hrda_detail_window_offsets_are_multiples_of_8_one_per_batch_new_per_forward():
     """HRDA's get_crop_bbox(divisible=8): offsets randint(0, (1024 - 512 + 1) // 8) * 8, so 0..504 (512 never);
     one window for the whole batch, a new one at every training forward."""
-    encoder = T.HRDAEncoder(T.MiTEncoder(T.MIT_TINY), 0.5, 512)
+    encoder = HRDAEncoder(MiTEncoder(MIT_TINY), 0.5, 512)
     random.seed(0)
     boxes = [encoder.draw_box(1024, 1024) for _ in range(4000)]
     offsets = {v for box in boxes for v in box}
@@ -3405,7 +3425,7 @@ def test_hrda_detail_window_offsets_are_multiples_of_8_one_per_batch_new_per_for
     seen, real_mit = [], encoder.mit.forward
     encoder.mit.forward = lambda x: seen.append(x) or real_mit(x)
     x = torch.rand(2, 3, 64, 96)
-    small = T.HRDAEncoder(encoder.mit, 0.5, 32)
+    small = HRDAEncoder(encoder.mit, 0.5, 32)
     views = [small(x) for _ in range(6)]
     for v, (context, detail) in zip(views, zip(seen[::2], seen[1::2])):
         (top, left), = v.boxes  # one window for both images
@@ -3439,9 +3459,9 @@ def test_hrda_fused_prediction_against_a_loop_over_pixels():
     window); attention 0 outside the window's LR cells, lr * (1 - a), both up x2, hr pasted at box / 4."""
     head = tiny_hrda().decoder.eval()
     torch.manual_seed(1)
-    context = [torch.randn(2, c, 32 // s, 32 // s) for c, s in zip(T.MIT_TINY["embed_dims"], (4, 8, 16, 32))]
+    context = [torch.randn(2, c, 32 // s, 32 // s) for c, s in zip(MIT_TINY["embed_dims"], (4, 8, 16, 32))]
     detail = [torch.randn_like(f) for f in context]
-    views = T.Views(context, detail, [(8, 16)], 32)
+    views = Views(context, detail, [(8, 16)], 32)
     out = head(views)
     lr = head.head(context).double()
     attention = torch.sigmoid(head.scale_attention(context)).double()
@@ -3472,7 +3492,7 @@ def test_hrda_losses_are_0_9_fused_and_0_1_detail_against_float64():
     labels = torch.randint(0, 5, (2, 64, 64))
     labels[:, :4] = 255
     weight = torch.rand(2, 64, 64)
-    out = T.HRDAOutput(fused, detail, [(8, 24)], 32)
+    out = HRDAOutput(fused, detail, [(8, 24)], 32)
 
     def ce(logits, y, w):  # mean over all pixels of w * CE, ignored pixels 0
         up = F.interpolate(logits.double(), size=y.shape[-2:], mode="bilinear", align_corners=False)
@@ -3494,7 +3514,7 @@ def test_hrda_losses_are_0_9_fused_and_0_1_detail_against_float64():
 def test_hrda_teacher_slides_9_detail_windows_that_tile_the_crop():
     """The inference forward on a 1024 crop: context at 0.5, 9 windows of 512 at stride 256 in one encoder batch;
     a model predicting one constant gives that constant everywhere only if the windows cover every pixel."""
-    boxes = T.slide_boxes(1024, 1024, 512, 256)
+    boxes = slide_boxes(1024, 1024, 512, 256)
     assert boxes == [(t, l) for t in (0, 256, 512) for l in (0, 256, 512)]
     count = torch.zeros(1024, 1024)
     for t, l in boxes:
@@ -3516,7 +3536,7 @@ def test_hrda_test_time_slide_1024_windows_at_stride_512_average_their_logits(mo
     """2048x1024 images: three 1024 windows in one batch, each window's logits at its size, averaged where two
     overlap. With encode_decode returning its input, the average gives the image back."""
     model = tiny_hrda(window=1024)
-    assert T.slide_boxes(1024, 2048, 1024, 512) == [(0, 0), (0, 512), (0, 1024)]
+    assert slide_boxes(1024, 2048, 1024, 512) == [(0, 0), (0, 512), (0, 1024)]
     seen = []
     monkeypatch.setattr(model, "encode_decode", lambda x: seen.append(x.shape) or x * 1.0)
     x = torch.rand(1, 3, 1024, 2048)
@@ -3544,13 +3564,13 @@ class FakeTarget:
 
 def test_hrda_pseudo_margins_follow_the_target_crop_and_flip():
     margins = (3, 24, 3, 5)
-    full = T.margin_mask((100, 200), margins)
+    full = margin_mask((100, 200), margins)
     assert full.sum() == (100 - 27) * (200 - 8) and full[3:76, 3:195].all()
-    cfg = T.parse_config(["--task", "toy", "--crop", "64", "--flip", "--pseudo-margins", "3,24,3,5", "--batch-size", "8"])
+    cfg = T.parse_args(["--task", "toy", "--crop", "64", "--flip", "--pseudo-margins", "3,24,3,5", "--batch-size", "8"])
     target = FakeTarget(100, 200)
     flipped = 0
     for iteration in range(3):
-        batch = T.TrainBatches(cfg, target, target)[iteration]
+        batch = TrainBatches(cfg, target, target)[iteration]
         images, valid = batch["target_image"], batch["target_valid"]
         assert valid.shape == (8, 64, 64) and valid.dtype == torch.uint8
         for image, v in zip(images, valid):
@@ -3558,7 +3578,7 @@ def test_hrda_pseudo_margins_follow_the_target_crop_and_flip():
             assert torch.equal(v, torch.from_numpy(full)[rows, cols])
             flipped += int(cols[0, 0] > cols[0, -1])
     assert 0 < flipped < 24
-    assert "target_valid" not in T.TrainBatches(T.parse_config(["--task", "toy"]), target, target)[0]
+    assert "target_valid" not in TrainBatches(T.parse_args(["--task", "toy"]), target, target)[0]
 
 
 def test_hrda_recipe_settings_and_mic_blocks_of_64_at_1024(capsys):
@@ -3578,9 +3598,9 @@ def test_hrda_recipe_settings_and_mic_blocks_of_64_at_1024(capsys):
     blocks = masked.view(2, 16, 64, 16, 64)
     assert (blocks == blocks[:, :, :1, :, :1]).all() and 0.55 < masked.float().mean() < 0.85
     # HRDA's training forward costs two MiT passes at half the crop's side and the heads; MRM decodes both views
-    hrda = T.count_flops("mit-tiny", (64, 64), 19, dict(embed_dim=32, num_heads=4),
+    hrda = count_flops("mit-tiny", (64, 64), 19, dict(embed_dim=32, num_heads=4),
                          hrda=dict(context_scale=0.5, detail_crop=32, window=64))
-    single = T.count_flops("mit-tiny", (32, 32), 19, dict(embed_dim=32, num_heads=4))
+    single = count_flops("mit-tiny", (32, 32), 19, dict(embed_dim=32, num_heads=4))
     assert 2 * single["model_gmac"] < hrda["model_gmac"] < 2.2 * single["model_gmac"]
     assert 2 * single["extra_gmac"] <= hrda["extra_gmac"] < 2.2 * single["extra_gmac"]
 
@@ -3600,8 +3620,8 @@ def test_hrda_flags_that_cannot_work_are_refused_in_one_line(capsys, args, messa
 
 
 def test_hrda_mrm_gradient_reaches_both_views_the_rebuilder_and_the_heads():
-    cfg = T.parse_config(HRDA_TOY + ["--iters", "2"])
-    nets = T.build_nets(cfg)
+    cfg = T.parse_args(HRDA_TOY + ["--iters", "2"])
+    nets = build_nets(cfg)
     nets.model.train()
     x = torch.rand(2, 3, 64, 128)
     views = nets.model.encoder(x)
@@ -3616,7 +3636,7 @@ def test_hrda_mrm_gradient_reaches_both_views_the_rebuilder_and_the_heads():
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
     mask = torch.zeros(4, 1, 8, 8)
     mask[:2, :, :4] = 1  # the context's masks: its top half; the detail windows' masks: nothing
-    rebuilt = T.rebuild(nets.rebuilder, views, mask)
+    rebuilt = rebuild(nets.rebuilder, views, mask)
     assert rebuilt.boxes == views.boxes and all(torch.equal(a, b) for a, b in zip(rebuilt.detail, views.detail))
     assert not torch.equal(rebuilt.context[0], views.context[0])
 
@@ -3631,7 +3651,7 @@ def test_hrda_toy_recipe_trains_resumes_bit_exactly_and_evaluates_by_its_record(
     exported = torch.load(os.path.join(straight, "model.pth"), weights_only=True)
     assert exported["arch"]["hrda"] == dict(context_scale=0.5, detail_crop=32, window=0)
     model, _, _ = E.load_segmentation_model(os.path.join(straight, "model.pth"))
-    assert isinstance(model, T.HRDAModel) and not any("rebuild" in key for key in exported["model"])
+    assert isinstance(model, HRDAModel) and not any("rebuild" in key for key in exported["model"])
     assert eval_main([os.path.join(straight, "model.pth"), "--task", "toy", "--workers", "0"]) == 0
 
 
@@ -3668,8 +3688,8 @@ def test_hrda_paper_command_starts_on_fake_data_at_full_resolution(tmp_path, mon
     (x_s, y_s, x_t, valid), = seen
     assert x_s.shape == (1, 3, 256, 256) and valid.shape == (1, 256, 256)
     assert calls == ["save_checkpoint", "export_model", "validate"]
-    source = T.Domain("gta", root, resolution=2)
-    target = T.Domain("cityscapes", root, resolution=2)
+    source = Domain("gta", root, resolution=2)
+    target = Domain("cityscapes", root, resolution=2)
     assert source.load(0)[0].shape == (1407, 2560, 3) and target.load(0)[0].shape == (1024, 2048, 3)
 
 
@@ -3680,16 +3700,16 @@ def test_hrda_paper_command_starts_on_fake_data_at_full_resolution(tmp_path, mon
 def test_memory_estimate_on_fake_tensors_agrees_with_a_real_cpu_step(args):
     """--estimate-memory's two steps on fake tensors hold within 1% of the bytes the same steps' real CPU tensors
     hold; MRM adds to it."""
-    cfg = T.parse_config(args + ["--batch-size", "2", "--pretrained", "none"])
-    (fake, networks), (real, real_networks) = T.step_memory(cfg, fake=True), T.step_memory(cfg, fake=False)
+    cfg = T.parse_args(args + ["--batch-size", "2", "--pretrained", "none"])
+    (fake, networks), (real, real_networks) = step_memory(cfg, T.train_step, fake=True), step_memory(cfg, T.train_step, fake=False)
     assert networks == real_networks > 0 and fake > 2 * networks
     assert abs(fake - real) < 0.01 * real
-    without = T.step_memory(T.parse_config(args + ["--batch-size", "2", "--pretrained", "none", "--no-mrm"]))[0]
+    without = step_memory(T.parse_args(args + ["--batch-size", "2", "--pretrained", "none", "--no-mrm"]), T.train_step)[0]
     assert without < fake
 
 
 def test_live_bytes_counts_tensors_while_they_live():
-    with T.LiveBytes() as counter:
+    with LiveBytes() as counter:
         a = torch.ones(1000, 1000)  # 4 MB
         b = a * 2
         view = b[:10]
@@ -3701,11 +3721,11 @@ def test_live_bytes_counts_tensors_while_they_live():
 
 
 def test_hrda_debug_grid_shows_the_detail_window_and_the_rebuilt_prediction():
-    cfg = T.parse_config(HRDA_TOY + ["--iters", "2", "--mic"])
-    nets = T.build_nets(cfg)
-    batch = T.TrainBatches(cfg, T.Domain("toy-source"), T.Domain("toy-target"))[0]
+    cfg = T.parse_args(HRDA_TOY + ["--iters", "2", "--mic"])
+    nets = build_nets(cfg)
+    batch = TrainBatches(cfg, Domain("toy-source"), Domain("toy-target"))[0]
     T.train_step(cfg, nets, batch, 0)
-    panels = dict(T.debug_panels(cfg, nets))
+    panels = dict(debug_panels(cfg, nets))
     (top, left, side), = nets.seen["detail_window"]
     window = panels["HRDA detail window (32x32)"]
     mixed = panels["mixed image"]

@@ -1,0 +1,293 @@
+"""A run's files and processes: checkpoints (written atomically, loaded strictly, resumed only as the same
+experiment), the exported model, the work dir's rules and lock, SIGINT/SIGTERM, and torchrun's process group."""
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from support.base import ConfigError, DataError, atomic_write, one_line
+from support.cli import DEFAULTS, RESUME_MAY_CHANGE
+from support.models import strict_load
+
+
+def save_checkpoint(cfg, nets, iteration):
+    """Rank 0 writes the checkpoint; under torchrun every process sends it its random state first (a
+    collective: every rank calls this at the same iterations)."""
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
+               cuda=torch.cuda.get_rng_state() if nets.device.type == "cuda" else None)
+    rngs = [rng]
+    if nets.world > 1:
+        rngs = [None] * nets.world if nets.rank == 0 else None
+        dist.gather_object(rng, rngs, dst=0)
+    if nets.rank != 0:
+        return
+    state = dict(iteration=iteration, config=vars(cfg), arch=nets.info, model=nets.model.state_dict(),
+                 teacher=nets.teacher.state_dict() if nets.teacher is not None else None,
+                 rebuilder=nets.rebuilder.state_dict() if nets.rebuilder is not None else None,
+                 pixel_head=nets.pixel_head.state_dict() if nets.pixel_head is not None else None,
+                 optimizers=[optimizer.state_dict() for optimizer in nets.optimizers], scaler=nets.scaler.state_dict(),
+                 world_size=nets.world, rng=rngs)
+    atomic_write(os.path.join(cfg.work_dir, "checkpoint.pth"), lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path):
+    """Checkpoints are untrusted input: tensors and plain containers only (weights_only)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise DataError(f"{path}: not a readable checkpoint ({one_line(error)})") from None
+
+
+def load_model_state(model, state, path):
+    """A checkpoint's segmentation model, strictly; a misfit (another architecture or class count) is a DataError."""
+    try:
+        strict_load(model, state, path, "this model (another architecture or number of classes?)")
+    except ValueError as error:
+        raise DataError(str(error)) from None
+
+
+def resume(cfg, nets, state=None):
+    """Restore nets and the random state from the work dir's checkpoint (read_resume_checkpoint's `state`);
+    returns its iteration."""
+    path = os.path.join(cfg.work_dir, "checkpoint.pth")
+    state = read_resume_checkpoint(cfg) if state is None else state
+    if state["arch"] != nets.info:
+        raise DataError(f"{path}: checkpoint is {state['arch']}, this run builds {nets.info}")
+    load_model_state(nets.model, state["model"], path)
+    if nets.teacher is not None:
+        nets.teacher.load_state_dict(state["teacher"])
+    if nets.rebuilder is not None:
+        nets.rebuilder.load_state_dict(state["rebuilder"])
+    if nets.pixel_head is not None:
+        nets.pixel_head.load_state_dict(state["pixel_head"])
+    if len(state["optimizers"]) != len(nets.optimizers):
+        raise DataError(f"{path}: checkpoint holds {len(state['optimizers'])} optimizer(s), this run builds "
+                        f"{len(nets.optimizers)} (another --optimizer or --no-mrm?)")
+    for optimizer, optimizer_state in zip(nets.optimizers, state["optimizers"]):
+        optimizer.load_state_dict(optimizer_state)
+        for group in optimizer.param_groups:  # a CUDA graph's device-tensor lr comes back as a plain number
+            group["lr"] = float(group["lr"])
+    nets.scaler.load_state_dict(state["scaler"])
+    if state["world_size"] != nets.world:
+        raise DataError(f"{path}: written by {state['world_size']} process(es), this run has {nets.world}: each "
+                        f"process's data and random state depend on its rank, so resume with as many processes")
+    rng = state["rng"][nets.rank]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if nets.device.type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state["iteration"]
+
+
+def export_model(path, model, info, num_classes):
+    """Inference-only file: the segmentation model and how to build it; no Rebuilder, no optimiser."""
+    state = dict(arch=info, num_classes=num_classes, model=model.state_dict())
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+RUN_FILES = ("checkpoint.pth", "config.json", "log.jsonl", "model.pth", "curves.png", "debug")
+
+
+CHECKPOINT_KEYS = {"iteration", "config", "arch", "model", "optimizers", "scaler", "rng", "world_size"}
+
+
+def check_work_dir(cfg):
+    """Refuse, before writing anything, a work dir that cannot hold this run: a file, under a file, not
+    writable, or holding another run (unless --resume or --overwrite)."""
+    path = cfg.work_dir
+    parent = path
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--work-dir {path}: is a file, not a folder")
+    if parent and not os.path.isdir(parent):
+        raise ConfigError(f"--work-dir {path}: {parent} is a file, not a folder")
+    if not os.access(parent or ".", os.W_OK | os.X_OK):
+        raise ConfigError(f"--work-dir {path}: {parent or '.'} is not writable")
+    held = [name for name in RUN_FILES if os.path.exists(os.path.join(path, name))]
+    if held and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(f"--work-dir {path} holds a run ({', '.join(held)}): pass --resume to continue it, "
+                          f"--overwrite to start it over, or another --work-dir")
+
+
+def read_resume_checkpoint(cfg):
+    """The work dir's checkpoint, after checking that it is a training checkpoint of the same experiment."""
+    path = os.path.join(cfg.work_dir, "checkpoint.pth")
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+        raise DataError(f"{path}: not a training checkpoint of train_dacs_mrm.py (an export or another file?); "
+                        f"--resume continues from the checkpoint.pth a run wrote")
+    saved = state["config"]
+    differences = [f"--{key.replace('_', '-')} {saved[key]} (now {getattr(cfg, key)})" for key in DEFAULTS
+                   if key not in RESUME_MAY_CHANGE and key in saved and saved[key] != getattr(cfg, key)]
+    if differences:
+        raise ConfigError(f"{path}: checkpoint is of another experiment, run with " + ", ".join(differences) +
+                          ": resume with the same settings, or start a new --work-dir")
+    if state["iteration"] > cfg.iters:
+        raise ConfigError(f"{path} is at iteration {state['iteration']}, past --iters {cfg.iters}")
+    return state
+
+
+def resume_changes(cfg, state):
+    """The settings a resumed run changes, for its header."""
+    saved = state["config"]
+    return [f"--{key.replace('_', '-')} {saved[key]} -> {getattr(cfg, key)}" for key in RESUME_MAY_CHANGE
+            if key in saved and key not in ("resume", "overwrite") and saved[key] != getattr(cfg, key)]
+
+
+class WorkDirLock:
+    """work_dir/.lock, holding this process's pid and host while the run lives. A second run in the same dir
+    stops in one line; a lock left by a process that died is taken over (saying so)."""
+
+    def __init__(self, work_dir, say=print):
+        self.path, self.say = os.path.join(work_dir, ".lock"), say
+
+    def __enter__(self):
+        me = f"{os.getpid()} {platform.node()}"
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self.owner()
+                if owner is None:
+                    continue
+                pid, host = owner
+                if host != platform.node() or pid_alive(pid):
+                    raise DataError(f"{os.path.dirname(self.path)}: in use by another run (process {pid} on {host}); "
+                                    f"remove {self.path} if that run is gone")
+                self.say(f"taking over the lock of process {pid}, which is gone", flush=True)
+                os.remove(self.path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            return self
+        raise DataError(f"{self.path}: cannot take the lock")
+
+    def owner(self):
+        try:
+            pid, host = open(self.path).read().split(" ", 1)
+            return int(pid), host
+        except (OSError, ValueError):
+            return None if not os.path.exists(self.path) else (0, platform.node())
+
+    def __exit__(self, *exc):
+        if self.owner() == (os.getpid(), platform.node()):
+            os.remove(self.path)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def start_work_dir(cfg, state, say):
+    """Under the lock: remove what interrupted writes left, start over (--overwrite) or cut the log back to the
+    checkpoint's iteration (--resume), and write config.json."""
+    for name in os.listdir(cfg.work_dir):
+        if re.fullmatch(r".+\.tmp\d+", name):
+            os.remove(os.path.join(cfg.work_dir, name))
+    if state is None:
+        removed = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.work_dir, name))]
+        for name in removed:
+            path = os.path.join(cfg.work_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if removed:
+            say(f"--overwrite: removed {', '.join(removed)} of the previous run in {cfg.work_dir}", flush=True)
+    else:
+        log = os.path.join(cfg.work_dir, "log.jsonl")
+        if os.path.exists(log):
+            kept = []
+            for line in open(log):
+                try:
+                    if json.loads(line)["iteration"] <= state["iteration"]:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by a kill
+            atomic_write(log, lambda f: f.write("".join(kept).encode()))
+    atomic_write(os.path.join(cfg.work_dir, "config.json"), lambda f: f.write(config_json(cfg).encode()))
+
+
+class Interrupted(Exception):
+    def __init__(self, signum, iteration):
+        self.signum, self.iteration = signum, iteration
+        super().__init__(f"interrupted at iteration {iteration}: checkpoint written; continue with --resume")
+
+
+class StopSignals:
+    """SIGINT and SIGTERM during the loop: the first asks it to stop after the current iteration with a
+    checkpoint; a second SIGINT stops at once (KeyboardInterrupt, without a traceback in main)."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def requested(self, nets):
+        """The signal any process received (one all-reduce under torchrun, so that all stop together), or 0."""
+        if nets.world == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=nets.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+class Stopped(RuntimeError):
+    """SIGTERM: torchrun stops this process because another one failed, or the job was cancelled."""
+
+
+def on_sigterm(signum, frame):
+    raise Stopped("stopped by torchrun (another process of this run failed, or the job was cancelled)")
+
+
+def lost_a_process(error):
+    """Whether `error` is how a collective fails when another process of the run died (NCCL: DistError;
+    gloo: a RuntimeError from its transport), or torchrun's SIGTERM."""
+    return dist.is_initialized() and (isinstance(error, (Stopped, dist.DistError)) or "gloo" in str(error))
+
+
+def init_distributed(cfg):
+    """(rank, world size) of this process; (0, 1) when not started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if cfg.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # long enough for rank 0's validation and checkpoint, during which the others wait in a collective
+    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", timeout=timedelta(hours=2))
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return dist.get_rank(), world
+
+
+def rank_prefix():
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" else f"[rank {rank}] "
+
+
+def config_json(cfg):
+    return json.dumps(vars(cfg), indent=1, sort_keys=True) + "\n"
