@@ -1,11 +1,12 @@
 """Evaluate a trained segmentation model as the paper does; predict any images; write Cityscapes benchmark
 files; summarise and plot training runs.
 
-    python eval.py runs/gta2cs-dlv2-dacs-mrm-seed0/model.pth --task gta2cs --data-root data   # val mIoU
-    python eval.py CHECKPOINT --task syn2cs --save-dir predictions        # also write input|prediction PNGs
+    python eval.py runs/gta2cs-dlv2-dacs-mrm-seed0/model.pth --data-root data   # val mIoU
+    python eval.py CHECKPOINT --save-dir predictions                      # also write input|prediction PNGs
     python eval.py CHECKPOINT --images photos/ --out preds [--blend 0.5]  # <stem>_color.png, <stem>_trainid.png
-    python eval.py CHECKPOINT --task gta2cs --split test --format cityscapes --out results  # benchmark labelIds
+    python eval.py CHECKPOINT --split test --format cityscapes --out results  # benchmark labelIds
     python eval.py runs/.../checkpoint.pth --export model.pth             # inference-only weights
+    python eval.py OLDER_MODEL.pth --task syn2cs --export model.pth       # a file from before: record its task
     python eval.py --summary runs/gta2cs-*-seed* [--per-class]            # final mIoU per run, mean +- std
     python eval.py --plot runs/a runs/b --out curves.png                  # losses, lr, val mIoU per iteration
 
@@ -17,7 +18,9 @@ OpenCV does, without antialiasing). `--protocol dacs` resizes the images with PI
 1024x512 instead, as DACS's own code does. The mIoU
 sums intersections and unions over all images (one confusion matrix), ignoring label 255. Only the
 segmentation model is loaded: a checkpoint's Rebuilder, teacher and optimiser are never read into it.
---images and --format predict the same way, each image at its own size (toy scenes: as drawn).
+--images and --format predict the same way, each image at its own size (toy scenes: as drawn). A model file
+(model.pth, checkpoint.pth) records its task, class names, palette, label ids and input size (state["inference"]),
+so no --task is needed; a --task that contradicts it is refused; files written before the record take --task.
 """
 import argparse
 import glob
@@ -33,11 +36,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from support.base import CorruptFile, DataError, atomic_write, format_eta, one_line
-from support.cli import DEFAULTS, DEFAULT_WORKERS
+from support.cli import DEFAULT_WORKERS, FLAG_KEYS
 from support.data import (CITYSCAPES_ID_TO_TRAIN, CLASSES, DATASETS, Domain, LABEL_NOTES, TASKS, LAYOUT, list_pngs,
                           read_image, resize_pair)
 from support.networks import build_model
-from support.runs import RESUME_MAY_CHANGE, export_model, load_checkpoint, load_model_state
+from support.runs import RESUME_MAY_CHANGE, export_model, inference_record, load_checkpoint, load_model_state
 
 
 @torch.no_grad()
@@ -46,7 +49,8 @@ def evaluate(model, domain, num_classes, device, align_corners, amp="off", proto
     """Confusion matrix over a labelled domain: the whole image at the training input size, logits
     resized bilinearly (with the align_corners the model was trained with) to the label (mmseg protocol:
     the full-resolution label; dacs: the label resized to the input size), argmax.
-    on_prediction(i, image, prediction) sees every prediction; say (print) gets about ten progress lines."""
+    on_prediction(i, image, prediction) sees every prediction; say (print) gets about ten progress lines. A
+    corrupt image or label is skipped, as training skips them, with a line that names it."""
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     items = torch.utils.data.DataLoader(EvalImages(domain, protocol == "mmseg"), batch_size=None,
@@ -54,7 +58,13 @@ def evaluate(model, domain, num_classes, device, align_corners, amp="off", proto
     autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
                               enabled=amp != "off")
     start, every = time.perf_counter(), max(1, len(domain) // 10)
-    for i, (image, label) in enumerate(items):
+    for i, item in enumerate(items):
+        if "error" in item:
+            raise DataError(item["error"])
+        if "skipped" in item:
+            print(f"skipped: {item['skipped']}", flush=True)
+            continue
+        image, label = item["image"], item["label"]
         if say is not None and i and i % every == 0:
             seconds = (time.perf_counter() - start) / i
             say(f"  evaluated {i}/{len(domain)} images, {seconds:.2f} s/image, ETA "
@@ -79,8 +89,15 @@ class EvalImages(torch.utils.data.Dataset):
         return len(self.domain)
 
     def __getitem__(self, i):
-        image, label = self.domain.load(i, full_label=self.full_label)
-        return torch.from_numpy(image), torch.from_numpy(label)
+        """dict(image, label), or a problem as dict(skipped=...) (a corrupt file) or dict(error=...): raised in a
+        loader worker, it would reach the user wrapped in the worker's traceback."""
+        try:
+            image, label = self.domain.load(i, full_label=self.full_label)
+        except CorruptFile as error:
+            return dict(skipped=str(error))
+        except DataError as error:
+            return dict(error=str(error))
+        return dict(image=torch.from_numpy(image), label=torch.from_numpy(label))
 
 
 def miou_report(conf, eval_classes, class_names):
@@ -128,6 +145,11 @@ def format_table(ious, class_ids, names=CLASSES):
 
 def load_segmentation_model(path, device="cpu"):
     """(model, number of classes, architecture info) from a training checkpoint or an export."""
+    return model_from_state(read_model_file(path), path, device)
+
+
+def read_model_file(path):
+    """A training checkpoint's or an export's state, after checking that it holds a model eval.py can build."""
     state = load_checkpoint(path)
     if not isinstance(state, dict) or "model" not in state or "arch" not in state:
         raise DataError(f"{path}: not a checkpoint of train_dacs_mrm.py (no 'model' and 'arch' entries)")
@@ -137,10 +159,72 @@ def load_segmentation_model(path, device="cpu"):
     if not isinstance(info, dict) or needed - info.keys():
         raise DataError(f"{path}: written by an older train_dacs_mrm.py (its architecture record lacks "
                         f"{sorted(needed - set(info or ()))}); retrain, or add them to state['arch']")
-    num_classes = state["num_classes"] if "num_classes" in state else state["config"]["num_classes"]
+    if not isinstance(model_classes(state), int):
+        raise DataError(f"{path}: not a checkpoint of train_dacs_mrm.py (no number of classes)")
+    return state
+
+
+def model_classes(state):
+    """The number of classes of an export (num_classes) or of a training checkpoint (its config's)."""
+    config = state.get("config")
+    return state["num_classes"] if "num_classes" in state else \
+        config.get("num_classes") if isinstance(config, dict) else None
+
+
+def model_from_state(state, path, device="cpu"):
+    """(model, number of classes, architecture info) of read_model_file's state."""
+    info, num_classes = state["arch"], model_classes(state)
     model, _ = build_model(info["arch"], num_classes, info=info)
     load_model_state(model, state["model"], path)
     return model.to(device).eval(), num_classes, info
+
+
+def model_task(state, task, path):
+    """(task, the file's inference record or None). A model file records its task (state["inference"]); a --task
+    that contradicts it is refused. A file written before (without the record) takes --task, or a training
+    checkpoint's own (its config's)."""
+    num_classes, record = model_classes(state), state.get("inference")
+    if record is not None:
+        check_inference_record(record, num_classes, path)
+        if task and task != record["task"]:
+            raise DataError(f"{path}: a model of task {record['task']}, not --task {task}: leave --task out, "
+                            f"the model file knows its task")
+        return record["task"], record
+    config = state.get("config")
+    saved = config.get("task") if isinstance(config, dict) else None
+    if task and saved in TASKS and task != saved:
+        raise DataError(f"{path}: a model of task {saved} (its training config), not --task {task}: leave --task out")
+    task = task or saved
+    if task not in TASKS:
+        raise DataError(f"{path}: written before model files recorded their task: pass --task "
+                        f"({', '.join(sorted(TASKS))}); --export with --task writes a file that records it")
+    if num_classes != len(TASKS[task]["class_names"]):
+        raise DataError(f"{path}: model predicts {num_classes} classes, task {task} has "
+                        f"{len(TASKS[task]['class_names'])}")
+    return task, None
+
+
+def check_inference_record(record, num_classes, path):
+    """A model file is untrusted input: its record must be what inference_record writes, for num_classes classes."""
+    def ints(values, n, low, high):
+        return isinstance(values, (list, tuple)) and len(values) == n and \
+            all(type(v) is int and low <= v <= high for v in values)
+
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: its inference record is not a dict; pass --task and re-export it with --export")
+    names, palette = record.get("class_names"), record.get("palette")
+    checks = (("task", isinstance(record.get("task"), str)), ("target", isinstance(record.get("target"), str)),
+              ("class_names", isinstance(names, (list, tuple)) and len(names) == num_classes
+               and all(isinstance(name, str) for name in names)),
+              ("palette", isinstance(palette, (list, tuple)) and len(palette) == num_classes
+               and all(ints(colour, 3, 0, 255) for colour in palette)),
+              ("label_ids", record.get("label_ids") is None or ints(record.get("label_ids"), num_classes, 0, 255)),
+              ("size", record.get("size") is None or ints(record.get("size"), 2, 1, 1 << 16)),
+              ("align_corners", isinstance(record.get("align_corners"), bool)))
+    bad = [key for key, ok in checks if not ok]
+    if bad:
+        raise DataError(f"{path}: its inference record is damaged or of another version ({', '.join(bad)} "
+                        f"missing or not for a model of {num_classes} classes)")
 
 
 def prediction_writer(save_dir, domain, palette):
@@ -181,14 +265,14 @@ def list_images(where):
     return paths
 
 
-def input_transform(task, protocol, resolution=1):
-    """(size, dacs_filter) of resize_pair for the task's target images as training resizes them (at the model's
-    training resolution); size None: toy scenes, used as drawn."""
-    target = TASKS[task]["target"]
-    if target not in DATASETS:
+def input_transform(record, protocol):
+    """(size, dacs_filter) of resize_pair for images as training resized the target's, by the model file's
+    inference record (its size: the target's training size at the model's resolution); size None: toy scenes,
+    used as drawn."""
+    if record["size"] is None:
         return None, None
-    size = tuple(side * resolution for side in DATASETS[target]["size"])
-    return size, DATASETS[target]["dacs_filter"] if protocol == "dacs" else None
+    dacs = protocol == "dacs" and record["target"] in DATASETS
+    return tuple(record["size"]), DATASETS[record["target"]]["dacs_filter"] if dacs else None
 
 
 class ImageBatches(torch.utils.data.Dataset):
@@ -249,12 +333,18 @@ def image_writer(out, palette, blend):
     return write
 
 
-def cityscapes_writer(out, image_dir):
-    """Writes out/CITY/<name>_leftImg8bit.png in Cityscapes labelIds, the names the benchmark server expects."""
+def cityscapes_writer(out, image_dir, label_ids=None):
+    """Writes out/CITY/<name>_leftImg8bit.png in Cityscapes labelIds (label_ids: the label id of each train id, as
+    the model file records them; default Cityscapes'), the names the benchmark server expects."""
+    table = TRAIN_TO_CITYSCAPES_ID
+    if label_ids is not None:
+        table = np.zeros(256, np.uint8)
+        table[:len(label_ids)] = label_ids
+
     def write(path, image, prediction):
         target = os.path.join(out, os.path.relpath(path, image_dir))
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        Image.fromarray(TRAIN_TO_CITYSCAPES_ID[prediction]).save(target)
+        Image.fromarray(table[prediction]).save(target)
 
     return write
 
@@ -403,7 +493,7 @@ def summarise_runs(run_dirs, per_class=False):
     if not groups:
         raise DataError("no run has a validation record: nothing to summarise")
     configs = [json.loads(key) for key in groups]
-    shown = ["task", "arch", "recipe"] + [k for k in sorted(DEFAULTS) if k not in ("task", "arch", "recipe")
+    shown = ["task", "arch", "recipe"] + [k for k in sorted(FLAG_KEYS) if k not in ("task", "arch", "recipe")
                                           and len({json.dumps(c.get(k)) for c in configs}) > 1]
     blocks = []
     for runs in groups.values():
@@ -425,7 +515,7 @@ def summarise_runs(run_dirs, per_class=False):
         print(f"\n{block}")
 
 
-SERIES = ("loss_source", "loss_uda", "loss_mrm", "loss_mic", "loss_fd", "pseudo_weight", "lr", "val_miou")
+SERIES = ("loss_sup", "loss_uda", "loss_mrm", "loss_mic", "loss_fd", "pseudo_weight", "lr", "val_miou")
 PANEL = (300, 180)  # pixels per panel
 COLUMNS = 4
 LEGEND_LINE = 14  # pixels per run in the legend below the panels
@@ -459,7 +549,9 @@ def draw_panel(draw, left, top, title, lines):
 
 
 def series(records, name):
-    """(n, 2) float array of (iteration, value) of the records where name is a finite number."""
+    """(n, 2) float array of (iteration, value) of the records where name is a finite number (loss_sup: also
+    loss_source, its name in logs of older versions of train_dacs_mrm.py)."""
+    records = [{"loss_sup": r["loss_source"], **r} if "loss_source" in r else r for r in records]
     xy = np.array([(r["iteration"], r[name]) for r in records if type(r.get(name)) in (int, float)], float)
     xy = xy.reshape(-1, 2)
     return xy[np.isfinite(xy).all(axis=1)]
@@ -496,8 +588,9 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", nargs="?", default="", metavar="CHECKPOINT",
                         help="checkpoint.pth or model.pth written by train_dacs_mrm.py (not for --summary, --plot)")
-    parser.add_argument("--task", choices=sorted(TASKS), default="gta2cs",
-                        help="whose val split, classes and input size (default gta2cs)")
+    parser.add_argument("--task", choices=sorted(TASKS), default=None,
+                        help="whose val split, classes and input size (default: the task the model file records; "
+                             "needed only for files written before model files recorded it)")
     parser.add_argument("--data-root", default="data", metavar="PATH",
                         help="folder holding cityscapes/ (default data)")
     parser.add_argument("--protocol", choices=["mmseg", "dacs"], default="mmseg",
@@ -559,13 +652,19 @@ def check_flags(args):
 
 
 def run_model(args):
-    """--export, --images, --format, or the val evaluation: every check before the first file is written."""
-    task = TASKS[args.task]
+    """--export, --images, --format, or the val evaluation: every check before the first file is written. The
+    task, classes, palette, label ids and input size come from the model file (--task only for older files)."""
     device = check_device(args.device)
     if args.export:
         check_output_file(args.export, "--export", args.data_root, args.overwrite, reading=args.checkpoint)
-    if args.format and task["target"] != "cityscapes":
-        raise DataError(f"--format cityscapes: task {args.task} is not evaluated on Cityscapes")
+    state = read_model_file(args.checkpoint)
+    name, record = model_task(state, args.task, args.checkpoint)
+    target = record["target"] if record else TASKS[name]["target"]
+    if args.format and (target != "cityscapes" or record and record["label_ids"] is None):
+        raise DataError(f"--format cityscapes: task {name} is not evaluated on Cityscapes")
+    if not (args.export or args.images or args.format) and name not in TASKS:
+        raise DataError(f"{args.checkpoint}: a model of task {name}, which this eval.py does not know: it can "
+                        f"predict --images, not evaluate its val split")
     for flag, folder in (("--out", args.out), ("--save-dir", args.save_dir)):
         if folder:
             check_output_dir(folder, flag, args.data_root, args.overwrite)
@@ -573,31 +672,31 @@ def run_model(args):
         paths = list_images(args.images)
     elif args.format:
         image_dir, paths = cityscapes_images(args.data_root, args.split)
-    model, num_classes, info = load_segmentation_model(args.checkpoint, device)
+    model, num_classes, info = model_from_state(state, args.checkpoint, device)
+    record = record or inference_record(name, info, model)
     if args.export:
-        export_model(args.export, model, info, num_classes)
-        print(f"wrote {args.export}: {info['arch']}, {num_classes} classes, no Rebuilder")
+        export_model(args.export, model, info, num_classes, inference=record)
+        print(f"wrote {args.export}: {info['arch']}, {num_classes} classes of task {name}, no Rebuilder")
         return
-    if num_classes != len(task["class_names"]):
-        raise DataError(f"{args.checkpoint}: model predicts {num_classes} classes, "
-                        f"task {args.task} has {len(task['class_names'])}")
+    palette = np.asarray(record["palette"], np.uint8)
     start = time.perf_counter()
     if args.images or args.format:
         os.makedirs(args.out, exist_ok=True)
-        write = (image_writer(args.out, task["palette"], args.blend) if args.images else
-                 cityscapes_writer(args.out, image_dir))
-        predict_files(model, paths, input_transform(args.task, args.protocol, info.get("resolution", 1)), device,
+        write = (image_writer(args.out, palette, args.blend) if args.images else
+                 cityscapes_writer(args.out, image_dir, record["label_ids"]))
+        predict_files(model, paths, input_transform(record, args.protocol), device,
                       info["align_corners"], write, args.amp, args.batch_size, args.workers)
         what = ("colour and train-id PNGs" if args.images else
                 f"Cityscapes {args.split} labelIds PNGs, CITY/CITY_NNNNNN_NNNNNN_leftImg8bit.png,")
         print(f"wrote {len(paths)} {what} to {args.out} in {time.perf_counter() - start:.1f} s on {device}")
         return
+    task = TASKS[name]
     val = Domain(task["target"], args.data_root, "val", args.seed, framework=args.protocol,
                  resolution=info.get("resolution", 1))
     writer = None
     if args.save_dir:
         os.makedirs(args.save_dir, exist_ok=True)
-        writer = prediction_writer(args.save_dir, val, task["palette"])
+        writer = prediction_writer(args.save_dir, val, palette)
     conf = evaluate(model, val, num_classes, device, info["align_corners"], args.amp, args.protocol, writer,
                     args.workers, say=print)
     seconds = time.perf_counter() - start

@@ -1,6 +1,8 @@
 """Tests for mrm.py, train_dacs_mrm.py and eval.py. CPU only, tiny models, data made on the fly."""
+import argparse
 import collections
 import copy
+import glob
 import hashlib
 import json
 import math
@@ -30,20 +32,21 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 import eval as E
 import support.augment
 import support.data
+import support.models
 import support.networks
 import train_dacs_mrm as T
 from eval import main as eval_main
 from mrm import Masking, Rebuilder, mrm_loss, segmentation_ce, sincos_pos_embed_2d
 from support.augment import blur_kernel_size, color_jitter, gaussian_blur, jitter_images
 from support.base import ConfigError, CorruptFile, DataError
-from support.cli import DEFAULTS, DEFAULT_WORKERS, FLAGS, build_parser
+from support.cli import CORES, DEFAULT_WORKERS, DEFAULTS, FLAG_KEYS, FLAGS, UNLISTED, build_parser, cpu_threads
 from support.data import (BATCH_KEYS, BadLabel, CITYSCAPES_ID_TO_TRAIN, CLASSES, DATASETS, Domain, LABEL_NOTES, PALETTE,
                           SYNTHIA_13, SYNTHIA_16, SYNTHIA_ID_TO_TRAIN, TOY_SIZES, TrainBatches, crop_has_enough,
                           find_pairs, margin_mask, mmseg_rescale_size, random_crop, rcs_class_probabilities, rcs_pick,
                           rcs_statistics, read_image, read_label, resize_pair, step_inputs, to_device,
                           write_fake_dataset)
 from eval import confusion_matrix, evaluate, format_table, iou_per_class
-from support.hrda import HRDAEncoder, HRDAModel, HRDAOutput, Views, rebuild, slide_boxes
+from support.hrda import HRDAEncoder, HRDAModel, HRDAOutput, Views, rebuilt_features, slide_boxes
 from support.models import (ASPPClassifier, Attention, DAFormerHead, DEPTHWISE_FORMS, DeepLabV3PlusHead,
                             DepthwiseConv3x3, DropPath, MIT_B2, MIT_B3, MIT_B5, MIT_TINY, MiTEncoder,
                             MixVisionTransformer, Normalize, ResNetDilated, build_deeplab, build_deeplab_from_info,
@@ -1436,7 +1439,7 @@ def test_source_loss_reduction_and_ema_timing_follow_the_framework(arch, framewo
     with torch.no_grad():
         ce = F.cross_entropy(F.interpolate(before(x_s), size=(32, 32), mode="bilinear",
                                            align_corners=cfg.align_corners), y_s, ignore_index=255, reduction="none")
-    losses = T.train_step(cfg, nets, batch, 0)
+    losses, _ = T.train_step(cfg, nets, batch, 0)
     expected = ce.sum() / (ce.numel() if framework == "mmseg" else (y_s != 255).sum())
     torch.testing.assert_close(losses[0], expected)
     alpha = 0.5 if framework == "mmseg" else 0.0
@@ -1584,7 +1587,7 @@ def test_reference_step_computes_what_train_step_computes():
     torch.manual_seed(0)
     reference = build_nets(cfg)
     for iteration in range(2):
-        losses = T.train_step(cfg, fast, batch, iteration)
+        losses, _ = T.train_step(cfg, fast, batch, iteration)
         reference_loss = reference_step(cfg, reference, batch, iteration)
         torch.testing.assert_close(reference_loss, losses[0] + losses[1])
     for a, b in zip(fast.model.state_dict().values(), reference.model.state_dict().values()):
@@ -1679,9 +1682,9 @@ def test_graph_step_computes_what_train_step_computes(flags):
     for iteration in range(5):
         batch = fake_batch(seed=iteration)
         torch.manual_seed(100 + iteration)
-        expected = T.train_step(cfg, eager, batch, iteration)
+        expected, _ = T.train_step(cfg, eager, batch, iteration)
         torch.manual_seed(100 + iteration)
-        torch.testing.assert_close(step(cfg, graphed, batch, iteration), expected)
+        torch.testing.assert_close(step(cfg, graphed, batch, iteration)[0], expected)
         graphed_lrs = [g["lr"] for o in graphed.optimizers for g in o.param_groups]
         assert all(isinstance(lr, torch.Tensor) and lr.dim() == 0 for lr in graphed_lrs)
         assert [float(lr) for lr in graphed_lrs] == pytest.approx([g["lr"] for o in eager.optimizers
@@ -1799,9 +1802,9 @@ def test_cuda_graph_replays_what_the_eager_step_computes_on_the_gpu(monkeypatch,
     for iteration in range(6):
         batch = fake_batch(seed=iteration)
         torch.manual_seed(100 + iteration)
-        expected = T.train_step(cfg, eager, batch, iteration)
+        expected, _ = T.train_step(cfg, eager, batch, iteration)
         torch.manual_seed(100 + iteration)
-        torch.testing.assert_close(step(cfg, graphed, batch, iteration), expected, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(step(cfg, graphed, batch, iteration)[0], expected, rtol=1e-3, atol=1e-4)
     for a, b in zip(graphed.model.state_dict().values(), eager.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
@@ -1885,12 +1888,17 @@ def test_profile_steps_counts_no_gpu_work_on_the_cpu():
                                cuda=False)
     assert iterations == [5, 6] and activity == dict(gpu_busy_ms=0, kernels=0, launches=0)
 
-def test_bench_data_reports_pairs_per_second(capsys):
+def test_bench_data_reports_pairs_per_second(capsys, monkeypatch):
+    """The printed rate is the measured one rounded, and the workers are computed from the measured (unrounded)
+    rate: relations that hold whatever the machine's speed."""
+    rates, measure = {}, T.bench_data
+    monkeypatch.setattr(T, "bench_data", lambda cfg, recipes: rates.update(measure(cfg, recipes)) or rates)
     assert T.main(["--bench-data", "1", "--batch-size", "1", "--workers", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(",")[0] for line in lines[:3]] == ["dacs recipe", "daformer recipe", "hrda recipe"]
-    for line in lines[:3]:
-        rate = float(re.search(r"\((\d+\.\d+) batches of 1\+1/s\)", line).group(1))
+    assert list(rates) == ["dacs", "daformer", "hrda"]
+    for line, rate in zip(lines[:3], rates.values()):
+        assert f"({rate:.2f} batches of 1+1/s)" in line and f": {2 * rate:.1f} image pairs/s" in line
         workers = [int(n) for n in re.findall(r"a \d+ ms step (\d+)", line)]
         assert workers == [math.ceil(1000 / 45 / rate), math.ceil(1000 / 100 / rate)]
     assert lines[3].startswith("the training loader of the dacs recipe with --workers 1: ") and len(lines) == 4
@@ -1941,7 +1949,7 @@ def test_mic_loss_is_the_student_on_masked_targets_against_the_teachers_pseudo_l
     masked = torch.rand(2, 3, 32, 32)
     monkeypatch.setattr(T, "mic_masked_images", lambda *args: masked)
     batch = fake_batch()
-    losses = T.train_step(cfg, nets, batch, 0)
+    losses, _ = T.train_step(cfg, nets, batch, 0)
     _, _, x_t, _ = step_inputs(nets, *to_device(batch, nets))
     with torch.no_grad():
         probs = F.interpolate(teacher(x_t), size=(32, 32), mode="bilinear", align_corners=True).softmax(dim=1)
@@ -2098,8 +2106,8 @@ def test_deeplabv3plus_head_like_mmseg_and_wrapped_by_the_rebuilder(arch):
     x = torch.rand(2, 3, 64, 64)
     features = nets.model.encoder(x)
     assert [f.shape[1] for f in features] == [64, 512] and nets.model.decoder(features).shape[-2:] == features[0].shape[-2:]
-    losses = T.train_step(T.parse_args(["--task", "gta2cs", "--arch", arch, "--decoder", "deeplabv3plus",
-                                          "--device", "cpu", "--iters", "10"]), nets, fake_batch(64), 0)
+    losses, _ = T.train_step(T.parse_args(["--task", "gta2cs", "--arch", arch, "--decoder", "deeplabv3plus",
+                                             "--device", "cpu", "--iters", "10"]), nets, fake_batch(64), 0)
     assert torch.isfinite(losses).all() and losses[2] > 0
 
 
@@ -2165,7 +2173,7 @@ def test_resume_is_bit_exact(tmp_path, small_toy):
     assert T.main(TOY_FAST + ["--iters", "6", "--resume", "--work-dir", split]) == 0
     assert_checkpoints_equal(state_of(straight), state_of(split))
     lines = [json.loads(line) for line in open(os.path.join(split, "log.jsonl"))]
-    assert [r["iteration"] for r in lines if "loss_source" in r] == [2, 3, 4, 6]
+    assert [r["iteration"] for r in lines if "loss_sup" in r] == [2, 3, 4, 6]
 
 
 def test_dacs_recipe_resume_restores_both_optimizers_bit_exactly(tmp_path):
@@ -2211,7 +2219,7 @@ def test_toy_training_logs_and_exports_without_rebuilder(tmp_path, small_toy, ca
     out = capsys.readouterr().out
     assert re.search(r"\d (it/s|s/it)  ETA", out) and "mIoU" in out
     records = [json.loads(line) for line in open(os.path.join(work, "log.jsonl"))]
-    assert {"iteration", "loss_source", "loss_uda", "loss_mrm", "lr", "time"} <= records[0].keys()
+    assert {"iteration", "loss_sup", "loss_uda", "loss_mrm", "lr", "time"} <= records[0].keys()
     assert records[-1]["val_miou"] >= 0
     exported = torch.load(os.path.join(work, "model.pth"), weights_only=True)
     assert not any("rebuild" in key for key in exported["model"])
@@ -2279,7 +2287,12 @@ def test_documented_paper_command_starts_on_fake_data(tmp_path, monkeypatch, cap
         args += ["--arch", "mitb5", "--pretrained", str(tmp_path / "mit_b5.pth")]
     losses, calls = [], []
     real_step = T.train_step
-    monkeypatch.setattr(T, "train_step", lambda *a: losses.append(real_step(*a)) or losses[-1])
+    def recorded_step(*args):
+        result = real_step(*args)
+        losses.append(result[0])
+        return result
+
+    monkeypatch.setattr(T, "train_step", recorded_step)
     for name in ("save_checkpoint", "export_model", "validate"):
         monkeypatch.setattr(T, name, lambda *a, name=name: calls.append(name))
     small = ["--iters", "1", "--crop", "64", "--batch-size", "1", "--workers", "0", "--work-dir", str(tmp_path / "run")]
@@ -2288,7 +2301,8 @@ def test_documented_paper_command_starts_on_fake_data(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert f"gta2cs: {arch} ({recipe} recipe), DACS + MRM" in out
     initialisation = "random weights" if arch == "dlv2" else args[-1]
-    assert f"from {initialisation}; fp32 on cpu, step eager (without --cuda-graph)" in out
+    threads = torch.get_num_threads()
+    assert f"from {initialisation}; fp32 on cpu ({threads} CPU thread{'s' * (threads > 1)}), step eager (without --cuda-graph)" in out
     assert len(losses) == 1 and torch.isfinite(losses[0]).all() and losses[0][0] > 0
     assert calls == ["save_checkpoint", "export_model", "validate"]
 
@@ -2316,13 +2330,20 @@ def test_every_flag_has_help_its_default_and_its_choices_in_groups():
                                              "MRM and the paper's ablations", "MIC", "HRDA", "precision and speed",
                                              "several GPUs (torchrun)", "modes (each does its work and exits)"]
     actions = {action.dest: action for group in groups.values() for action in group}
-    assert actions.keys() == DEFAULTS.keys()
+    assert list(actions) == FLAG_KEYS and set(DEFAULTS) < set(FLAG_KEYS)
     for key, action in actions.items():
-        default = DEFAULTS[key]
+        if key in UNLISTED:  # parsed, not listed
+            listed = [line.split()[0] for line in parser.format_help().splitlines() if line.startswith("  --")]
+            assert action.help == argparse.SUPPRESS and f"--{key.replace('_', '-')}" not in listed
+            continue
         assert len(action.help) > 20, key
-        assert default in ("", []) or f"default {default}" in action.help, key
-    assert "(recipe daformer, hrda: 0.999)" in actions["ema"].help
-    assert "(recipe mmseg-dacs, daformer, hrda: 40000; toy: 1000)" in actions["iters"].help.replace("dacs: 250000; ", "")
+        if key in DEFAULTS:
+            assert DEFAULTS[key] == "" or f"default {DEFAULTS[key]}" in action.help, key
+        else:  # set by every recipe: no default of its own, each recipe's value shown
+            assert "default: the recipe's" in action.help and all(key in recipe for recipe in T.RECIPES.values()), key
+    assert "(recipe dacs, mmseg-dacs, toy: 0.99; daformer, hrda: 0.999)" in actions["ema"].help
+    assert "(recipe dacs: 250000; mmseg-dacs, daformer, hrda: 40000; toy: 1000)" in actions["iters"].help
+    assert "default 0" not in actions["iters"].help
     text = parser.format_help()
     for shown in ("--amp off|bf16|fp16", "--task gta2cs|syn2cs|toy", "--recipe dacs|mmseg-dacs|daformer|hrda|toy",
                   "--mrm-domain target|source|both", "--arch dlv2|dlv2-r50|", "--aspp-dilations 6,12|6,12,18,24",
@@ -2339,12 +2360,15 @@ def test_progress_shows_the_first_iteration_at_once_and_seconds_per_iteration_wh
     means = [1.0, 2.0, 3.0, 0.0, 0.0, 0.5]
     assert T.progress_line(cfg, 10, means, 2.5).endswith("weight 0.500  2.50 it/s  ETA 6m36s")
     assert T.progress_line(cfg, 10, means, 0.25).endswith("weight 0.500  4.0 s/it  ETA 1h06m")
+    assert T.progress_line(cfg, 10, means, 1).startswith("[10/1000] L_sup 1.0000  L_uda 2.0000  L_mrm 3.0000  weight")
+    no_mrm = T.parse_args(["--task", "toy", "--no-mrm"])
+    assert T.progress_line(no_mrm, 10, means, 1).startswith("[10/1000] L_sup 1.0000  L_uda 2.0000  weight")
     work = str(tmp_path / "run")
     assert T.main(TOY_FAST + ["--iters", "3", "--log-every", "3", "--checkpoint-every", "3",
                               "--work-dir", work]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert [line.split("]")[0] for line in lines] == ["[1/3", "[3/3"]
-    records = [json.loads(line) for line in open(os.path.join(work, "log.jsonl")) if "loss_source" in line]
+    records = [json.loads(line) for line in open(os.path.join(work, "log.jsonl")) if "loss_sup" in line]
     assert [r["iteration"] for r in records] == [3]  # the early line is printed only, not logged
 
 
@@ -2361,7 +2385,7 @@ def test_daformer_recipe_with_mmseg_deeplabv2_computes_the_feature_distance_on_i
     cfg = T.parse_args(["--task", "gta2cs", "--arch", "dlv2-v1c-tiny", "--recipe", "daformer", "--device", "cpu",
                           "--iters", "10"])
     nets = build_nets(cfg)
-    losses = T.train_step(cfg, nets, fake_batch(size=64), 0)
+    losses, _ = T.train_step(cfg, nets, fake_batch(size=64), 0)
     assert seen == [((2, 512, 8, 8), (2, 512, 8, 8))] and torch.isfinite(losses).all()
 
 
@@ -2382,7 +2406,7 @@ def test_eval_refuses_wrong_class_count_and_non_empty_save_dir(tmp_path, small_t
     assert T.main(TOY_FAST + ["--iters", "2", "--work-dir", work]) == 0
     model = os.path.join(work, "model.pth")
     assert eval_main([model, "--task", "gta2cs", "--data-root", str(tmp_path)]) == 2
-    assert "predicts 7 classes" in capsys.readouterr().err
+    assert "a model of task toy, not --task gta2cs" in capsys.readouterr().err  # the file records its task
     (tmp_path / "pred").mkdir()
     (tmp_path / "pred" / "keep.txt").write_text("x")
     assert eval_main([model, "--task", "toy", "--save-dir", str(tmp_path / "pred"), "--workers", "0"]) == 2
@@ -2453,7 +2477,7 @@ def test_torchrun_ranks_stay_identical_and_rank_0_alone_writes(tmp_path):
     assert out.count("[4/4]") == 1 and out.count("mIoU over 7 classes") == 1  # one rank prints, validates
     assert sorted(os.listdir(work)) == ["checkpoint.pth", "config.json", "curves.png", "log.jsonl", "model.pth"]
     records = [json.loads(line) for line in open(os.path.join(work, "log.jsonl"))]
-    assert [r["iteration"] for r in records if "loss_source" in r] == [1, 2, 3, 4]
+    assert [r["iteration"] for r in records if "loss_sup" in r] == [1, 2, 3, 4]
     state = state_of(work)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # each rank its own random stream
@@ -2636,8 +2660,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, smal
     real_step = T.train_step
 
     def step(cfg, nets, batch, iteration):
-        losses = real_step(cfg, nets, batch, iteration)
-        return losses * float("nan") if iteration == 2 else losses
+        losses, seen = real_step(cfg, nets, batch, iteration)
+        return (losses * float("nan") if iteration == 2 else losses), seen
 
     monkeypatch.setattr(T, "train_step", step)
     assert T.main(TOY_FAST + ["--iters", "6", "--work-dir", work]) == 3
@@ -2779,7 +2803,7 @@ def test_a_work_dir_belongs_to_one_run(tmp_path, small_toy, capsys, monkeypatch)
     out = capsys.readouterr().out
     assert f"taking over the lock of process {dead.pid}" in out and "--overwrite: removed checkpoint.pth" in out
     assert sorted(os.listdir(work)) == ["checkpoint.pth", "config.json", "curves.png", "log.jsonl", "model.pth"]
-    assert len([line for line in open(os.path.join(work, "log.jsonl")) if "loss_source" in line]) == 1
+    assert len([line for line in open(os.path.join(work, "log.jsonl")) if "loss_sup" in line]) == 1
     for bad, words in ((str(tmp_path / "run" / "model.pth"), "is a file"),
                        (str(tmp_path / "run" / "model.pth" / "sub"), "is a file, not a folder")):
         assert T.main(TOY_FAST + ["--iters", "2", "--work-dir", bad]) == 2
@@ -2805,11 +2829,11 @@ def test_resume_checks_what_it_resumes(tmp_path, small_toy, capsys):
     assert digest(work) == before
     # settings that only change how it is computed may change, and the header names them
     with open(os.path.join(work, "log.jsonl"), "a") as log:  # what a killed run logged after its checkpoint
-        log.write(json.dumps(dict(iteration=3, loss_source=1.0)) + "\n" + '{"iteration": 4, "loss')
+        log.write(json.dumps(dict(iteration=3, loss_sup=1.0)) + "\n" + '{"iteration": 4, "loss')
     assert T.main(TOY_FAST + ["--iters", "4", "--resume", "--log-every", "1", "--work-dir", work]) == 0
     assert "resumed with --log-every 2 -> 1" in capsys.readouterr().out
     iterations = [json.loads(line)["iteration"] for line in open(os.path.join(work, "log.jsonl"))
-                  if "loss_source" in line]
+                  if "loss_sup" in line]
     assert iterations == [2, 3, 4]  # each iteration once
     # an export, a bare state dict: one line each
     for name, content in (("export", dict(arch={}, num_classes=7, model={})), ("weights", {"w": torch.zeros(1)})):
@@ -3141,7 +3165,7 @@ def write_run(folder, records, **config):
 
 
 def losses(iteration, scale=1.0):
-    return dict(iteration=iteration, loss_source=scale / iteration, loss_uda=0.5 * scale, loss_mrm=0.3, loss_mic=0.0,
+    return dict(iteration=iteration, loss_sup=scale / iteration, loss_uda=0.5 * scale, loss_mrm=0.3, loss_mic=0.0,
                 loss_fd=0.0, pseudo_weight=iteration / 4000, lr=2.5e-4 * (1 - iteration / 5000), it_per_s=2.0, time=0.0)
 
 
@@ -3193,7 +3217,7 @@ def test_plot_curves_draws_each_logged_series_and_survives_a_partial_log(tmp_pat
     second = write_run(tmp_path / "second", [losses(i, 2.0) for i in range(50, 2001, 50)] +
                        [dict(iteration=2000, val_miou=25.0)])
     drawn = E.plot_curves([first], str(tmp_path / "first.png"))
-    assert drawn == ["loss_source", "loss_uda", "loss_mrm", "pseudo_weight", "lr", "val_miou"]  # no MIC, no FD
+    assert drawn == ["loss_sup", "loss_uda", "loss_mrm", "pseudo_weight", "lr", "val_miou"]  # no MIC, no FD
     # 6 panels: two rows of COLUMNS, one legend line
     size = (E.COLUMNS * E.PANEL[0], 2 * E.PANEL[1] + E.LEGEND_LINE + 8)
     assert Image.open(tmp_path / "first.png").size == size
@@ -3222,11 +3246,13 @@ def test_plot_curves_draws_each_logged_series_and_survives_a_partial_log(tmp_pat
     empty = write_run(tmp_path / "empty", [])
     assert E.plot_curves([empty], str(tmp_path / "empty.png")) == []
 
-    # fast enough to run after every validation of a long training
+    # a whole DACS schedule's log (5000 records per series) draws one panel per series logged
     long_run = write_run(tmp_path / "long", [losses(i) for i in range(50, 250_001, 50)])
-    start = time.perf_counter()
-    E.plot_curves([long_run], str(tmp_path / "long.png"))
-    assert time.perf_counter() - start < 1.0
+    assert E.plot_curves([long_run], str(tmp_path / "long.png")) == drawn[:-1]
+    # a log that names L_sup loss_source (train_dacs_mrm.py's older logs) draws it as loss_sup
+    older = write_run(tmp_path / "older", [{"loss_source" if k == "loss_sup" else k: v for k, v in losses(i).items()}
+                                           for i in range(50, 501, 50)])
+    assert E.plot_curves([older], str(tmp_path / "older.png"))[0] == "loss_sup"
     capsys.readouterr()
 
 
@@ -3289,10 +3315,9 @@ def test_training_draws_its_curves_and_plot_draws_several_runs(tmp_path, small_t
     ious = np.array([np.nan if v is None else v for v in record["val_iou"]])
     assert len(ious) == len(TOY_CLASSES) and math.isclose(np.nanmean(ious), record["val_miou"])
     drawn = Image.open(os.path.join(runs[0], "curves.png"))
-    monkeypatch.chdir(tmp_path)
     capsys.readouterr()
-    assert T.main(["--plot"] + runs) == 0
-    assert "wrote curves.png: loss_source" in capsys.readouterr().out
+    assert eval_main(["--plot", *runs, "--out", str(tmp_path / "curves.png")]) == 0
+    assert re.fullmatch(r"wrote .*curves.png: \d series of 2 run\(s\)\n", capsys.readouterr().out)
     both = Image.open(tmp_path / "curves.png")
     assert both.width == drawn.width and both.height > drawn.height  # one more legend line
 
@@ -3315,13 +3340,13 @@ def test_debug_grids_are_written_at_their_iterations_and_show_the_steps_mrm_mask
     used = []
     real = T.mrm_auxiliary_loss
     monkeypatch.setattr(T, "mrm_auxiliary_loss", lambda *a: used.append(a[6]) or real(*a))
-    T.train_step(cfg, nets, fake_batch(), 0)
-    panels = dict(debug_panels(cfg, nets))
+    _, seen = T.train_step(cfg, nets, fake_batch(), 0)
+    panels = dict(debug_panels(cfg, nets, seen))
     assert len(panels) == 13 and all(p.shape == (32, 32, 3) and p.dtype == np.uint8 for p in panels.values())
     shown, mixed = panels["MRM mask (4x4)"].astype(float), panels["mixed image"].astype(float)
     darkened = (shown.sum(-1) < 0.5 * mixed.sum(-1) + 1).reshape(4, 8, 4, 8).mean(axis=(1, 3)) > 0.5
     assert (darkened == used[0][0, 0].bool().numpy()).all() and 0 < darkened.sum() < 16
-    assert (panels["mixed target"] == PALETTE[nets.seen["mixed_label"][0].numpy()]).all()
+    assert (panels["mixed target"] == PALETTE[seen["mixed_label"][0].numpy()]).all()
 
 
 def test_the_graph_steps_debug_grid_equals_the_eager_steps():
@@ -3333,10 +3358,11 @@ def test_the_graph_steps_debug_grid_equals_the_eager_steps():
     step = CudaGraphStep(graphed, T.begin_step, T.device_step, warmup=1, capture=False)
     for iteration in range(3):
         torch.manual_seed(100 + iteration)
-        T.train_step(cfg, eager, fake_batch(seed=iteration), iteration)
+        _, seen_eager = T.train_step(cfg, eager, fake_batch(seed=iteration), iteration)
         torch.manual_seed(100 + iteration)
-        step(cfg, graphed, fake_batch(seed=iteration), iteration)
-    for (name, a), (_, b) in zip(debug_panels(cfg, eager), debug_panels(cfg, graphed), strict=True):
+        _, seen_graphed = step(cfg, graphed, fake_batch(seed=iteration), iteration)
+    for (name, a), (_, b) in zip(debug_panels(cfg, eager, seen_eager), debug_panels(cfg, graphed, seen_graphed),
+                                 strict=True):
         assert np.array_equal(a, b), name
 
 
@@ -3366,7 +3392,7 @@ def test_input_space_masking_masks_the_mixed_image_on_the_grid_and_its_loss_trai
     nets = build_nets(cfg)
     assert nets.rebuilder is not None and not list(nets.rebuilder.parameters()) and len(nets.optimizers) == 1
     state = {}
-    real_masked_input, real_ce = T.masked_input, T.segmentation_ce
+    real_masked_input, real_ce = T.masked_input, support.models.segmentation_ce
 
     def spied_masked_input(*args):
         state["next"] = True  # the next loss is the masked pass's
@@ -3377,16 +3403,16 @@ def test_input_space_masking_masks_the_mixed_image_on_the_grid_and_its_loss_trai
         return loss if state.pop("next", False) else 0 * loss
 
     monkeypatch.setattr(T, "masked_input", spied_masked_input)
-    monkeypatch.setattr(T, "segmentation_ce", only_the_masked_loss)
+    monkeypatch.setattr(support.models, "segmentation_ce", only_the_masked_loss)
     nets.model.train()
     batch = fake_batch()
-    losses = T.forward_backward(cfg, nets, *step_inputs(nets, *[batch[k] for k in BATCH_KEYS if k in batch]))
+    losses, seen = T.forward_backward(cfg, nets, *step_inputs(nets, *[batch[k] for k in BATCH_KEYS if k in batch]))
     assert losses[2] > 0 and losses[0] == losses[1] == 0
     for part in (nets.model.encoder, nets.model.decoder):
         grads = [p.grad for p in part.parameters() if p.requires_grad]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
     monkeypatch.undo()
-    assert "MRM masked input" in dict(debug_panels(cfg, nets))
+    assert "MRM masked input" in dict(debug_panels(cfg, nets, seen))
     base = count_flops("dlv2", mode="rebuild")
     assert count_flops("dlv2", mode="input")["ratio"] == 2.0 and base["ratio"] < 1.1
 
@@ -3506,9 +3532,9 @@ def test_hrda_losses_are_0_9_fused_and_0_1_detail_against_float64():
         return (picked * w.double()).mean()
 
     expected = 0.9 * ce(fused, labels, weight) + 0.1 * ce(detail, labels[:, 8:40, 24:56], weight[:, 8:40, 24:56])
-    assert T.segmentation_loss(cfg, out, labels, weight).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert HRDAModel.loss(cfg, out, labels, weight).item() == pytest.approx(expected.item(), rel=1e-6)
     scalar = 0.9 * ce(fused, labels, torch.ones(1)) + 0.1 * ce(detail, labels[:, 8:40, 24:56], torch.ones(1))
-    assert T.segmentation_loss(cfg, out, labels, 1.0).item() == pytest.approx(scalar.item(), rel=1e-6)
+    assert HRDAModel.loss(cfg, out, labels, 1.0).item() == pytest.approx(scalar.item(), rel=1e-6)
 
 
 def test_hrda_teacher_slides_9_detail_windows_that_tile_the_crop():
@@ -3636,7 +3662,7 @@ def test_hrda_mrm_gradient_reaches_both_views_the_rebuilder_and_the_heads():
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
     mask = torch.zeros(4, 1, 8, 8)
     mask[:2, :, :4] = 1  # the context's masks: its top half; the detail windows' masks: nothing
-    rebuilt = rebuild(nets.rebuilder, views, mask)
+    rebuilt = rebuilt_features(nets.rebuilder, views, mask)
     assert rebuilt.boxes == views.boxes and all(torch.equal(a, b) for a, b in zip(rebuilt.detail, views.detail))
     assert not torch.equal(rebuilt.context[0], views.context[0])
 
@@ -3659,7 +3685,7 @@ def test_hrda_toy_loss_falls(tmp_path, small_toy):
     work = str(tmp_path / "run")
     assert T.main(HRDA_TOY + ["--iters", "40", "--log-every", "5", "--checkpoint-every", "40", "--work-dir", work,
                               "--no-mrm"]) == 0
-    losses = [json.loads(line)["loss_source"] for line in open(os.path.join(work, "log.jsonl")) if "loss_source" in line]
+    losses = [json.loads(line)["loss_sup"] for line in open(os.path.join(work, "log.jsonl")) if "loss_sup" in line]
     assert len(losses) == 8 and sum(losses[-2:]) < 0.9 * sum(losses[:2])
 
 
@@ -3724,9 +3750,9 @@ def test_hrda_debug_grid_shows_the_detail_window_and_the_rebuilt_prediction():
     cfg = T.parse_args(HRDA_TOY + ["--iters", "2", "--mic"])
     nets = build_nets(cfg)
     batch = TrainBatches(cfg, Domain("toy-source"), Domain("toy-target"))[0]
-    T.train_step(cfg, nets, batch, 0)
-    panels = dict(debug_panels(cfg, nets))
-    (top, left, side), = nets.seen["detail_window"]
+    _, seen = T.train_step(cfg, nets, batch, 0)
+    panels = dict(debug_panels(cfg, nets, seen))
+    (top, left, side), = seen["detail_window"]
     window = panels["HRDA detail window (32x32)"]
     mixed = panels["mixed image"]
     assert np.array_equal(window[top:top + side, left:left + side], mixed[top:top + side, left:left + side])
@@ -3742,3 +3768,438 @@ def test_hrda_toy_variants_run(tmp_path, small_toy, extra):
     assert T.main(HRDA_TOY + ["--iters", "2", "--work-dir", str(tmp_path)] + extra) == 0
     records = [json.loads(line) for line in open(os.path.join(str(tmp_path), "log.jsonl")) if "loss_mrm" in line]
     assert (records[-1]["loss_mrm"] > 0) == ("--no-mrm" not in extra and "--source-only" not in extra)
+
+
+# ---------------------------------------------------------------- a model file knows its task
+
+CITYSCAPES_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+
+
+def model_of_task(path, task, align_corners=True, seed=0, **arch):
+    """A random dlv2-tiny for `task`, exported as training exports it: with the record of its task."""
+    torch.manual_seed(seed)
+    num_classes = len(support.data.TASKS[task]["class_names"])
+    model, info = build_model("dlv2-tiny", num_classes)
+    info.update(align_corners=align_corners, **arch)
+    export_model(str(path), model, info, num_classes, task=task)
+    return str(path), model.eval()
+
+
+def old_export(path, num_classes, align_corners, seed=0):
+    """An export as written before model files recorded their task: arch, num_classes and model only."""
+    torch.manual_seed(seed)
+    model, info = build_model("dlv2-tiny", num_classes)
+    info["align_corners"] = align_corners
+    torch.save(dict(arch=info, num_classes=num_classes, model=model.state_dict()), str(path))
+    return str(path), model.eval()
+
+
+def two_images(folder):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (w, h) in (("a", (40, 24)), ("b", (64, 32))):
+        Image.fromarray(random_image(rng, w, h)).save(folder / f"{name}.png")
+    return str(folder)
+
+
+def assert_toy_predictions(out, images, model, align_corners):
+    for name in ("a", "b"):
+        image = np.array(Image.open(os.path.join(images, f"{name}.png")))
+        ids = np.array(Image.open(os.path.join(out, f"{name}_trainid.png")))
+        assert np.array_equal(ids, forward_by_hand(model, image, None, align_corners)), name
+        assert np.array_equal(np.array(Image.open(os.path.join(out, f"{name}_color.png"))), TOY_PALETTE[ids])
+
+
+CPU = ["--device", "cpu", "--workers", "0"]
+
+
+def test_a_toy_export_predicts_images_without_task_in_toy_colours(tmp_path, small_toy, capsys):
+    work = str(tmp_path / "run")
+    assert T.main(TOY_FAST + ["--iters", "2", "--work-dir", work]) == 0
+    path = os.path.join(work, "model.pth")
+    exported = torch.load(path, weights_only=True)
+    assert set(exported) == {"arch", "num_classes", "model", "inference"}
+    record = exported["inference"]
+    assert record["task"] == "toy" and record["target"] == "toy-target"
+    assert record["class_names"] == list(TOY_CLASSES) and record["palette"] == TOY_PALETTE.tolist()
+    assert record["label_ids"] is None and record["size"] is None and record["hrda"] is None  # toy: used as drawn
+    assert record["align_corners"] == exported["arch"]["align_corners"]
+    assert record["normalize"]["kind"] == support.models.RESNET_STYLES[exported["arch"]["style"]]["norm"]
+    assert len(record["normalize"]["mean"]) == len(record["normalize"]["std"]) == 3
+    images, out = two_images(tmp_path / "images"), str(tmp_path / "out")
+    capsys.readouterr()
+    assert eval_main([path, "--images", images, "--out", out] + CPU) == 0
+    assert "wrote 2 colour and train-id PNGs" in capsys.readouterr().out
+    model = E.load_segmentation_model(path)[0]
+    assert_toy_predictions(out, images, model, record["align_corners"])
+
+
+def test_a_task_that_contradicts_the_model_file_is_refused_in_one_line(tmp_path, capsys):
+    toy, _ = model_of_task(tmp_path / "toy.pth", "toy", align_corners=False)
+    city, _ = model_of_task(tmp_path / "city.pth", "gta2cs")
+    root = str(tmp_path / "data")
+    cityscapes_with_a_test_split(root)
+    images, out = two_images(tmp_path / "images"), str(tmp_path / "out")
+    for args, words in (
+            ([toy, "--task", "gta2cs", "--images", images, "--out", out], "a model of task toy, not --task gta2cs"),
+            ([toy, "--task", "gta2cs", "--format", "cityscapes", "--out", out], "a model of task toy, not --task gta2cs"),
+            ([toy, "--task", "gta2cs"], "a model of task toy, not --task gta2cs"),
+            ([toy, "--task", "gta2cs", "--export", str(tmp_path / "again.pth")], "a model of task toy"),
+            # the same 19 classes: the file's task tells them apart
+            ([city, "--task", "syn2cs", "--images", images, "--out", out], "a model of task gta2cs, not --task syn2cs")):
+        refused(args + ["--data-root", root] + CPU, capsys, words, tmp_path)
+    assert eval_main([toy, "--task", "toy", "--images", images, "--out", out] + CPU) == 0  # its own task: accepted
+
+
+def test_an_export_without_the_record_needs_task(tmp_path, capsys):
+    old, model = old_export(tmp_path / "old.pth", 7, align_corners=False)
+    old_city, _ = old_export(tmp_path / "old_city.pth", 19, align_corners=True)
+    root = str(tmp_path / "data")
+    cityscapes_with_a_test_split(root)
+    images, out = two_images(tmp_path / "images"), str(tmp_path / "out")
+    for args in ([old, "--images", images, "--out", out], [old_city, "--images", images, "--out", out],
+                 [old_city, "--format", "cityscapes", "--out", out], [old_city],
+                 [old, "--export", str(tmp_path / "new.pth")]):
+        refused(args + ["--data-root", root] + CPU, capsys, "pass --task", tmp_path)
+    refused([old, "--task", "gta2cs", "--images", images, "--out", out] + CPU, capsys, "model predicts 7 classes, "
+            "task gta2cs has 19", tmp_path)
+    assert eval_main([old, "--task", "toy", "--images", images, "--out", out] + CPU) == 0
+    assert_toy_predictions(out, images, model, False)
+    # re-exported with --task, it records the task and predicts the same without it
+    new = str(tmp_path / "new.pth")
+    assert eval_main([old, "--task", "toy", "--export", new] + CPU) == 0
+    state = torch.load(new, weights_only=True)
+    assert state["inference"]["task"] == "toy" and state["arch"] == torch.load(old, weights_only=True)["arch"]
+    assert eval_main([new, "--images", images, "--out", str(tmp_path / "again")] + CPU) == 0
+    assert_toy_predictions(str(tmp_path / "again"), images, model, False)
+
+
+def test_the_checkpoint_carries_the_record_and_an_older_checkpoint_resumes_and_evaluates(tmp_path, small_toy,
+                                                                                         capsys):
+    work = str(tmp_path / "run")
+    assert T.main(TOY_FAST + ["--iters", "2", "--stop-after", "1", "--work-dir", work]) == 0
+    checkpoint_path = os.path.join(work, "checkpoint.pth")
+    state = state_of(work)
+    record = state["inference"]
+    assert record["task"] == "toy" and record["class_names"] == list(TOY_CLASSES)
+    assert record["align_corners"] == state["arch"]["align_corners"]
+    images = two_images(tmp_path / "images")
+    assert eval_main([checkpoint_path, "--images", images, "--out", str(tmp_path / "a")] + CPU) == 0
+    # a checkpoint written before the record: its config knows the task, and it resumes as before
+    del state["inference"]
+    torch.save(state, checkpoint_path)
+    assert eval_main([checkpoint_path, "--images", images, "--out", str(tmp_path / "b")] + CPU) == 0
+    assert sorted(snapshot(tmp_path / "a").values()) == sorted(snapshot(tmp_path / "b").values())  # the same PNGs
+    refused([checkpoint_path, "--task", "gta2cs", "--images", images, "--out", str(tmp_path / "c")] + CPU, capsys,
+            "a model of task toy", tmp_path)
+    assert T.main(TOY_FAST + ["--iters", "2", "--resume", "--work-dir", work]) == 0
+    exported = torch.load(os.path.join(work, "model.pth"), weights_only=True)
+    assert state_of(work)["inference"] == exported["inference"] == record
+    assert state_of(work)["arch"] == exported["arch"] == state["arch"]
+
+
+def test_cityscapes_models_record_their_size_and_label_ids_and_write_the_benchmark_without_task(tmp_path, monkeypatch,
+                                                                                                 capsys):
+    _, model = model_of_task(tmp_path / "hrda.pth", "gta2cs", resolution=2)
+    record = torch.load(tmp_path / "hrda.pth", weights_only=True)["inference"]
+    assert tuple(record["size"]) == (2048, 1024) and record["label_ids"] == CITYSCAPES_LABEL_IDS
+    assert record["palette"] == PALETTE.tolist() and record["class_names"] == list(CLASSES)
+    assert record["normalize"]["kind"] == "caffe" and record["normalize"]["std"] == [1.0, 1.0, 1.0]
+    assert record["normalize"]["mean"] == pytest.approx(support.models.CAFFE_MEAN_BGR)  # as float32 holds them
+    syn, _ = model_of_task(tmp_path / "syn.pth", "syn2cs")
+    record = torch.load(syn, weights_only=True)["inference"]
+    assert record["task"] == "syn2cs" and tuple(record["size"]) == (1024, 512)
+    assert record["label_ids"] == CITYSCAPES_LABEL_IDS
+    # the resize comes from the file: trained at 96x48, predicted at 96x48 whatever the table says now
+    monkeypatch.setitem(DATASETS["cityscapes"], "size", (96, 48))
+    city, model = model_of_task(tmp_path / "city.pth", "gta2cs")
+    monkeypatch.setitem(DATASETS["cityscapes"], "size", (64, 32))
+    root = str(tmp_path / "data")
+    names = cityscapes_with_a_test_split(root)
+    out = tmp_path / "results"
+    assert eval_main([city, "--data-root", root, "--split", "test", "--format", "cityscapes", "--out", str(out)]
+                     + CPU) == 0
+    for name in names:
+        ids = np.array(Image.open(out / name))
+        image = np.array(Image.open(os.path.join(root, "cityscapes", "leftImg8bit", "test", name)))
+        expected = np.array(CITYSCAPES_LABEL_IDS, np.uint8)[forward_by_hand(model, image, (96, 48), True)]
+        assert np.array_equal(ids, expected), name
+
+
+# ---------------------------------------------------------------- MiT + DAFormer head: layout and fp32 gradients
+
+def tiny_daformer(num_classes=5):
+    torch.manual_seed(0)
+    encoder = MiTEncoder(MIT_TINY)
+    model = support.models.SegModel(encoder, DAFormerHead(encoder.out_channels, num_classes, 32)).train()
+    for module in model.modules():  # no stochastic depth nor dropout: every run takes the same path
+        if isinstance(module, (DropPath, nn.Dropout2d)):
+            module.p = 0.0
+    return model
+
+
+def test_daformer_head_works_on_nchw_maps_as_mmseg_hands_them():
+    """mmseg's DAFormerHead reshapes its embedded levels with permute(0, 2, 1).contiguous().reshape: NCHW maps,
+    as the MiT hands them. tokens_to_map's view is channels-last-strided, and on the CPU train-mode BatchNorm
+    rounds such maps worse in fp32, the more so the more pixels (input gradients off by 3e-5 at 2 x 512 x 512
+    pixels a channel, 2e-7 on NCHW maps)."""
+    model = tiny_daformer()
+    layouts = []
+    for name, module in model.decoder.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
+            module.register_forward_hook(lambda m, inputs, output, name=name: layouts.append(
+                (name, inputs[0].is_contiguous(), output.is_contiguous())))
+    logits = model(torch.rand(2, 3, 64, 64))
+    assert len(layouts) == 9 + 8  # 1x1, 3 x (depth-wise, 1x1), bottleneck, conv_seg; a BN after each but the last
+    assert logits.is_contiguous() and [name for name, *flags in layouts if not all(flags)] == []
+
+
+def test_mit_daformer_fp32_gradients_match_a_float64_run_of_the_same_step():
+    """One step's gradients (CE of the upsampled logits) in fp32 and from the same weights and images in float64:
+    within 1e-4 of the largest for every parameter. The float64 run takes the fp32 run's ReLU decisions (x > 0):
+    a pre-activation within rounding of 0 lands on either side of the kink in the two precisions, and one such
+    element moves a head gradient by ~1e-2 in either layout; the rest is rounding, ~1e-6 here."""
+    model = tiny_daformer()
+    reference = copy.deepcopy(model).double()
+    torch.manual_seed(1)
+    images, labels = torch.rand(2, 3, 64, 64), torch.randint(0, 5, (2, 64, 64))
+    decisions = []
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.register_forward_hook(lambda m, inputs, output: decisions.append(output > 0))
+    for module in reference.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+            module.register_forward_hook(lambda m, inputs, output: inputs[0] * decisions.pop(0))
+
+    def gradients(net, x):
+        logits = F.interpolate(net(x), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        F.cross_entropy(logits, labels).backward()
+        return {name: p.grad for name, p in net.named_parameters()}
+
+    single = gradients(model, images)
+    double = gradients(reference, images.double())
+    assert not decisions and len(single) == len(double)
+    errors = {name: ((single[name].double() - g).abs().max() / g.abs().max()).item() for name, g in double.items()}
+    assert max(errors.values()) < 1e-4, sorted(errors.items(), key=lambda item: item[1])[-3:]
+
+
+# ---------------------------------------------------------------- HRDA: inference on images of any shape
+
+def mmseg_slide_windows(h_img, w_img, h_crop, w_crop):
+    """EncoderDecoder.slide_inference's windows (y1, y2, x1, x2) at half-crop strides, as mmseg writes them."""
+    h_stride, w_stride = h_crop // 2, w_crop // 2
+    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    windows = []
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y1, x1 = h_idx * h_stride, w_idx * w_stride
+            y2, x2 = min(y1 + h_crop, h_img), min(x1 + w_crop, w_img)
+            windows.append((max(y2 - h_crop, 0), y2, max(x2 - w_crop, 0), x2))
+    return windows
+
+
+def coordinate_images(batch, height, width):
+    """Images whose channels are each pixel's row, column and image index: a window's crop knows where it lies."""
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                                indexing="ij")
+    return torch.stack([torch.stack([rows, cols, torch.full_like(rows, b)]) for b in range(batch)])
+
+
+def window_logits(rows, cols, image, top, left):
+    """Two logits per pixel from its row, column and image and its window's corner, so that windows disagree
+    where they overlap; torch ops on tensors of any float type."""
+    return torch.stack([torch.sin(0.013 * rows + 0.007 * cols) + 0.001 * top - 0.002 * left + image,
+                        0.5 * torch.cos(0.011 * cols - 0.003 * rows) * (1 + 1e-6 * top * left) - image], dim=-3)
+
+
+def encode_decode_of_coordinates(seen):
+    """A stand-in for HRDAModel.encode_decode: window_logits of each crop of coordinate_images."""
+    def encode_decode(crops):
+        seen.append(tuple(crops.shape))
+        rows, cols, image = crops[:, 0], crops[:, 1], crops[:, 2]
+        return window_logits(rows, cols, image, rows[:, :1, :1], cols[:, :1, :1])
+    return encode_decode
+
+
+@pytest.mark.parametrize("size", [(768, 2048), (2048, 768), (900, 1500), (1500, 900), (700, 500), (700, 1500),
+                                  (1024, 1024), (1024, 2048)])
+def test_hrda_slide_inference_of_any_image_shape_is_mmsegs(monkeypatch, size):
+    """HRDAModel.forward as slide_inference with 1024 windows at stride 512 over images of any shape: a window is
+    at most the image's extent, its logits at its size are added at (y1, x1) and divided by the windows' count;
+    one encode_decode batch of the image's windows. Against the average over mmseg's windows in float64."""
+    height, width = size
+    model = tiny_hrda(window=1024)
+    seen = []
+    monkeypatch.setattr(model, "encode_decode", encode_decode_of_coordinates(seen))
+    out = model(coordinate_images(2, height, width))
+    windows = mmseg_slide_windows(height, width, 1024, 1024)
+    assert seen == [(len(windows) * 2, 3, min(1024, height), min(1024, width))]
+    expected = torch.zeros(2, 2, height, width, dtype=torch.float64)
+    count = torch.zeros(height, width, dtype=torch.float64)
+    for y1, y2, x1, x2 in windows:
+        rows, cols = torch.meshgrid(torch.arange(y1, y2, dtype=torch.float64),
+                                    torch.arange(x1, x2, dtype=torch.float64), indexing="ij")
+        for b in range(2):
+            expected[b, :, y1:y2, x1:x2] += window_logits(rows, cols, b, y1, x1)
+        count[y1:y2, x1:x2] += 1
+    assert count.min() >= 1 and out.shape == (2, 2, height, width)
+    torch.testing.assert_close(out.double(), expected / count, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(13, 21), (21, 13), (5, 11), (11, 5), (8, 19), (6, 6)])
+def test_hrda_slide_inference_against_a_loop_over_windows_and_pixels(monkeypatch, size):
+    """8-pixel windows at stride 4, the images larger, smaller or both in either side: every pixel the mean of
+    its windows' logits, summed pixel by pixel in Python floats."""
+    height, width = size
+    model = tiny_hrda(window=8)
+    monkeypatch.setattr(model, "encode_decode", encode_decode_of_coordinates([]))
+    out = model(coordinate_images(2, height, width)).double()
+    for b in range(2):
+        for y in range(height):
+            for x in range(width):
+                sums, count = [0.0, 0.0], 0
+                for y1, y2, x1, x2 in mmseg_slide_windows(height, width, 8, 8):
+                    if y1 <= y < y2 and x1 <= x < x2:
+                        count += 1
+                        sums[0] += math.sin(0.013 * y + 0.007 * x) + 0.001 * y1 - 0.002 * x1 + b
+                        sums[1] += 0.5 * math.cos(0.011 * x - 0.003 * y) * (1 + 1e-6 * y1 * x1) - b
+                assert out[b, 0, y, x].item() == pytest.approx(sums[0] / count, abs=1e-5), (b, y, x)
+                assert out[b, 1, y, x].item() == pytest.approx(sums[1] / count, abs=1e-5), (b, y, x)
+
+
+def paste_by_hand(windows, boxes, size, stride):
+    """paste_mean by loops over windows and cells: logits at box // stride, cut at the map's edge, averaged."""
+    batch = windows.shape[0] // len(boxes)
+    total = torch.zeros(batch, windows.shape[1], *size, dtype=torch.float64)
+    count = torch.zeros(size, dtype=torch.float64)
+    for k, (top, left) in enumerate(boxes):
+        for i in range(windows.shape[2]):
+            for j in range(windows.shape[3]):
+                y, x = top // stride + i, left // stride + j
+                if y < size[0] and x < size[1]:
+                    total[:, :, y, x] += windows[k * batch:(k + 1) * batch, :, i, j].double()
+                    count[y, x] += 1
+    return total / count.clamp(min=1)
+
+
+def test_hrda_paste_mean_of_windows_smaller_than_the_side_past_the_edge_and_off_the_grid():
+    """Detail logits of 13 x 18 windows (side 80: the crop smaller in both sides) at stride 4, boxes off the
+    4-pixel grid (HRDA's scale_box floors them), a map that a window passes."""
+    from support.hrda import paste_mean
+    torch.manual_seed(0)
+    boxes = [(0, 0), (0, 10), (22, 0), (22, 10)]
+    windows = torch.randn(len(boxes) * 2, 3, 13, 18)
+    out = paste_mean(windows, boxes, 80, (17, 20), stride=4)
+    torch.testing.assert_close(out.double(), paste_by_hand(windows, boxes, (17, 20), 4), rtol=1e-6, atol=1e-6)
+    with pytest.raises(AssertionError):  # logits larger than a whole window's
+        paste_mean(windows, boxes, 48, (17, 20), stride=4)
+
+
+def constant_hrda(crop, side=32, window=0):
+    """A tiny HRDA whose head predicts (0.5, -1, 2) everywhere and whose scale attention is 0.5: the fused logits
+    are the constant only where the detail windows' logits reach."""
+    model = tiny_hrda(crop=crop, side=side, window=window).eval()
+    with torch.no_grad():
+        for head in (model.decoder.head, model.decoder.scale_attention):
+            head.conv_seg.weight.zero_()
+            head.conv_seg.bias.zero_()
+        model.decoder.head.conv_seg.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    return model
+
+
+@pytest.mark.parametrize("size, side", [((100, 76), 32), ((90, 58), 32), ((61, 97), 32), ((64, 64), 32),
+                                        ((64, 150), 96)])
+def test_hrda_encode_decode_crops_of_any_shape(size, side):
+    """encode_decode on crops whose sides are not multiples of the detail window nor of 8 (100 = 4 mod 8: the
+    upsampled context is 26 cells, the windows reach 25), or smaller than it in one side (64 x 96 windows): the
+    windows are those of mmseg's formula, the fused map is cut to where they reach, so a constant head gives the
+    constant over the whole crop."""
+    height, width = size
+    model = constant_hrda(crop=max(size), side=side)
+    views = model.encoder.slide(torch.rand(2, 3, height, width))
+    windows = mmseg_slide_windows(height, width, side, side)
+    assert views.boxes == [(y1, x1) for y1, _, x1, _ in windows]
+    assert views.detail[0].shape[0] == 2 * len(windows)
+    with torch.no_grad():
+        out = model.encode_decode(torch.rand(2, 3, height, width))
+    assert out.shape == (2, 3, height, width)
+    torch.testing.assert_close(out, torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1).expand_as(out))
+
+
+def test_hrda_predicts_an_image_of_an_odd_shape_end_to_end():
+    """A real tiny HRDA (MiT, 96 windows at stride 48, 32 detail windows at stride 16) on a 150 x 77 image: the
+    windows are 96 x 77, the detail windows inside them partly off the 4-pixel grid; logits of the image's shape,
+    finite, and with a constant head the constant everywhere."""
+    model = tiny_hrda(crop=96, side=32).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 150, 77))
+    assert out.shape == (2, 3, 150, 77) and torch.isfinite(out).all()
+    with torch.no_grad():
+        out = constant_hrda(crop=96)(torch.rand(1, 3, 77, 150))
+    torch.testing.assert_close(out, torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1).expand(1, 3, 77, 150))
+
+
+# ---------------------------------------------------------------- data faults in loader worker processes
+
+VALIDATION_FAULT_RUN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import eval as E
+import train_dacs_mrm as T
+if sys.argv[2] == "bug":  # a fault that is not a data problem, in every validation worker
+    def broken(self, i):
+        raise ValueError("a bug in a loader worker")
+    E.EvalImages.__getitem__ = broken
+sys.exit(T.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "bug"])
+def test_a_fault_in_validation_workers_neither_hangs_nor_loses_the_iteration(tmp_path, fault):
+    """Real loader processes (--workers 2 for training and validation): a truncated val image is skipped and named,
+    the run ends normally; a bug in a validation worker ends the run at once, its iteration checkpointed first,
+    and no worker process outlives it (they ignore SIGTERM, on which multiprocessing's exit handler relies)."""
+    root = str(tmp_path / "data")
+    write_fake_dataset(root, "gta", 2, (1280, 720))
+    write_fake_dataset(root, "cityscapes", 2, (1024, 512))
+    bad = sorted(glob.glob(os.path.join(root, "cityscapes", "leftImg8bit", "val", "*", "*.png")))[0]
+    with open(bad, "r+b") as f:
+        f.truncate(3000)
+    script = tmp_path / "run.py"
+    script.write_text(VALIDATION_FAULT_RUN)
+    work = str(tmp_path / "run")
+    args = ["--task", "gta2cs", "--data-root", root, "--arch", "dlv2-tiny", "--pretrained", "none", "--device", "cpu",
+            "--iters", "3", "--val-every", "2", "--crop", "64", "--batch-size", "1", "--workers", "2",
+            "--work-dir", work]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, str(script), os.path.dirname(os.path.abspath(__file__)), fault, *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=240)  # a hang fails here
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    left = subprocess.run(["pgrep", "-s", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"processes of the run still alive: {left}"
+    if fault == "corrupt":
+        assert process.returncode == 0, err[-2000:]
+        assert f"skipped: {bad}: corrupt or unreadable file" in out and "Traceback" not in out + err
+        assert "validation at iteration 2" in out and "validation at iteration 3" in out
+    else:
+        assert process.returncode == 1 and "a bug in a loader worker" in err
+        assert torch.load(os.path.join(work, "checkpoint.pth"), weights_only=True)["iteration"] == 2
+
+
+def test_val_every_0_validates_only_the_last_iteration_and_threads_are_chosen_and_restored(tmp_path, small_toy,
+                                                                                           capsys):
+    work, before = str(tmp_path / "run"), torch.get_num_threads()
+    assert T.main(TOY_FAST + ["--iters", "4", "--val-every", "0", "--threads", "1", "--work-dir", work]) == 0
+    records = [json.loads(line) for line in open(os.path.join(work, "log.jsonl"))]
+    assert [r["iteration"] for r in records if "val_miou" in r] == [4]
+    assert "fp32 on cpu (1 CPU thread), step" in capsys.readouterr().out and torch.get_num_threads() == before
+    cfg = T.parse_args(["--task", "toy", "--workers", "1"])
+    assert cpu_threads(cfg) == max(1, min(torch.get_num_threads(), CORES - 1))
+    assert cpu_threads(T.parse_args(["--task", "toy", "--threads", "3"])) == 3

@@ -35,13 +35,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mrm import mrm_loss, resize_mask, segmentation_ce
+from mrm import resize_mask
 from eval import evaluate, iou_per_class, miou_report
 from support.augment import color_jitter, gaussian_blur
 from support.base import ConfigError, DataError, NonFiniteLoss, format_eta, one_line
-from support.cli import parse_config
+from support.cli import cpu_threads, parse_config
 from support.data import Domain, TrainBatches, check_data, make_loader, rcs_statistics, step_inputs, to_device
-from support.hrda import HRDAOutput, Views, detached, draw_mrm_mask, last_level, rebuild
+from support.hrda import detached, detail_window, draw_mrm_mask, last_level, rebuilt_features
 from support.networks import PIXELS_PER_CELL, build_nets, set_learning_rates, why_eager, without_gradient_sync
 from support.reports import write_debug_grid
 from support.runs import (Interrupted, StopSignals, WorkDirLock, check_work_dir, config_json, export_model,
@@ -50,10 +50,12 @@ from support.runs import (Interrupted, StopSignals, WorkDirLock, check_work_dir,
 from support.speed import CudaGraphStep, bench, bench_data, estimate_memory, print_flops
 
 
-# A recipe's framework decides what the official code around it did: "dacs" is DACS's trainUDA.py (images
-# resized exactly with PIL, ClassMix classes per image, source loss over labelled pixels, EMA after the step);
-# "mmseg" is DAFormer's mmsegmentation code (resize keeping the aspect ratio, ClassMix classes of the whole
-# batch, every loss averaged over all pixels, EMA before the next step).
+# ----------------------------------------------------------------------------- the recipes
+# Each recipe reproduces one official code base; its values override the flags' defaults (support/cli.py) and a
+# flag given on the command line overrides both. A recipe's framework decides what the official code around it
+# did: "dacs" is DACS's trainUDA.py (images resized exactly with PIL, ClassMix classes per image, source loss over
+# labelled pixels, EMA after the step); "mmseg" is DAFormer's mmsegmentation code (resize keeping the aspect
+# ratio, ClassMix classes of the whole batch, every loss averaged over all pixels, EMA before the next step).
 RECIPES = {
     "dacs": dict(framework="dacs", iters=250_000, optimizer="sgd", lr=2.5e-4, head_lr_mult=10.0, momentum=0.9,
                  weight_decay=5e-4, norm_no_decay=False, poly_power=0.9, warmup_iters=0, ema=0.99, jitter=0.25,
@@ -64,8 +66,6 @@ RECIPES = {
                        jitter=0.2, align_corners=False, flip=True, cat_max_ratio=0.75, rcs_temperature=0.0,
                        fd_weight=0.0, pl_crop=False),
 }
-
-
 RECIPES["daformer"] = dict(RECIPES["mmseg-dacs"], ema=0.999, rcs_temperature=0.01, fd_weight=0.005, pl_crop=True)
 RECIPES["hrda"] = dict(RECIPES["daformer"], resolution=2, crop=1024, detail_crop=512, context_scale=0.5,
                        hr_loss_weight=0.1, rcs_min_crop_ratio=2.0, pl_crop=False, pseudo_margins="30,240,30,30",
@@ -74,6 +74,11 @@ RECIPES["toy"] = dict(RECIPES["dacs"], iters=1000, batch_size=8, crop=0, optimiz
                       head_lr_mult=1.0, weight_decay=1e-4, align_corners=False, rebuilder_lr=1e-3,
                       rebuilder_dim=64, rebuilder_heads=4, rebuilder_grid=8, mic_block_size=8, log_every=50,
                       val_every=500, checkpoint_every=500, debug_every=500, workers=0)
+
+
+# ----------------------------------------------------------------------------- DACS operations
+# Pseudo-labels, ClassMix, the EMA teacher, DAFormer's ImageNet feature distance and MIC's masked images, batched on
+# the device (colour jitter and blur: support/augment.py; rare class sampling: support/data.py).
 
 
 def pseudo_label(teacher_logits, threshold):
@@ -112,7 +117,6 @@ def update_ema(teacher, student, weight):
     torch._foreach_lerp_(teacher_params, list(student.parameters()), weights)
 
 
-# ImageNet feature distance
 def feature_distance(student, imagenet, labels, thing_classes=(6, 7, 11, 12, 13, 14, 15, 16, 17, 18),
                      min_share=0.75):
     """Mean L2 distance between student and frozen ImageNet features over cells showing a thing class.
@@ -147,9 +151,14 @@ def mic_masked_images(x, fill, strength, p, mask_ratio, block_size):
     return torch.where(F.interpolate(keep.float(), size=(H, W), mode="nearest").bool(), x, fill)
 
 
+# ----------------------------------------------------------------------------- MRM's objectives
+# Eq. 4 on the encoder's features (Algorithm 1), Table 2(e)'s other objectives and Table 6's input-space masking.
+
+
 def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight, mask=None):
-    """L_mrm on the encoder's `features` of `images`: Eq. 4's CE(D(R(f)), y) (--mrm-objective cls) or one of
-    Table 2(e)'s regressions at masked cells (README). --mrm-trains (Table 4) holds a part fixed for this loss
+    """L_mrm on the encoder's `features` of `images`: Eq. 4's CE(D(R(f)), y) with the model's own loss
+    (--mrm-objective cls; mrm.mrm_loss, and HRDA's two losses on both views) or one of Table 2(e)'s
+    regressions at masked cells (docs/ablations.md). --mrm-trains (Table 4) holds a part fixed for this loss
     only: decoder: the features are detached; encoder: the decoder runs with detached weights. mask: the
     Rebuilder's (B, 1, grid, grid) mask, drawn here when not given."""
     if mask is None:
@@ -164,10 +173,7 @@ def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight, mask=None):
                 return torch.func.functional_call(nets.model.decoder, weights, (f,))
         else:
             decoder = nets.calls.decoder
-        if isinstance(features, Views):  # HRDA: both views rebuilt, decoded with their window, HRDA's two losses
-            return segmentation_loss(cfg, decoder(rebuild(nets.calls.rebuilder, features, mask)), labels, weight)
-        return mrm_loss(decoder, nets.calls.rebuilder, features, labels, weight, align_corners=cfg.align_corners,
-                        mask=mask)
+        return nets.model.loss(decoder(rebuilt_features(nets.calls.rebuilder, features, mask)), labels, weight)
     rebuilt = nets.calls.rebuilder(features, mask)
     if cfg.mrm_objective == "pixel":
         return masked_pixel_loss(nets.calls.pixel_head, last_level(rebuilt), images, mask)
@@ -175,6 +181,17 @@ def mrm_auxiliary_loss(cfg, nets, features, images, labels, weight, mask=None):
         with torch.no_grad():
             features = nets.teacher.encoder(images)
     return masked_feature_loss(rebuilt, features, mask)
+
+
+def target_mrm_loss(cfg, nets, f_m, x_m, y_m, w_m):
+    """L_mrm of the mixed batch and what the debug grid shows of it: the Rebuilder on the features that L_uda
+    computed, or Table 6's input-space masking (the mixed image masked, a second student pass)."""
+    if cfg.mrm_mode != "input":
+        mask = draw_mrm_mask(nets.rebuilder, f_m, x_m)
+        return mrm_auxiliary_loss(cfg, nets, f_m, x_m, y_m, w_m, mask), dict(mrm_mask=mask)
+    mask = nets.rebuilder.random_mask(x_m.shape[0], x_m.device)
+    x_masked = masked_input(x_m, mask, nets.model.encoder.normalize.zero_colour())
+    return nets.model.loss(student(nets, x_masked), y_m, w_m), dict(mrm_mask=mask, mrm_input=x_masked)
 
 
 def masked_input(images, mask, fill):
@@ -208,116 +225,121 @@ def masked_feature_loss(rebuilt, targets, mask):
     return sum(losses) / len(losses)
 
 
-def segmentation_loss(cfg, logits, labels, weight=None):
-    """mrm.segmentation_ce of a prediction; of HRDA's (HRDAOutput) as HRDAHead.losses: (1 - w) CE(fused) +
-    w CE(the detail window's logits, labels and pixel weights cropped to the window), w = --hr-loss-weight."""
-    if not isinstance(logits, HRDAOutput):
-        return segmentation_ce(logits, labels, weight, align_corners=cfg.align_corners)
-    (top, left), side = logits.boxes[0], logits.side
-
-    def window(t):
-        return t[:, top:top + side, left:left + side] if isinstance(t, torch.Tensor) and t.dim() == 3 else t
-
-    fused = segmentation_ce(logits.fused, labels, weight, align_corners=cfg.align_corners)
-    detail = segmentation_ce(logits.detail, window(labels), window(weight), align_corners=cfg.align_corners)
-    return (1 - cfg.hr_loss_weight) * fused + cfg.hr_loss_weight * detail
+# ----------------------------------------------------------------------------- the iteration
+# forward_backward is Algorithm 1 (DACS + MRM, + MIC); device_step adds the optimizer and the EMA update.
 
 
 def forward_backward(cfg, nets, x_s, y_s, x_t, valid_t=None):
-    """Steps (1)-(6) of the iteration: the losses and their gradients. Source and mixed losses are
-    backpropagated separately, which frees the source graph before the mixed forward (same gradients, lower
-    peak memory). valid_t: 0 on the target pixels whose pseudo-labels never count (--pseudo-margins). Returns
-    the detached losses as one tensor."""
-    model, rebuilder, scaler = nets.model, nets.rebuilder, nets.scaler
-    encoder, decoder = nets.calls.encoder, nets.calls.decoder
-    mmseg = cfg.framework == "mmseg"
+    """Steps (1)-(6) of the iteration: the losses and their gradients. The source and the mixed losses are
+    backpropagated separately, which frees the source graph before the mixed forward (the same gradients, a
+    lower peak memory). valid_t: 0 on target pixels whose pseudo-labels never count (--pseudo-margins).
+    Returns the detached [L_sup, L_uda, L_mrm, L_mic, L_fd, pseudo weight] as one tensor, and `seen`: what the
+    debug grid shows (references, no copies)."""
+    encoder, decoder, loss = nets.calls.encoder, nets.calls.decoder, nets.model.loss
     autocast = torch.autocast(nets.device.type, dtype=torch.float16 if cfg.amp == "fp16" else torch.bfloat16,
                               enabled=cfg.amp != "off")
     zero = torch.zeros((), device=nets.device)
-    loss_u = loss_mrm_s = loss_mrm_t = loss_mic = loss_fd = weight = zero
-    nets.seen = dict(source_image=x_s, source_label=y_s)  # what the debug panels show (references, no copies)
-    source_weight = 1.0 if mmseg else None  # mmseg 0.16 averages over all pixels, DACS over labelled ones
+    l_uda = l_mrm_s = l_mrm_t = l_mic = l_fd = weight = zero
+    source_weight = 1.0 if cfg.framework == "mmseg" else None  # mmseg 0.16 averages over all pixels, DACS over labelled
+    seen = dict(source_image=x_s, source_label=y_s)
 
-    # (1) supervised source loss, Eq. 1 (+ DAFormer's ImageNet feature distance)
+    # (1) L_sup on the source batch (Eq. 1), + DAFormer's ImageNet feature distance, + MRM on it (Table 3)
     with without_gradient_sync(cfg, nets):
         with autocast:
             f_s = encoder(x_s)
-            loss_s = segmentation_loss(cfg, decoder(f_s), y_s, source_weight)
+            l_sup = loss(decoder(f_s), y_s, source_weight)
             if nets.imagenet is not None:
                 with torch.no_grad():
-                    f_imagenet = last_level(nets.imagenet(x_s))  # HRDA: of the context view
-                loss_fd = feature_distance(last_level(f_s), f_imagenet, y_s)
-            if rebuilder is not None and cfg.mrm_domain in ("source", "both"):
-                loss_mrm_s = mrm_auxiliary_loss(cfg, nets, f_s, x_s, y_s, source_weight)
-        scaler.scale(loss_s + cfg.fd_weight * loss_fd + cfg.mrm_weight * loss_mrm_s).backward()
+                    f_imagenet = last_level(nets.imagenet(x_s))
+                l_fd = feature_distance(last_level(f_s), f_imagenet, y_s)
+            if mrm_on(cfg, nets, "source"):
+                l_mrm_s = mrm_auxiliary_loss(cfg, nets, f_s, x_s, y_s, source_weight)
+        backward(nets, l_sup + cfg.fd_weight * l_fd + cfg.mrm_weight * l_mrm_s)
     del f_s
-
     if not cfg.source_only:
-        # (2) pseudo-labels from the EMA teacher on the un-augmented target batch
-        with torch.inference_mode(), autocast:
-            teacher_logits = nets.teacher(x_t)  # HRDA's inference forward returns them at the input's size
-            if teacher_logits.shape[-2:] != x_t.shape[-2:]:
-                teacher_logits = F.interpolate(teacher_logits, size=x_t.shape[-2:], mode="bilinear",
-                                               align_corners=cfg.align_corners)
-            pseudo, weight = pseudo_label(teacher_logits, cfg.pseudo_threshold)
-        pixel_weight = weight.expand_as(pseudo)  # inference tensors: read below, never saved for backward
-        if cfg.pl_crop:  # DAFormer: the top and bottom rows (sky border, ego car) are unreliable
-            pixel_weight = pixel_weight.clone()
-            pixel_weight[:, :15].zero_()
-            pixel_weight[:, -120:].zero_()
-        if valid_t is not None:  # HRDA's margins of the whole target image
-            pixel_weight = pixel_weight * valid_t
-        # (3) ClassMix source onto target; pasted source pixels keep their label, weight 1
-        mix = class_mix_masks(y_s, batch_classes=mmseg)
-        x_m = torch.where(mix[:, None], x_s, x_t)
-        y_m = torch.where(mix, y_s, pseudo)
-        w_m = torch.where(mix, 1.0, pixel_weight)
-        # (4) colour jitter and blur on the mixed images
-        x_m = gaussian_blur(color_jitter(x_m, cfg.jitter, cfg.jitter_p), cfg.blur_p)
-        # (5) L_u on the mixed batch, and MRM on the same encoder features (Algorithm 1, Eq. 5)
+        # (2) the EMA teacher's pseudo-labels of the un-augmented target batch, (3) ClassMix, (4) jitter and blur
+        pseudo, weight, pixel_weight = teacher_pseudo_labels(cfg, nets, x_t, valid_t, autocast)
+        x_m, y_m, w_m, mix = class_mix(cfg, x_s, y_s, x_t, pseudo, pixel_weight)
+        # (5) L_uda on the mixed batch, and L_mrm on the SAME encoder features (Algorithm 1, Eq. 5)
         with autocast:
             f_m = encoder(x_m.contiguous(memory_format=nets.memory_format))
-            loss_u = segmentation_loss(cfg, decoder(f_m), y_m, w_m)
-            if isinstance(f_m, Views):  # the debug grid shows HRDA's detail window (host numbers, no copy)
-                nets.seen.update(detail_window=[(*f_m.boxes[0], f_m.side)])
-            if rebuilder is not None and cfg.mrm_domain in ("target", "both"):
-                if cfg.mrm_mode == "input":  # Table 6: the image masked, a second encoder and decoder pass
-                    mrm_mask = rebuilder.random_mask(x_m.shape[0], x_m.device)
-                    x_masked = masked_input(x_m, mrm_mask, model.encoder.normalize.zero_colour())
-                    loss_mrm_t = segmentation_loss(
-                        cfg, decoder(encoder(x_masked.contiguous(memory_format=nets.memory_format))), y_m, w_m)
-                    nets.seen.update(mrm_input=x_masked)
-                else:
-                    mrm_mask = draw_mrm_mask(rebuilder, f_m, x_m)
-                    loss_mrm_t = mrm_auxiliary_loss(cfg, nets, f_m, x_m, y_m, w_m, mrm_mask)
-                nets.seen.update(mrm_mask=mrm_mask)
-        scaler.scale(loss_u + cfg.mrm_weight * loss_mrm_t).backward()
+            l_uda = loss(decoder(f_m), y_m, w_m)
+            if mrm_on(cfg, nets, "target"):
+                l_mrm_t, mrm_seen = target_mrm_loss(cfg, nets, f_m, x_m, y_m, w_m)
+                seen.update(mrm_seen)
+        backward(nets, l_uda + cfg.mrm_weight * l_mrm_t)
+        seen.update(target_image=x_t, pseudo_label=pseudo, pixel_weight=pixel_weight, mix=mix, mixed_image=x_m,
+                    mixed_label=y_m, detail_window=detail_window(f_m))
         del f_m
-        nets.seen.update(target_image=x_t, pseudo_label=pseudo, pixel_weight=pixel_weight, mix=mix, mixed_image=x_m,
-                         mixed_label=y_m)
-        # (6) MIC: the student on block-masked target images against the teacher's pseudo-labels of the
-        # clean ones, with the un-mixed pixel weight; its own backward
+        # (6) MIC: the student on block-masked target images against the clean ones' pseudo-labels
         if cfg.mic:
-            x_mic = mic_masked_images(x_t, model.encoder.normalize.zero_colour(), cfg.jitter, cfg.jitter_p,
-                                      cfg.mic_mask_ratio, cfg.mic_block_size)
-            with autocast:  # clones: autograd may save them, which it refuses for inference tensors
-                loss_mic = segmentation_loss(cfg, decoder(encoder(x_mic.contiguous(memory_format=nets.memory_format))),
-                                             pseudo.clone(), pixel_weight.clone())
-            scaler.scale(cfg.mic_weight * loss_mic).backward()
-            nets.seen.update(mic_image=x_mic)
-    return torch.stack([loss_s, loss_u, loss_mrm_s + loss_mrm_t, loss_mic, loss_fd, weight]).detach().float()
+            l_mic, seen["mic_image"] = mic_loss(cfg, nets, x_t, pseudo, pixel_weight, autocast)
+            backward(nets, cfg.mic_weight * l_mic)
+    return torch.stack([l_sup, l_uda, l_mrm_s + l_mrm_t, l_mic, l_fd, weight]).detach().float(), seen
+
+
+def mrm_on(cfg, nets, domain):
+    """Whether MRM runs on this domain's features (--mrm-domain, Table 3)."""
+    return nets.rebuilder is not None and cfg.mrm_domain in (domain, "both")
+
+
+def backward(nets, loss):
+    nets.scaler.scale(loss).backward()
+
+
+def student(nets, x):
+    """D(E(x)) of the student as the step calls it."""
+    return nets.calls.decoder(nets.calls.encoder(x.contiguous(memory_format=nets.memory_format)))
+
+
+def teacher_pseudo_labels(cfg, nets, x_t, valid_t, autocast):
+    """The pseudo-labels of the EMA teacher on the target batch, DACS's scalar weight, and the pixel weights:
+    that scalar, 0 on DAFormer's unreliable rows (--pl-crop) and on HRDA's margins (valid_t)."""
+    with torch.inference_mode(), autocast:
+        teacher_logits = nets.teacher(x_t)  # HRDA's inference forward returns them at the input's size
+        if teacher_logits.shape[-2:] != x_t.shape[-2:]:
+            teacher_logits = F.interpolate(teacher_logits, size=x_t.shape[-2:], mode="bilinear",
+                                           align_corners=cfg.align_corners)
+        pseudo, weight = pseudo_label(teacher_logits, cfg.pseudo_threshold)
+    pixel_weight = weight.expand_as(pseudo)  # inference tensors: read below, never saved for backward
+    if cfg.pl_crop:  # DAFormer: the top and bottom rows (sky border, ego car) are unreliable
+        pixel_weight = pixel_weight.clone()
+        pixel_weight[:, :15].zero_()
+        pixel_weight[:, -120:].zero_()
+    if valid_t is not None:
+        pixel_weight = pixel_weight * valid_t
+    return pseudo, weight, pixel_weight
+
+
+def class_mix(cfg, x_s, y_s, x_t, pseudo, pixel_weight):
+    """ClassMix source onto target (pasted source pixels keep their label, weight 1), then colour jitter and blur
+    of the mixed images. Returns the mixed images, labels, pixel weights and the mask."""
+    mix = class_mix_masks(y_s, batch_classes=cfg.framework == "mmseg")
+    x_m = torch.where(mix[:, None], x_s, x_t)
+    y_m = torch.where(mix, y_s, pseudo)
+    w_m = torch.where(mix, 1.0, pixel_weight)
+    return gaussian_blur(color_jitter(x_m, cfg.jitter, cfg.jitter_p), cfg.blur_p), y_m, w_m, mix
+
+
+def mic_loss(cfg, nets, x_t, pseudo, pixel_weight, autocast):
+    """MIC's loss: the student on its block-masked target images against the teacher's pseudo-labels of the
+    clean images, with the un-mixed pixel weights. Returns it and the masked images."""
+    x_mic = mic_masked_images(x_t, nets.model.encoder.normalize.zero_colour(), cfg.jitter, cfg.jitter_p,
+                              cfg.mic_mask_ratio, cfg.mic_block_size)
+    with autocast:  # clones: autograd may save them, which it refuses for inference tensors
+        return nets.model.loss(student(nets, x_mic), pseudo.clone(), pixel_weight.clone()), x_mic
 
 
 def device_step(cfg, nets, source_image, source_label, target_image, target_valid=None):
     """The device's part of an iteration, from the uint8 batch on the device to the EMA update: no host sync,
     no host random numbers and no host values that change between iterations, so that CudaGraphStep can
-    capture it once."""
+    capture it once. Returns forward_backward's losses and debug tensors."""
     nets.model.train()
     # Autocast drops its low-precision copies of the weights when the outermost autocast scope exits: this
     # scope, closed before the optimizer step, makes the source, mixed and MIC passes cast each weight once.
     with torch.autocast(nets.device.type, enabled=False):
-        losses = forward_backward(cfg, nets, *step_inputs(nets, source_image, source_label, target_image,
-                                                          target_valid))
+        losses, seen = forward_backward(cfg, nets, *step_inputs(nets, source_image, source_label, target_image,
+                                                                target_valid))
     for optimizer in nets.optimizers:
         nets.scaler.step(optimizer)
     nets.scaler.update()
@@ -325,7 +347,7 @@ def device_step(cfg, nets, source_image, source_label, target_image, target_vali
         optimizer.zero_grad(set_to_none=True)
     if nets.teacher is not None:
         update_ema(nets.teacher, nets.model, nets.ema_weight)
-    return losses
+    return losses, seen
 
 
 def begin_step(cfg, nets, iteration):
@@ -340,14 +362,19 @@ def begin_step(cfg, nets, iteration):
 
 
 def train_step(cfg, nets, batch, iteration):
-    """One DACS(+MRM, +MIC) iteration, eagerly: the host's part, then the device's. Returns the detached
-    losses [L_s, L_u, L_mrm, L_mic, L_fd, pseudo weight] as one tensor (no host sync here)."""
+    """One DACS(+MRM, +MIC) iteration, eagerly: the host's part, then the device's. Returns the detached losses
+    [L_sup, L_uda, L_mrm, L_mic, L_fd, pseudo weight] as one tensor (no host sync here) and the debug tensors."""
     begin_step(cfg, nets, iteration)
     return device_step(cfg, nets, *to_device(batch, nets))
 
 
+# ----------------------------------------------------------------------------- the training loop and main
+# The run: data, networks, resume, the loop with its log, validation and checkpoints; main maps errors to exits.
+
+
 def train(cfg):
     rank, world = init_distributed(cfg)
+    torch.set_num_threads(cpu_threads(cfg))
     say = print if rank == 0 else (lambda *args, **kwargs: None)  # the other processes stay quiet
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -377,11 +404,12 @@ def train(cfg):
         stop = min(cfg.iters, start + cfg.stop_after) if cfg.stop_after else cfg.iters
         initialisation = cfg.pretrained if cfg.pretrained not in ("", "none") else "random weights"
         changed = resume_changes(cfg, state) if state is not None else []
+        threads = torch.get_num_threads()
         say(f"{cfg.task}: {cfg.arch} ({cfg.recipe} recipe), {'source only' if cfg.source_only else 'DACS'}"
             f"{' + MRM' if nets.rebuilder is not None else ''}{' + MIC' if cfg.mic else ''}, iterations "
             f"{start}..{stop} of {cfg.iters}, {len(source)} source / {len(target)} target images"
             f"{f', {world} processes' if world > 1 else ''}\n  from {initialisation}; "
-            f"{'fp32' if cfg.amp == 'off' else cfg.amp} on {cfg.device}, step "
+            f"{'fp32' if cfg.amp == 'off' else cfg.amp} on {cfg.device} ({threads} CPU thread{'s' * (threads > 1)}), step "
             f"{'as one CUDA graph' if nets.graph else 'eager'}{f' ({why_eager(cfg, world)})' if not nets.graph else ''}"
             f"; work dir {cfg.work_dir}{' (--overwrite)' if cfg.overwrite else ''}"
             + (f"\n  resumed with {', '.join(changed)}" if changed else ""), flush=True)
@@ -413,7 +441,8 @@ def training_loop(cfg, nets, loader, val, start, stop, log, say):
                 if skipped_total > cfg.max_skips:
                     raise DataError(f"{skipped_total} corrupt files skipped (more than --max-skips "
                                     f"{cfg.max_skips}), last: {skipped[-1]}")
-            sums += step(cfg, nets, batch, iteration)
+            losses, seen = step(cfg, nets, batch, iteration)
+            sums += losses
             count += 1
             done = iteration + 1
             logged = done % cfg.log_every == 0 or done == stop or done % cfg.checkpoint_every == 0
@@ -430,7 +459,7 @@ def training_loop(cfg, nets, loader, val, start, stop, log, say):
                 speed = (done - clock_iteration) / (time.time() - clock)
                 clock, clock_iteration = time.time(), done
                 if log is not None:
-                    record = dict(iteration=done, loss_source=means[0], loss_uda=means[1], loss_mrm=means[2],
+                    record = dict(iteration=done, loss_sup=means[0], loss_uda=means[1], loss_mrm=means[2],
                                   loss_mic=means[3], loss_fd=means[4], pseudo_weight=means[5],
                                   lr=float(nets.optimizers[0].param_groups[0]["lr"]), it_per_s=speed,
                                   time=time.time())
@@ -439,10 +468,15 @@ def training_loop(cfg, nets, loader, val, start, stop, log, say):
                 say(progress_line(cfg, done, means, speed), flush=True)
                 sums.zero_()
                 count = 0
-            if nets.rank == 0 and cfg.debug_every and done % cfg.debug_every == 0 and not cfg.source_only:
-                write_debug_grid(cfg, nets, os.path.join(cfg.work_dir, "debug", f"iteration_{done:06d}.png"))
-            if nets.rank == 0 and done % cfg.val_every == 0 and done != cfg.iters:
-                validate(cfg, nets, val, done, log)  # the other ranks wait at their next collective
+            try:
+                if nets.rank == 0 and cfg.debug_every and done % cfg.debug_every == 0 and not cfg.source_only:
+                    write_debug_grid(cfg, nets, seen, os.path.join(cfg.work_dir, "debug", f"iteration_{done:06d}.png"))
+                if nets.rank == 0 and cfg.val_every and done % cfg.val_every == 0 and done != cfg.iters:
+                    validate(cfg, nets, val, done, log)  # the other ranks wait at their next collective
+            except Exception:  # a picture or a validation that fails does not lose the iteration's work
+                if nets.world == 1:
+                    save_checkpoint(cfg, nets, done)
+                raise
             interrupted = signals.requested(nets)
             if done % cfg.checkpoint_every == 0 or done == stop or interrupted:
                 save_checkpoint(cfg, nets, done)
@@ -451,7 +485,7 @@ def training_loop(cfg, nets, loader, val, start, stop, log, say):
     if nets.rank != 0:
         return None
     if stop == cfg.iters:
-        export_model(os.path.join(cfg.work_dir, "model.pth"), nets.model, nets.info, cfg.num_classes)
+        export_model(os.path.join(cfg.work_dir, "model.pth"), nets.model, nets.info, cfg.num_classes, cfg.task)
         return validate(cfg, nets, val, cfg.iters, log)
     print(f"stopped after iteration {stop} (--stop-after); continue with --resume", flush=True)
     return None
@@ -475,7 +509,8 @@ def validate(cfg, nets, val, iteration, log):
 
 def progress_line(cfg, done, means, speed):
     rate = f"{speed:.2f} it/s" if speed >= 1 else f"{1 / speed:.1f} s/it"
-    return (f"[{done}/{cfg.iters}] L_s {means[0]:.4f}  L_u {means[1]:.4f}  L_mrm {means[2]:.4f}"
+    return (f"[{done}/{cfg.iters}] L_sup {means[0]:.4f}  L_uda {means[1]:.4f}"
+            f"{f'  L_mrm {means[2]:.4f}' if cfg.mrm and not cfg.source_only else ''}"
             f"{f'  L_mic {means[3]:.4f}' if cfg.mic else ''}{f'  L_fd {means[4]:.4f}' if cfg.fd_weight else ''}"
             f"  weight {means[5]:.3f}  {rate}  ETA {format_eta((cfg.iters - done) / speed)}")
 
@@ -486,6 +521,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    threads = torch.get_num_threads()  # train() sets the run's; a caller in this process gets its own back
     try:
         cfg = parse_args(argv)
         if cfg.print_config:
@@ -500,10 +536,6 @@ def main(argv=None):
             bench_data(cfg, RECIPES)
         elif cfg.estimate_memory:
             estimate_memory(cfg, train_step)
-        elif cfg.plot:
-            from eval import plot_curves
-            drawn = plot_curves(cfg.plot, "curves.png")
-            print(f"wrote curves.png: {', '.join(drawn) or 'nothing logged yet'} of {len(cfg.plot)} run(s)")
         else:
             train(cfg)
     except (ConfigError, DataError) as error:
@@ -539,6 +571,7 @@ def main(argv=None):
                   f"in {cfg.work_dir} is intact: continue with --resume", file=sys.stderr)
         return 5
     finally:
+        torch.set_num_threads(threads)
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -16,8 +16,15 @@ from support.models import ARCHS, DECODERS
 
 
 # Every key is a flag: --mask-ratio 0.5, and for a switch --mrm / --no-mrm. A value comes from, last wins: the
-# default here, the recipe, the task, the command line. --help prints each flag's help, default and choices.
-DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+# default here, the recipe, the task, the command line. An entry whose default is a type (int, float, bool, str) is
+# set by every recipe: it has no default of its own. --help prints each flag's help, default and choices.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+DEFAULT_WORKERS = min(4, CORES)
+
+
+def cpu_threads(cfg):
+    """--threads, or torch's default less one thread per loader worker on the cores (a thread per core in all)."""
+    return cfg.threads or max(1, min(torch.get_num_threads(), CORES - cfg.workers))
 
 
 FLAGS = {
@@ -31,7 +38,7 @@ FLAGS = {
         seed=(0, "seed of every random draw: batches, masks, ClassMix, augmentation, initialisation"),
         workers=(DEFAULT_WORKERS, "data loader processes, by default one per core up to 4"),
         log_every=(50, "iterations between progress lines and log.jsonl records (the first is printed at once)"),
-        val_every=(5000, "iterations between validations on the target val split"),
+        val_every=(5000, "iterations between validations on the target val split (0: only the last iteration's)"),
         checkpoint_every=(1000, "iterations between checkpoints (atomic: a crash keeps the last one)"),
         stop_after=(0, "stop after this many iterations of this run, checkpointed; continue with --resume (0: off)"),
         resume=(False, "continue from the work dir's checkpoint (the same experiment: see the end of --help)"),
@@ -49,36 +56,36 @@ FLAGS = {
     "recipe and schedule": dict(
         recipe=("", "the official training code to reproduce (default: the arch's; see README 'What the "
                     "recipes do')"),
-        iters=(0, "training iterations"),
+        iters=(int, "training iterations"),
         batch_size=(2, "source images and target images per iteration (per process under torchrun)"),
         crop=(512, "square training crop (0: whole images)"),
-        optimizer=("sgd", "optimizer of the network", ("sgd", "adamw")),
-        lr=(2.5e-4, "encoder learning rate"),
-        head_lr_mult=(10.0, "decoder learning rate = lr x this"),
+        optimizer=(str, "optimizer of the network", ("sgd", "adamw")),
+        lr=(float, "encoder learning rate"),
+        head_lr_mult=(float, "decoder learning rate = lr x this"),
         momentum=(0.9, "SGD momentum"),
-        weight_decay=(5e-4, "weight decay of the network"),
-        norm_no_decay=(False, "no weight decay on LayerNorm parameters (mmseg's paramwise_cfg)"),
-        poly_power=(0.9, "poly learning-rate decay to 0 at --iters"),
-        warmup_iters=(0, "linear warm-up iterations (mmcv's, ratio 1e-6)"),
+        weight_decay=(float, "weight decay of the network"),
+        norm_no_decay=(bool, "no weight decay on LayerNorm parameters (mmseg's paramwise_cfg)"),
+        poly_power=(float, "poly learning-rate decay to 0 at --iters"),
+        warmup_iters=(int, "linear warm-up iterations (mmcv's, ratio 1e-6)"),
         dacs_param_slots=("official", "DACS's SGD: update each tensor once per time DACS's parameter list "
                                       "holds it (official) or once (unique)", ("official", "unique")),
     ),
     "DACS": dict(
         source_only=(False, "train on the source only: no target, no teacher, no MRM"),
-        ema=(0.99, "teacher EMA: alpha = min(1 - 1/(iteration+1), this)"),
+        ema=(float, "teacher EMA: alpha = min(1 - 1/(iteration+1), this)"),
         pseudo_threshold=(0.968, "pseudo-label weight = share of target pixels at least this confident"),
-        jitter=(0.25, "colour jitter strength (brightness, contrast, saturation, hue) on the mixed images"),
+        jitter=(float, "colour jitter strength (brightness, contrast, saturation, hue) on the mixed images"),
         jitter_p=(0.8, "probability that a batch is jittered"),
         blur_p=(0.5, "probability that a batch is blurred"),
-        align_corners=(True, "align_corners of every logit upsampling, in training and evaluation"),
-        flip=(False, "random horizontal flip of the crops"),
-        cat_max_ratio=(1.0, "re-crop the source up to 10 times while one class covers this share or more (1: off)"),
-        rcs_temperature=(0.0, "rare class sampling of source images, DAFormer's temperature (0: off)"),
+        align_corners=(bool, "align_corners of every logit upsampling, in training and evaluation"),
+        flip=(bool, "random horizontal flip of the crops"),
+        cat_max_ratio=(float, "re-crop the source up to 10 times while one class covers this share or more (1: off)"),
+        rcs_temperature=(float, "rare class sampling of source images, DAFormer's temperature (0: off)"),
         rcs_min_pixels=(3000, "rare class sampling: an image qualifies for a class with more pixels of it"),
         rcs_min_crop_ratio=(0.5, "rare class sampling: re-crop (up to 10 times) until the crop holds more than this "
                                  "x --rcs-min-pixels pixels of the class"),
-        fd_weight=(0.0, "weight of DAFormer's ImageNet feature distance on thing classes (0: off)"),
-        pl_crop=(False, "pseudo-label weight 0 on the top 15 and bottom 120 rows of the crop (DAFormer)"),
+        fd_weight=(float, "weight of DAFormer's ImageNet feature distance on thing classes (0: off)"),
+        pl_crop=(bool, "pseudo-label weight 0 on the top 15 and bottom 120 rows of the crop (DAFormer)"),
         pseudo_margins=("0,0,0,0", "pseudo-label weight 0 on this many top,bottom,left,right rows and columns of "
                                    "the whole target image, carried through crop and flip"),
     ),
@@ -116,6 +123,8 @@ FLAGS = {
     ),
     "precision and speed": dict(
         device=("", "where to train (default: cuda when available)", ("cpu", "cuda")),
+        threads=(0, "CPU threads of the training process (0: torch's default, less one per loader worker on the "
+                    "machine's cores; 1 is often fastest on a busy machine)"),
         amp=("off", "autocast precision: off (fp32, the official setting), bf16 (faster) or fp16",
              ("off", "bf16", "fp16")),
         channels_last=(True, "channels-last memory format on CUDA"),
@@ -138,17 +147,18 @@ FLAGS = {
         bench_data=(0, "time N batches of the data pipeline on GTA-sized PNGs"),
         estimate_memory=(False, "the peak memory of this run's training step at its real sizes, without a GPU: two "
                                 "steps on fake tensors, every tensor's bytes counted while it lives"),
-        plot=([], "draw the losses, pseudo-label weight, lr and validation mIoU of these run dirs into curves.png "
-                  "in the current folder"),
     ),
 }
 
 
-DEFAULTS = {key: entry[0] for group in FLAGS.values() for key, entry in group.items()}
+FLAG_KEYS = [key for group in FLAGS.values() for key in group]
+DEFAULTS = {key: entry[0] for group in FLAGS.values() for key, entry in group.items() if not isinstance(entry[0], type)}
+# Speed switches with no row in the paper and not yet measured on a GPU: they work, --help does not list them.
+UNLISTED = ("channels_last", "compile", "aspp_depthwise")
 
 # Settings that may differ on --resume (they do not change what is computed); every other flag must match.
 RESUME_MAY_CHANGE = ("data_root", "work_dir", "workers", "log_every", "val_every", "checkpoint_every", "stop_after",
-                     "resume", "overwrite", "max_skips", "device", "compile", "cuda_graph", "channels_last",
+                     "resume", "overwrite", "max_skips", "device", "threads", "compile", "cuda_graph", "channels_last",
                      "checkpoint_blocks", "aspp_depthwise", "debug_every")
 
 
@@ -156,17 +166,17 @@ RESUME_MAY_CHANGE = ("data_root", "work_dir", "workers", "log_every", "val_every
 
 # Allowed ranges: (low, high, low is allowed, high is allowed); None: unbounded. Checked for every run.
 RANGES = dict(
-    seed=(0, None, True, None), workers=(0, None, True, None), log_every=(1, None, True, None),
-    val_every=(1, None, True, None), checkpoint_every=(1, None, True, None), stop_after=(0, None, True, None),
-    max_skips=(0, None, True, None), iters=(1, None, True, None), batch_size=(1, None, True, None),
-    crop=(0, None, True, None), lr=(0, None, False, None), head_lr_mult=(0, None, False, None),
-    momentum=(0, 1, True, False), weight_decay=(0, None, True, None), poly_power=(0, None, True, None),
-    warmup_iters=(0, None, True, None), ema=(0, 1, True, False), pseudo_threshold=(0, 1, True, True),
-    jitter=(0, 0.5, True, True), jitter_p=(0, 1, True, True), blur_p=(0, 1, True, True),
-    cat_max_ratio=(0, 1, False, True), rcs_temperature=(0, None, True, None), rcs_min_pixels=(0, None, True, None),
-    fd_weight=(0, None, True, None), mrm_weight=(0, None, True, None), mask_ratio=(0, 1, True, True),
-    rebuilder_dim=(4, None, True, None), rebuilder_depth=(1, None, True, None), rebuilder_heads=(1, None, True, None),
-    rebuilder_grid=(1, None, True, None), rebuilder_lr=(0, None, False, None),
+    seed=(0, None, True, None), workers=(0, None, True, None), threads=(0, None, True, None),
+    log_every=(1, None, True, None), val_every=(0, None, True, None), checkpoint_every=(1, None, True, None),
+    stop_after=(0, None, True, None), max_skips=(0, None, True, None), iters=(1, None, True, None),
+    batch_size=(1, None, True, None), crop=(0, None, True, None), lr=(0, None, False, None),
+    head_lr_mult=(0, None, False, None), momentum=(0, 1, True, False), weight_decay=(0, None, True, None),
+    poly_power=(0, None, True, None), warmup_iters=(0, None, True, None), ema=(0, 1, True, False),
+    pseudo_threshold=(0, 1, True, True), jitter=(0, 0.5, True, True), jitter_p=(0, 1, True, True),
+    blur_p=(0, 1, True, True), cat_max_ratio=(0, 1, False, True), rcs_temperature=(0, None, True, None),
+    rcs_min_pixels=(0, None, True, None), fd_weight=(0, None, True, None), mrm_weight=(0, None, True, None),
+    mask_ratio=(0, 1, True, True), rebuilder_dim=(4, None, True, None), rebuilder_depth=(1, None, True, None),
+    rebuilder_heads=(1, None, True, None), rebuilder_grid=(1, None, True, None), rebuilder_lr=(0, None, False, None),
     rebuilder_weight_decay=(0, None, True, None), mic_mask_ratio=(0, 1, True, True),
     mic_block_size=(1, None, True, None), mic_weight=(0, None, True, None), bench=(0, None, True, None),
     bench_data=(0, None, True, None), debug_every=(0, None, True, None), rcs_min_crop_ratio=(0, None, True, None),
@@ -214,18 +224,19 @@ def check_ranges(cfg, given):
 
 
 def flag_help(key, default, text, recipes):
-    """A flag's help line: its text, its default, and the recipes that set it otherwise."""
+    """A flag's help line: its text, its default, and the recipes that set it otherwise (every recipe sets a flag
+    whose default is a type)."""
     by_value = {}
     for name, recipe in recipes.items():
         if key in recipe and recipe[key] != default:
             by_value.setdefault(recipe[key], []).append(name)
-    shown = "" if default in ("", []) else f"; default {default}"
+    shown = "; default: the recipe's" if isinstance(default, type) else "" if default == "" else f"; default {default}"
     recipes = "; ".join(f"{', '.join(names)}: {value}" for value, names in by_value.items())
     return (text + shown + (f" (recipe {recipes})" if recipes else "")).replace("%", "%%")
 
 
 def build_parser(recipes, description):
-    may_change = ", ".join("--" + key.replace("_", "-") for key in RESUME_MAY_CHANGE if key in DEFAULTS)
+    may_change = ", ".join("--" + key.replace("_", "-") for key in RESUME_MAY_CHANGE if key in FLAG_KEYS)
     epilog = (f"--resume continues a run only as the experiment it was: these flags may differ from the checkpoint's "
               f"(they change how, not what, is computed): {may_change}; every other flag must match, or the run "
               f"stops naming each difference.")
@@ -239,16 +250,15 @@ def build_parser(recipes, description):
         for key, (default, text, *choices) in flags.items():
             choices = choices[0] if choices else tuple(table_choices.get(key, ()))
             flag, help_text = "--" + key.replace("_", "-"), flag_help(key, default, text, recipes)
-            if isinstance(default, bool):
+            help_text = argparse.SUPPRESS if key in UNLISTED else help_text
+            kind = default if isinstance(default, type) else type(default)
+            if kind is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                    help=help_text)
-            elif isinstance(default, list):
-                group.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar="RUN_DIR", help=help_text)
             else:
                 metavar = ("|".join(choices) if choices else "T,B,L,R" if key == "pseudo_margins" else
-                           {int: "N", float: "X"}.get(type(default), "PATH"))
-                group.add_argument(flag, type=type(default), default=argparse.SUPPRESS, metavar=metavar,
-                                   help=help_text)
+                           {int: "N", float: "X"}.get(kind, "PATH"))
+                group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
     return parser
 
 

@@ -1,7 +1,9 @@
 """Datasets as the official loaders read them: the label tables and tasks, folder layouts, decoding and
 validating PNGs, resizing, random crops, the training batches (a pure function of seed and iteration), rare
 class sampling, the pseudo-label margins, fake datasets for tests, and --check-data."""
+import atexit
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -279,6 +281,16 @@ def ignore_stop_signals(worker_id):
     main process, which finishes the iteration and checkpoints."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register  # after multiprocessing's exit handler, so it runs first
+def kill_loader_workers():
+    """At exit, loader workers still alive (an error left their loader open) are killed: they ignore SIGTERM,
+    with which multiprocessing's exit handler stops them, so it would wait for them forever."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report their end as an error
+    for process in multiprocessing.active_children():
+        process.kill()
+        process.join()
 
 
 def rcs_statistics(cfg, source, say=print):

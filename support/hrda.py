@@ -9,38 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mrm import segmentation_ce
 from support.models import DAFormerHead, SegModel
-
-
-def draw_mrm_mask(rebuilder, features, images):
-    """The Rebuilder's random masks for the images' features: one per image, and for HRDA's views one per view."""
-    return rebuilder.random_mask(images.shape[0] * (2 if isinstance(features, Views) else 1), images.device)
-
-
-def rebuild(rebuilder, features, mask):
-    """The Rebuilder on the encoder's features; on HRDA's views, one Rebuilder (the same weights) on each view's
-    pyramid, the context with the first B masks and the detail windows with the rest, the windows kept (the
-    paper: MRM "trained using both the fused multi-scale predictions and the detail crop predictions")."""
-    if not isinstance(features, Views):
-        return rebuilder(features, mask)
-    batch = features.context[0].shape[0]
-    return features._replace(context=rebuilder(features.context, mask[:batch]),
-                             detail=rebuilder(features.detail, mask[batch:]))
-
-
-def detached(features):
-    """The encoder's features cut from its graph: a tensor, a list of levels, or HRDA's views."""
-    if isinstance(features, Views):
-        return features._replace(context=detached(features.context), detail=detached(features.detail))
-    return [f.detach() for f in features] if isinstance(features, list) else features.detach()
-
-
-def last_level(features):
-    """The coarsest level of a hierarchical encoder's list, or a single-scale encoder's one map; of HRDA's views,
-    the context's."""
-    if isinstance(features, Views):
-        features = features.context
-    return features[-1] if isinstance(features, (list, tuple)) else features
 
 
 # HRDA (Hoyer et al. 2022; lhoyer/HRDA mmseg/models/segmentors/hrda_encoder_decoder.py, decode_heads/hrda_head.py):
@@ -76,7 +46,10 @@ class Downscale(nn.Module):
 
 
 def slide_boxes(height, width, side, stride):
-    """mmseg's slide windows of `side` at `stride` over height x width, the last row and column moved inside."""
+    """mmseg's slide windows of `side` at `stride` over height x width (EncoderDecoder.slide_inference,
+    HRDAEncoderDecoder.extract_slide_feat): (top, left) corners, the last row and column moved inside. A window is
+    x[..., top:top + side, left:left + side]: where the image is smaller than `side` it is the image's extent
+    (one row or column at 0), so the windows of an image all have one shape, min(side, height) x min(side, width)."""
     rows = max(height - side + stride - 1, 0) // stride + 1
     cols = max(width - side + stride - 1, 0) // stride + 1
     return [(max(min(r * stride + side, height) - side, 0), max(min(c * stride + side, width) - side, 0))
@@ -84,15 +57,19 @@ def slide_boxes(height, width, side, stride):
 
 
 def paste_mean(windows, boxes, side, size, stride=1):
-    """Window logits (K*B, C, side/stride, side/stride), window after window, pasted at boxes / stride into a
-    (B, C, *size) map and averaged where windows overlap; 0 where none lies (HRDAHead.decode_hr)."""
-    n = side // stride
+    """Window logits (K*B, C, h, w), window after window, pasted at boxes // stride (HRDAHead.decode_hr's
+    scale_box) into a (B, C, *size) map, cut where they pass its edge (decode_hr's F.pad with a negative pad) and
+    averaged where windows overlap; 0 where none lies. h x w is the logits' own shape: at most side / stride (a
+    window is smaller where the image is, see slide_boxes); logits of a window whose side is not a multiple of
+    the stride reach the cell its last pixels fall in."""
+    height, width = windows.shape[-2:]
+    assert max(height, width) <= -(-side // stride), (tuple(windows.shape), side, stride)
     total = windows.new_zeros(windows.shape[0] // len(boxes), windows.shape[1], *size)
     count = windows.new_zeros(1, 1, *size)
     for window, (top, left) in zip(windows.chunk(len(boxes)), boxes):
         top, left = top // stride, left // stride
-        total = total + F.pad(window, (left, size[1] - left - n, top, size[0] - top - n))
-        count[..., top:top + n, left:left + n] += 1
+        total = total + F.pad(window, (left, size[1] - left - width, top, size[0] - top - height))
+        count[..., top:top + height, left:left + width] += 1
     return total / count.clamp(min=1)
 
 
@@ -123,7 +100,8 @@ class HRDAEncoder(nn.Module):
         return Views(self.mit(self.downscale(x)), self.mit(detail), [(top, left)], self.side)
 
     def slide(self, x):
-        """Inference views: the detail windows slide over the crop at half their side, one encoder batch."""
+        """Inference views: the detail windows slide over the crop at half their side, one encoder batch
+        (extract_slide_feat: where the crop is smaller than a window, the windows are the crop's extent there)."""
         boxes = slide_boxes(*x.shape[-2:], self.side, self.side // 2)
         windows = torch.cat([x[..., t:t + self.side, l:l + self.side] for t, l in boxes])
         return Views(self.mit(self.downscale(x)), self.mit(windows), boxes, self.side)
@@ -162,20 +140,81 @@ class HRDAModel(SegModel):
     """forward(x) is HRDA's inference: windows of `window` (the training crop) at half stride over the image (one
     batch), each through encode_decode, logits resized to the window and averaged where windows overlap."""
 
+    hr_loss_weight = 0.1
+
     def __init__(self, encoder, num_classes, embed_dim, context_scale, detail_crop, window):
         super().__init__(HRDAEncoder(encoder, context_scale, detail_crop),
                          HRDAHead(encoder.out_channels, num_classes, embed_dim, context_scale))
         self.window = window
 
+    def loss(self, prediction, labels, weight=None):
+        """HRDAHead.losses: (1 - w) CE(fused) + w CE(the detail window's logits, with the labels and pixel weights
+        cropped to the window), w = hr_loss_weight (build_nets sets the run's)."""
+        (top, left), side = prediction.boxes[0], prediction.side
+
+        def window(t):
+            return t[:, top:top + side, left:left + side] if isinstance(t, torch.Tensor) and t.dim() == 3 else t
+
+        fused = segmentation_ce(prediction.fused, labels, weight, align_corners=self.align_corners)
+        detail = segmentation_ce(prediction.detail, window(labels), window(weight), align_corners=self.align_corners)
+        return (1 - self.hr_loss_weight) * fused + self.hr_loss_weight * detail
+
     def encode_decode(self, x):
-        """The whole crop as context, the detail windows sliding over it; logits at x's size."""
-        fused = self.decoder(self.encoder.slide(x)).fused
-        return F.interpolate(fused, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        """The whole crop as context, the detail windows sliding over it; logits at x's size, for a crop of any
+        shape. The fused map is the upsampled context's (x2 of the context's stride-4 logits: 226 cells for a 900
+        side), which can pass the crop's stride-4 grid (225) by a cell that no detail window reaches where a side
+        is not a multiple of 8 (HRDA's decode_hr map is the windows' 225 and would not add to it). The map is cut to
+        the cells the windows reach (no cut where the sides are multiples of 8) before the resize to x's size."""
+        out = self.decoder(self.encoder.slide(x))
+        (height, width), cell = out.detail.shape[-2:], 4  # the head's output stride, HRDAHead's paste
+        rows = max(top // cell for top, _ in out.boxes) + height
+        cols = max(left // cell for _, left in out.boxes) + width
+        return F.interpolate(out.fused[..., :rows, :cols], size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def forward(self, x):
+        """mmseg's slide_inference over an image of any shape: windows of `window` at stride window // 2 (one
+        encoder batch: an image's windows share one shape, min(window, its side) a side), each window's logits at
+        its size, summed at its place and divided by the windows' count."""
         height, width = x.shape[-2:]
         if not self.window or (height <= self.window and width <= self.window):
-            return self.encode_decode(x)
+            return self.encode_decode(x)  # one window, the whole image
         boxes = slide_boxes(height, width, self.window, self.window // 2)
         windows = torch.cat([x[..., t:t + self.window, l:l + self.window] for t, l in boxes])
         return paste_mean(self.encode_decode(windows), boxes, self.window, (height, width))
+
+
+# The training step's view of the features: a single-scale model's, or HRDA's two views alike.
+def draw_mrm_mask(rebuilder, features, images):
+    """The Rebuilder's random masks for the images' features: one per image, and for HRDA's views one per view."""
+    return rebuilder.random_mask(images.shape[0] * (2 if isinstance(features, Views) else 1), images.device)
+
+
+def rebuilt_features(rebuilder, features, mask):
+    """The Rebuilder on the encoder's features; on HRDA's views, one Rebuilder (the same weights) on each view's
+    pyramid, the context with the first B masks and the detail windows with the rest, the windows kept (the
+    paper: MRM "trained using both the fused multi-scale predictions and the detail crop predictions")."""
+    if not isinstance(features, Views):
+        return rebuilder(features, mask)
+    batch = features.context[0].shape[0]
+    return features._replace(context=rebuilder(features.context, mask[:batch]),
+                             detail=rebuilder(features.detail, mask[batch:]))
+
+
+def detached(features):
+    """The encoder's features cut from its graph: a tensor, a list of levels, or HRDA's views."""
+    if isinstance(features, Views):
+        return features._replace(context=detached(features.context), detail=detached(features.detail))
+    return [f.detach() for f in features] if isinstance(features, list) else features.detach()
+
+
+def last_level(features):
+    """The coarsest level of a hierarchical encoder's list, or a single-scale encoder's one map; of HRDA's views,
+    the context's."""
+    if isinstance(features, Views):
+        features = features.context
+    return features[-1] if isinstance(features, (list, tuple)) else features
+
+
+def detail_window(features):
+    """[(top, left, side)] of HRDA's training window (host numbers, what the debug grid marks), or None."""
+    return [(*features.boxes[0], features.side)] if isinstance(features, Views) and len(features.boxes) == 1 else None

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from mrm import segmentation_ce
 from support.base import one_line
 
 
@@ -62,7 +63,11 @@ DECODERS = {decoder: None for spec in ARCHS.values() for decoder in spec["decode
 
 
 class SegModel(nn.Module):
-    """encoder -> decoder; takes RGB images in [0, 1], returns logits at the decoder's resolution."""
+    """encoder -> decoder; takes RGB images in [0, 1], returns logits at the decoder's resolution. loss() is the
+    training loss of a prediction, as mmseg's decode heads own theirs: Eq. 1's pixel-wise CE (mrm.segmentation_ce)
+    of the logits upsampled to the labels with the recipe's align_corners (build_nets sets it)."""
+
+    align_corners = False
 
     def __init__(self, encoder, decoder):
         super().__init__()
@@ -70,6 +75,9 @@ class SegModel(nn.Module):
 
     def forward(self, x):
         return self.decoder(self.encoder(x))
+
+    def loss(self, logits, labels, weight=None):
+        return segmentation_ce(logits, labels, weight, align_corners=self.align_corners)
 
 
 # Dilated ResNet (output stride 8) + the DeepLabV2 classifier, in the styles that UDA code uses:
@@ -326,7 +334,14 @@ class MiTEncoder(nn.Module):
 
 # MiT encoder
 def tokens_to_map(x, H, W):
+    """(B, H*W, C) tokens as a (B, C, H, W) map: a channels-last-strided view (SegFormer's too, for its convs)."""
     return x.transpose(1, 2).reshape(x.shape[0], -1, H, W)
+
+
+def layout_of(x):
+    """x's memory format: channels_last only where x is laid out so and not also NCHW-contiguous."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 class DropPath(nn.Module):
@@ -543,7 +558,10 @@ class DAFormerHead(nn.Module):
         embedded = []
         for f, embed in zip(feats, self.embed_layers):
             H, W = f.shape[2:]
-            e = tokens_to_map(embed(f.flatten(2).transpose(1, 2)), H, W)
+            # in the level's own layout (mmseg: permute(0, 2, 1).contiguous().reshape, NCHW as the MiT hands them),
+            # not tokens_to_map's channels-last-strided view: on the CPU train-mode BatchNorm rounds such maps
+            # worse in fp32, the more so the more pixels (test_daformer_head_works_on_nchw_maps_as_mmseg_hands_them)
+            e = tokens_to_map(embed(f.flatten(2).transpose(1, 2)), H, W).contiguous(memory_format=layout_of(f))
             if e.shape[2:] != size:
                 e = F.interpolate(e, size=size, mode='bilinear', align_corners=False)
             embedded.append(e)

@@ -59,6 +59,7 @@ def build_nets(cfg, rank=0, world=1):
     model, info = build_model(cfg.arch, cfg.num_classes, pretrained, cfg.checkpoint_blocks, aspp_dilations(cfg),
                               cfg.decoder, hrda=hrda_views(cfg))
     info["align_corners"] = cfg.align_corners  # evaluation must resample the logits as training did
+    model.align_corners, model.hr_loss_weight = cfg.align_corners, cfg.hr_loss_weight  # its loss's settings
     if cfg.resolution != 1:  # and see images at the size training saw
         info["resolution"] = cfg.resolution
     for module in model.modules():  # a speed choice of training only: the same result, the same weights

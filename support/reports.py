@@ -9,13 +9,13 @@ from PIL import Image, ImageDraw
 
 from support.base import atomic_write
 from support.data import TASKS
-from support.hrda import HRDAModel, HRDAOutput, Views, rebuild
+from support.hrda import HRDAModel, HRDAOutput, Views, rebuilt_features
 
 
-def debug_panels(cfg, nets):
-    """[(title, HxWx3 uint8)] of the last step's tensors (nets.seen, first image); the predictions are the
-    student's after that step, in eval mode, on the step's own mixed image, MRM mask and MIC image."""
-    seen = {key: value[:1] for key, value in nets.seen.items()}
+def debug_panels(cfg, nets, seen):
+    """[(title, HxWx3 uint8)] of a step's tensors (`seen`, what it returned; the first image); the predictions are
+    the student's after that step, in eval mode, on the step's own mixed image, MRM mask and MIC image."""
+    seen = {key: value[:1] for key, value in seen.items() if value is not None}
     palette = np.concatenate([TASKS[cfg.task]["palette"], np.zeros((256 - len(TASKS[cfg.task]["palette"]), 3),
                                                                      np.uint8)])  # ignore (255) is black
 
@@ -59,7 +59,7 @@ def debug_panels(cfg, nets):
                 dark = F.interpolate(mask.float(), size=size, mode="nearest")[0, 0].cpu().numpy()[..., None]
                 if isinstance(features, Views):  # the context's mask, and on every detail window the same
                     mask = mask.repeat(1 + len(features.boxes), 1, 1, 1)
-                rebuilt = predict(model.decoder(rebuild(nets.rebuilder, features, mask)), size)
+                rebuilt = predict(model.decoder(rebuilt_features(nets.rebuilder, features, mask)), size)
                 differs = rebuilt != clean
                 wrong = (rebuilt != y_m) & (y_m != 255)
                 panels += [(f"MRM mask ({mask.shape[-1]}x{mask.shape[-1]})",
@@ -75,9 +75,9 @@ def debug_panels(cfg, nets):
     return panels
 
 
-def write_debug_grid(cfg, nets, path, columns=4, width=256):
+def write_debug_grid(cfg, nets, seen, path, columns=4, width=256):
     """The panels, each scaled to `width` pixels wide under its title, `columns` a row."""
-    panels = debug_panels(cfg, nets)
+    panels = debug_panels(cfg, nets, seen)
     h, w = panels[0][1].shape[:2]
     scale = width / w
     cell_w, cell_h, title = round(w * scale), round(h * scale), 14

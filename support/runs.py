@@ -9,12 +9,14 @@ import shutil
 import signal
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from support.base import ConfigError, DataError, atomic_write, one_line
-from support.cli import DEFAULTS, RESUME_MAY_CHANGE
-from support.models import strict_load
+from support.cli import FLAG_KEYS, RESUME_MAY_CHANGE
+from support.data import CITYSCAPES_ID_TO_TRAIN, DATASETS, TASKS
+from support.models import Normalize, strict_load
 
 
 def save_checkpoint(cfg, nets, iteration):
@@ -33,8 +35,35 @@ def save_checkpoint(cfg, nets, iteration):
                  rebuilder=nets.rebuilder.state_dict() if nets.rebuilder is not None else None,
                  pixel_head=nets.pixel_head.state_dict() if nets.pixel_head is not None else None,
                  optimizers=[optimizer.state_dict() for optimizer in nets.optimizers], scaler=nets.scaler.state_dict(),
-                 world_size=nets.world, rng=rngs)
+                 world_size=nets.world, rng=rngs, inference=inference_record(cfg.task, nets.info, nets.model))
     atomic_write(os.path.join(cfg.work_dir, "checkpoint.pth"), lambda f: torch.save(state, f))
+
+
+# a target dataset's label id -> train id table, for the label ids its benchmark expects
+LABEL_ID_TABLES = {"cityscapes": CITYSCAPES_ID_TO_TRAIN}
+
+
+def inference_record(task, info, model):
+    """state["inference"] of a model file, what predicting needs beyond state["arch"] (which builds the network)
+    and the weights, in plain containers: the task, its target dataset, the class names and RGB palette in
+    train-id order, the target dataset's label id of each train id (what a benchmark server expects; None: its
+    labels are train ids), size (w, h): what the target images were resized to in training (fit keeping the aspect
+    ratio, mmseg), None: used as drawn, the align_corners of resizing the logits, the normalisation the model
+    applies itself to its RGB [0, 1] input (caffe: to BGR 0-255 first), and HRDA's views (None: single scale)."""
+    spec = TASKS[task]
+    target, num_classes = spec["target"], len(spec["class_names"])
+    size = None
+    if target in DATASETS:
+        size = tuple(int(side * info.get("resolution", 1)) for side in DATASETS[target]["size"])
+    table = LABEL_ID_TABLES.get(target)
+    label_ids = None if table is None else [int(np.flatnonzero(table == t)[0]) for t in range(num_classes)]
+    norm = next((m for m in model.modules() if isinstance(m, Normalize)), None)
+    normalize = None if norm is None else dict(kind=norm.kind, mean=norm.mean.flatten().tolist(),
+                                               std=norm.std.flatten().tolist())
+    return dict(task=task, target=target, class_names=list(spec["class_names"]),
+                palette=np.asarray(spec["palette"]).tolist(), label_ids=label_ids, size=size,
+                align_corners=bool(info["align_corners"]), normalize=normalize,
+                hrda=dict(info["hrda"]) if info.get("hrda") else None)
 
 
 def load_checkpoint(path):
@@ -88,9 +117,14 @@ def resume(cfg, nets, state=None):
     return state["iteration"]
 
 
-def export_model(path, model, info, num_classes):
-    """Inference-only file: the segmentation model and how to build it; no Rebuilder, no optimiser."""
+def export_model(path, model, info, num_classes, task=None, inference=None):
+    """Inference-only file: the segmentation model and how to build it, and (given the task, or the record itself)
+    what predicting needs (inference_record); no Rebuilder, no optimiser."""
     state = dict(arch=info, num_classes=num_classes, model=model.state_dict())
+    if inference is None and task is not None:
+        inference = inference_record(task, info, model)
+    if inference is not None:
+        state["inference"] = inference
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -127,7 +161,7 @@ def read_resume_checkpoint(cfg):
         raise DataError(f"{path}: not a training checkpoint of train_dacs_mrm.py (an export or another file?); "
                         f"--resume continues from the checkpoint.pth a run wrote")
     saved = state["config"]
-    differences = [f"--{key.replace('_', '-')} {saved[key]} (now {getattr(cfg, key)})" for key in DEFAULTS
+    differences = [f"--{key.replace('_', '-')} {saved[key]} (now {getattr(cfg, key)})" for key in FLAG_KEYS
                    if key not in RESUME_MAY_CHANGE and key in saved and saved[key] != getattr(cfg, key)]
     if differences:
         raise ConfigError(f"{path}: checkpoint is of another experiment, run with " + ", ".join(differences) +

@@ -22,7 +22,7 @@ from support.base import ConfigError, one_line
 from support.cli import DEFAULTS
 from support.data import (BATCH_KEYS, Domain, TrainBatches, make_loader, pseudo_margins, random_crop, rcs_statistics,
                           step_inputs, to_device, write_fake_dataset)
-from support.hrda import draw_mrm_mask, rebuild
+from support.hrda import draw_mrm_mask, rebuilt_features
 from support.models import DEPTHWISE_FORMS
 from support.networks import (aspp_dilations, build_model, build_nets, hrda_views, rebuilder_scales, set_learning_rates,
                               why_eager)
@@ -46,7 +46,7 @@ class CudaGraphStep:
     instead of thousands, which takes the host off the critical path (shapes are static: crop and batch).
     Before each replay the host writes the batch into the graph's input buffers and, through begin_step, the
     learning rates and EMA weight into device tensors; random numbers come from the CUDA generator, which
-    advances at each replay. The first `warmup` iterations run eagerly on a side stream, as CUDA graph capture
+    advances at each replay; the debug tensors it returns are the graph's own, rewritten by each replay. The first `warmup` iterations run eagerly on a side stream, as CUDA graph capture
     asks (optimizer states, cuDNN's algorithm search), and the next one is captured and replayed. Without a GPU
     (capture=False, the default there) the same calls run the step from the same buffers, so that the CPU tests
     check every piece but the capture itself. A capture that fails stops the run with one line: the CUDA
@@ -69,7 +69,7 @@ class CudaGraphStep:
                                      f"{tuple(buffer.shape)}: every batch must have the same shape")
                 buffer.copy_(batch[key], non_blocking=True)
             self.replay()
-            return self.losses.clone()
+            return self.losses.clone(), self.seen
         self.steps += 1
         self.inputs = to_device(batch, nets)
         if self.steps <= self.warmup:
@@ -80,7 +80,7 @@ class CudaGraphStep:
             graph = torch.cuda.CUDAGraph()
             try:  # thread_local: the loader's pin-memory thread may allocate meanwhile
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    self.losses = self.device_step(cfg, nets, *self.inputs)
+                    self.losses, self.seen = self.device_step(cfg, nets, *self.inputs)
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as error:
@@ -89,10 +89,10 @@ class CudaGraphStep:
             self.replay = graph.replay
         else:
             def replay():
-                self.losses = self.device_step(cfg, nets, *self.inputs)
+                self.losses, self.seen = self.device_step(cfg, nets, *self.inputs)
             self.replay = replay
         self.replay()
-        return self.losses.clone()
+        return self.losses.clone(), self.seen
 
     @contextlib.contextmanager
     def side_stream(self):
@@ -422,7 +422,7 @@ def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None,
             if mode == "input":
                 model.decoder(model.encoder(x))
             else:
-                model.decoder(rebuild(rebuilder, features, draw_mrm_mask(rebuilder, features, x)))
+                model.decoder(rebuilt_features(rebuilder, features, draw_mrm_mask(rebuilder, features, x)))
     trainable = sum(p.numel() for p in rebuilder.parameters() if p.requires_grad) if mode != "input" else 0
     return dict(model_gmac=base.get_total_flops() / 2e9, extra_gmac=extra.get_total_flops() / 2e9,
                 rebuilder_params=trainable, ratio=1 + extra.get_total_flops() / base.get_total_flops(),
