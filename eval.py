@@ -144,7 +144,7 @@ def format_table(ious, class_ids, names=CLASSES):
 
 
 def load_segmentation_model(path, device="cpu"):
-    """(model, number of classes, architecture info) from a training checkpoint or an export."""
+    """(model, number of classes, architecture record) from a training checkpoint or an export."""
     return model_from_state(read_model_file(path), path, device)
 
 
@@ -153,12 +153,13 @@ def read_model_file(path):
     state = load_checkpoint(path)
     if not isinstance(state, dict) or "model" not in state or "arch" not in state:
         raise DataError(f"{path}: not a checkpoint of train_dacs_mrm.py (no 'model' and 'arch' entries)")
-    info = state["arch"]
-    needed = {"arch", "align_corners"} | ({"layers", "width", "style", "aspp_dilations", "decoder"}
-                                          if isinstance(info, dict) and info.get("arch", "").startswith("dlv2") else set())
-    if not isinstance(info, dict) or needed - info.keys():
+    arch_record = state["arch"]
+    deeplab = isinstance(arch_record, dict) and arch_record.get("arch", "").startswith("dlv2")
+    needed = {"arch", "align_corners"} | ({"layers", "width", "style", "aspp_dilations", "decoder"} if deeplab
+                                          else set())
+    if not isinstance(arch_record, dict) or needed - arch_record.keys():
         raise DataError(f"{path}: written by an older train_dacs_mrm.py (its architecture record lacks "
-                        f"{sorted(needed - set(info or ()))}); retrain, or add them to state['arch']")
+                        f"{sorted(needed - set(arch_record or ()))}); retrain, or add them to state['arch']")
     if not isinstance(model_classes(state), int):
         raise DataError(f"{path}: not a checkpoint of train_dacs_mrm.py (no number of classes)")
     return state
@@ -172,11 +173,11 @@ def model_classes(state):
 
 
 def model_from_state(state, path, device="cpu"):
-    """(model, number of classes, architecture info) of read_model_file's state."""
-    info, num_classes = state["arch"], model_classes(state)
-    model, _ = build_model(info["arch"], num_classes, info=info)
+    """(model, number of classes, architecture record) of read_model_file's state."""
+    arch_record, num_classes = state["arch"], model_classes(state)
+    model, _ = build_model(arch_record["arch"], num_classes, arch_record=arch_record)
     load_model_state(model, state["model"], path)
-    return model.to(device).eval(), num_classes, info
+    return model.to(device).eval(), num_classes, arch_record
 
 
 def model_task(state, task, path):
@@ -672,11 +673,11 @@ def run_model(args):
         paths = list_images(args.images)
     elif args.format:
         image_dir, paths = cityscapes_images(args.data_root, args.split)
-    model, num_classes, info = model_from_state(state, args.checkpoint, device)
-    record = record or inference_record(name, info, model)
+    model, num_classes, arch_record = model_from_state(state, args.checkpoint, device)
+    record = record or inference_record(name, arch_record, model)
     if args.export:
-        export_model(args.export, model, info, num_classes, inference=record)
-        print(f"wrote {args.export}: {info['arch']}, {num_classes} classes of task {name}, no Rebuilder")
+        export_model(args.export, model, arch_record, num_classes, inference=record)
+        print(f"wrote {args.export}: {arch_record['arch']}, {num_classes} classes of task {name}, no Rebuilder")
         return
     palette = np.asarray(record["palette"], np.uint8)
     start = time.perf_counter()
@@ -685,19 +686,19 @@ def run_model(args):
         write = (image_writer(args.out, palette, args.blend) if args.images else
                  cityscapes_writer(args.out, image_dir, record["label_ids"]))
         predict_files(model, paths, input_transform(record, args.protocol), device,
-                      info["align_corners"], write, args.amp, args.batch_size, args.workers)
+                      arch_record["align_corners"], write, args.amp, args.batch_size, args.workers)
         what = ("colour and train-id PNGs" if args.images else
                 f"Cityscapes {args.split} labelIds PNGs, CITY/CITY_NNNNNN_NNNNNN_leftImg8bit.png,")
         print(f"wrote {len(paths)} {what} to {args.out} in {time.perf_counter() - start:.1f} s on {device}")
         return
     task = TASKS[name]
     val = Domain(task["target"], args.data_root, "val", args.seed, framework=args.protocol,
-                 resolution=info.get("resolution", 1))
+                 resolution=arch_record.get("resolution", 1))
     writer = None
     if args.save_dir:
         os.makedirs(args.save_dir, exist_ok=True)
         writer = prediction_writer(args.save_dir, val, palette)
-    conf = evaluate(model, val, num_classes, device, info["align_corners"], args.amp, args.protocol, writer,
+    conf = evaluate(model, val, num_classes, device, arch_record["align_corners"], args.amp, args.protocol, writer,
                     args.workers, say=print)
     seconds = time.perf_counter() - start
     if not conf.sum():

@@ -49,7 +49,7 @@ from eval import confusion_matrix, evaluate, format_table, iou_per_class
 from support.hrda import HRDAEncoder, HRDAModel, HRDAOutput, Views, rebuilt_features, slide_boxes
 from support.models import (ASPPClassifier, Attention, DAFormerHead, DEPTHWISE_FORMS, DeepLabV3PlusHead,
                             DepthwiseConv3x3, DropPath, MIT_B2, MIT_B3, MIT_B5, MIT_TINY, MiTEncoder,
-                            MixVisionTransformer, Normalize, ResNetDilated, build_deeplab, build_deeplab_from_info,
+                            MixVisionTransformer, Normalize, ResNetDilated, build_deeplab, build_deeplab_from_record,
                             load_backbone_state, load_mit_weights, read_pretrained)
 from support.networks import (PIXELS_PER_CELL, SlotSGD, build_model, build_nets, dacs_parameter_slots, lr_factor,
                               set_learning_rates, why_eager)
@@ -428,8 +428,8 @@ def test_load_coco_init_layout(tmp_path, name, prefix):
     path = tmp_path / name
     torch.save(sd, path, _use_new_zipfile_serialization=False)  # the 2017 files predate the zip format
 
-    encoder, decoder, info = build_deeplab(19, pretrained=str(path), **DLV2_TINY)
-    assert info == {'arch': 'dlv2', 'layers': [1, 1, 1, 1], 'width': 8, 'style': 'caffe', 'aspp_dilations': [6, 12],
+    encoder, decoder, arch_record = build_deeplab(19, pretrained=str(path), **DLV2_TINY)
+    assert arch_record == {'arch': 'dlv2', 'layers': [1, 1, 1, 1], 'width': 8, 'style': 'caffe', 'aspp_dilations': [6, 12],
                     'decoder': 'deeplabv2'}
     assert encoder.normalize.kind == 'caffe'
     assert encoder.backbone.layer2[0].conv1.stride == (2, 2)
@@ -446,8 +446,8 @@ def test_load_torchvision_layout_wrapped(tmp_path):
     path = tmp_path / 'resnet101-63fe2227.pth'
     torch.save({'state_dict': sd}, path)
 
-    encoder, decoder, info = build_deeplab(19, pretrained=path, **DLV2_TINY)
-    assert info['style'] == 'torchvision'
+    encoder, decoder, arch_record = build_deeplab(19, pretrained=path, **DLV2_TINY)
+    assert arch_record['style'] == 'torchvision'
     assert encoder.normalize.kind == 'imagenet'
     assert encoder.backbone.layer2[0].conv1.stride == (1, 1)
     assert encoder.backbone.layer2[0].conv2.stride == (2, 2)
@@ -486,9 +486,9 @@ def test_real_torchvision_resnet101_keys_load(tmp_path):
 
 
 def test_build_default_and_from_info():
-    encoder, decoder, info = build_deeplab(5, **DLV2_TINY)
-    assert info['style'] == 'caffe'
-    enc2, dec2 = build_deeplab_from_info(5, info)
+    encoder, decoder, arch_record = build_deeplab(5, **DLV2_TINY)
+    assert arch_record['style'] == 'caffe'
+    enc2, dec2 = build_deeplab_from_record(5, arch_record)
     enc2.load_state_dict(encoder.state_dict())  # strict: identical architecture
     dec2.load_state_dict(decoder.state_dict())
     assert list(decoder.state_dict()) == [f'conv2d_list.{i}.{n}' for i in range(2) for n in ('weight', 'bias')]
@@ -528,11 +528,11 @@ def test_deeplabv2_classifier_defaults_to_the_two_branches_uda_code_ran(capsys):
     two branches by default in every DeepLabV2 setting, four on request, anything else refused."""
     assert [c.dilation for c in ASPPClassifier(8, 3).conv2d_list] == [(6, 6), (12, 12)]
     for arch in ('dlv2-tiny', 'dlv2-v1c-tiny'):
-        model, info = build_model(arch, 5)
-        assert len(model.decoder.conv2d_list) == 2 and info['aspp_dilations'] == [6, 12]
+        model, arch_record = build_model(arch, 5)
+        assert len(model.decoder.conv2d_list) == 2 and arch_record['aspp_dilations'] == [6, 12]
     nets = build_nets(T.parse_args(['--task', 'toy', '--device', 'cpu', '--aspp-dilations', '6,12,18,24']))
     assert [c.dilation[0] for c in nets.model.decoder.conv2d_list] == [6, 12, 18, 24]
-    assert nets.info['aspp_dilations'] == [6, 12, 18, 24]
+    assert nets.arch_record['aspp_dilations'] == [6, 12, 18, 24]
     assert T.main(['--task', 'toy', '--aspp-dilations', '6,12,18']) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and '--aspp-dilations 6,12,18: must be one of 6,12 | 6,12,18,24' in err
@@ -568,8 +568,8 @@ def test_load_mmcv_resnet_v1c_layout(tmp_path):
     sd = dict(src.state_dict(), **{'fc.weight': torch.zeros(10, 256), 'fc.bias': torch.zeros(10)})
     path = tmp_path / 'resnet101_v1c-e67eebb6.pth'
     torch.save({'meta': {'epoch': 100}, 'state_dict': sd}, path)
-    encoder, decoder, info = build_deeplab(19, pretrained=str(path), layers=(1, 2, 2, 2), width=8, styles=('v1c',))
-    assert info['style'] == 'v1c' and encoder.normalize.kind == 'imagenet'
+    encoder, decoder, arch_record = build_deeplab(19, pretrained=str(path), layers=(1, 2, 2, 2), width=8, styles=('v1c',))
+    assert arch_record['style'] == 'v1c' and encoder.normalize.kind == 'imagenet'
     assert_same_state(src, encoder.backbone)
     assert all(c.bias.abs().sum() == 0 for c in decoder.conv2d_list)  # mmcv's NormalInit: bias 0
     del sd['stem.3.weight']
@@ -2073,8 +2073,8 @@ def test_new_pretrained_layouts_load_strictly(tmp_path):
     tv = torchvision.models.resnet50(weights=None)
     path = tmp_path / "resnet50-11ad3fa6.pth"
     torch.save(tv.state_dict(), path)
-    model, info = build_model("dlv2-r50", 19, pretrained=str(path))
-    assert info["style"] == "torchvision" and info["layers"] == [3, 4, 6, 3]
+    model, arch_record = build_model("dlv2-r50", 19, pretrained=str(path))
+    assert arch_record["style"] == "torchvision" and arch_record["layers"] == [3, 4, 6, 3]
     assert torch.equal(model.encoder.backbone.layer3[5].conv2.weight, tv.layer3[5].conv2.weight)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in MixVisionTransformer(**MIT_B2).state_dict().items()}
@@ -2101,7 +2101,7 @@ def test_deeplabv3plus_head_like_mmseg_and_wrapped_by_the_rebuilder(arch):
     assert sum(p.numel() for p in head.parameters()) == expected == 17_697_923
     nets = build_nets(T.parse_args(["--task", "gta2cs", "--arch", arch, "--decoder", "deeplabv3plus",
                                         "--device", "cpu"]))
-    assert nets.info["decoder"] == "deeplabv3plus" and nets.rebuilder.in_channels == [64, 512]
+    assert nets.arch_record["decoder"] == "deeplabv3plus" and nets.rebuilder.in_channels == [64, 512]
     assert [len(p) for p in nets.rebuilder.projectors] == [9, 6]  # x8 for layer1 (stride 4), x4 for layer4
     x = torch.rand(2, 3, 64, 64)
     features = nets.model.encoder(x)
@@ -3029,9 +3029,9 @@ def test_every_bad_flag_is_one_line_before_anything_is_written(tmp_path, capsys,
 def tiny_model(path, num_classes, align_corners, seed=0):
     """A random dlv2-tiny exported as training exports it (no training: a forward pass is all these tests need)."""
     torch.manual_seed(seed)
-    model, info = build_model("dlv2-tiny", num_classes)
-    info["align_corners"] = align_corners
-    export_model(str(path), model, info, num_classes)
+    model, arch_record = build_model("dlv2-tiny", num_classes)
+    arch_record["align_corners"] = align_corners
+    export_model(str(path), model, arch_record, num_classes)
     return str(path), model.eval()
 
 
@@ -3779,18 +3779,18 @@ def model_of_task(path, task, align_corners=True, seed=0, **arch):
     """A random dlv2-tiny for `task`, exported as training exports it: with the record of its task."""
     torch.manual_seed(seed)
     num_classes = len(support.data.TASKS[task]["class_names"])
-    model, info = build_model("dlv2-tiny", num_classes)
-    info.update(align_corners=align_corners, **arch)
-    export_model(str(path), model, info, num_classes, task=task)
+    model, arch_record = build_model("dlv2-tiny", num_classes)
+    arch_record.update(align_corners=align_corners, **arch)
+    export_model(str(path), model, arch_record, num_classes, task=task)
     return str(path), model.eval()
 
 
 def old_export(path, num_classes, align_corners, seed=0):
     """An export as written before model files recorded their task: arch, num_classes and model only."""
     torch.manual_seed(seed)
-    model, info = build_model("dlv2-tiny", num_classes)
-    info["align_corners"] = align_corners
-    torch.save(dict(arch=info, num_classes=num_classes, model=model.state_dict()), str(path))
+    model, arch_record = build_model("dlv2-tiny", num_classes)
+    arch_record["align_corners"] = align_corners
+    torch.save(dict(arch=arch_record, num_classes=num_classes, model=model.state_dict()), str(path))
     return str(path), model.eval()
 
 

@@ -409,7 +409,8 @@ def train(cfg):
             f"{' + MRM' if nets.rebuilder is not None else ''}{' + MIC' if cfg.mic else ''}, iterations "
             f"{start}..{stop} of {cfg.iters}, {len(source)} source / {len(target)} target images"
             f"{f', {world} processes' if world > 1 else ''}\n  from {initialisation}; "
-            f"{'fp32' if cfg.amp == 'off' else cfg.amp} on {cfg.device} ({threads} CPU thread{'s' * (threads > 1)}), step "
+            f"{'fp32' if cfg.amp == 'off' else cfg.amp} on {cfg.device} ({threads} CPU thread{'s' * (threads > 1)}), "
+            f"step "
             f"{'as one CUDA graph' if nets.graph else 'eager'}{f' ({why_eager(cfg, world)})' if not nets.graph else ''}"
             f"; work dir {cfg.work_dir}{' (--overwrite)' if cfg.overwrite else ''}"
             + (f"\n  resumed with {', '.join(changed)}" if changed else ""), flush=True)
@@ -485,7 +486,7 @@ def training_loop(cfg, nets, loader, val, start, stop, log, say):
     if nets.rank != 0:
         return None
     if stop == cfg.iters:
-        export_model(os.path.join(cfg.work_dir, "model.pth"), nets.model, nets.info, cfg.num_classes, cfg.task)
+        export_model(os.path.join(cfg.work_dir, "model.pth"), nets.model, nets.arch_record, cfg.num_classes, cfg.task)
         return validate(cfg, nets, val, cfg.iters, log)
     print(f"stopped after iteration {stop} (--stop-after); continue with --resume", flush=True)
     return None

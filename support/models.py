@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as recompute
 
 from mrm import segmentation_ce
 from support.base import one_line
@@ -291,21 +291,22 @@ def load_backbone_state(backbone, sd, path):
     strict_load(backbone, sd, path, "the backbone", ignore=_ignored)
 
 
-def build_deeplab_from_info(num_classes, info):
-    if info['decoder'] == 'deeplabv3plus':
-        encoder = ResNetEncoder(tuple(info['layers']), info['width'], info['style'], with_layer1=True)
+def build_deeplab_from_record(num_classes, arch_record):
+    if arch_record['decoder'] == 'deeplabv3plus':
+        encoder = ResNetEncoder(tuple(arch_record['layers']), arch_record['width'], arch_record['style'],
+                                with_layer1=True)
         return encoder, DeepLabV3PlusHead(encoder.out_channels, num_classes)
-    encoder = ResNetEncoder(tuple(info['layers']), info['width'], info['style'])
-    decoder = ASPPClassifier(encoder.out_channels, num_classes, tuple(info['aspp_dilations']),
-                             zero_bias=info['style'] == 'v1c')
+    encoder = ResNetEncoder(tuple(arch_record['layers']), arch_record['width'], arch_record['style'])
+    decoder = ASPPClassifier(encoder.out_channels, num_classes, tuple(arch_record['aspp_dilations']),
+                             zero_bias=arch_record['style'] == 'v1c')
     return encoder, decoder
 
 
 def build_deeplab(num_classes, pretrained=None, layers=(3, 4, 23, 3), width=64, styles=('caffe', 'torchvision'),
                   aspp_dilations=(6, 12), decoder='deeplabv2'):
-    """Returns (encoder, decoder, info); info rebuilds the same architecture without the file. styles: those the
-    architecture takes; the file's keys choose among them (no file: the first). decoder: 'deeplabv2' (the ASPP
-    classifier) or 'deeplabv3plus'."""
+    """Returns (encoder, decoder, arch_record); arch_record rebuilds the same architecture without the file. styles:
+    those the architecture takes; the file's keys choose among them (no file: the first). decoder: 'deeplabv2' (the
+    ASPP classifier) or 'deeplabv3plus'."""
     style, sd = styles[0], None
     if pretrained is not None:
         sd = read_pretrained(pretrained)
@@ -313,12 +314,12 @@ def build_deeplab(num_classes, pretrained=None, layers=(3, 4, 23, 3), width=64, 
         if style not in styles:
             raise ValueError(f"{pretrained}: holds {style}-style ResNet weights; this architecture takes "
                              f"{' or '.join(styles)} (--arch dlv2 for caffe/torchvision, dlv2-v1c for v1c)")
-    info = {'arch': 'dlv2', 'layers': list(layers), 'width': width, 'style': style,
+    arch_record = {'arch': 'dlv2', 'layers': list(layers), 'width': width, 'style': style,
             'aspp_dilations': list(aspp_dilations), 'decoder': decoder}
-    encoder, decoder = build_deeplab_from_info(num_classes, info)
+    encoder, decoder = build_deeplab_from_record(num_classes, arch_record)
     if sd is not None:
         load_backbone_state(encoder.backbone, sd, pretrained)
-    return encoder, decoder, info
+    return encoder, decoder, arch_record
 
 
 class MiTEncoder(nn.Module):
@@ -474,7 +475,7 @@ class MixVisionTransformer(nn.Module):
             for blk in getattr(self, f'block{i}'):
                 if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
                     # recompute activations in backward; RNG state is replayed so DropPath matches
-                    x = checkpoint(blk, x, H, W, use_reentrant=False)
+                    x = recompute(blk, x, H, W, use_reentrant=False)
                 else:
                     x = blk(x, H, W)
             x = tokens_to_map(getattr(self, f'norm{i}')(x), H, W).contiguous()

@@ -14,7 +14,7 @@ from mrm import Masking, Rebuilder
 from support.base import DataError
 from support.hrda import HRDAModel
 from support.models import (ARCHS, DAFormerHead, DepthwiseConv3x3, DropPath, MiTEncoder, SegModel, build_deeplab,
-                            build_deeplab_from_info, load_mit_weights)
+                            build_deeplab_from_record, load_mit_weights)
 
 
 def teacher_mode(teacher):
@@ -56,12 +56,12 @@ def build_nets(cfg, rank=0, world=1):
     torchrun (world > 1) what the step calls is wrapped in DistributedDataParallel."""
     device = torch.device(cfg.device)
     pretrained = "" if cfg.pretrained == "none" else cfg.pretrained
-    model, info = build_model(cfg.arch, cfg.num_classes, pretrained, cfg.checkpoint_blocks, aspp_dilations(cfg),
+    model, arch_record = build_model(cfg.arch, cfg.num_classes, pretrained, cfg.checkpoint_blocks, aspp_dilations(cfg),
                               cfg.decoder, hrda=hrda_views(cfg))
-    info["align_corners"] = cfg.align_corners  # evaluation must resample the logits as training did
+    arch_record["align_corners"] = cfg.align_corners  # evaluation must resample the logits as training did
     model.align_corners, model.hr_loss_weight = cfg.align_corners, cfg.hr_loss_weight  # its loss's settings
     if cfg.resolution != 1:  # and see images at the size training saw
-        info["resolution"] = cfg.resolution
+        arch_record["resolution"] = cfg.resolution
     for module in model.modules():  # a speed choice of training only: the same result, the same weights
         if isinstance(module, DepthwiseConv3x3):
             module.form = cfg.aspp_depthwise
@@ -77,7 +77,7 @@ def build_nets(cfg, rank=0, world=1):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
     nets = SimpleNamespace(model=model, teacher=teacher, rebuilder=rebuilder, pixel_head=pixel_head, imagenet=imagenet,
-                           info=info, device=device, memory_format=memory_format, rank=rank, world=world,
+                           arch_record=arch_record, device=device, memory_format=memory_format, rank=rank, world=world,
                            graph=not why_eager(cfg, world), ema_weight=0.0)
     for name in ("model", "teacher", "rebuilder", "pixel_head", "imagenet"):
         if getattr(nets, name) is not None:
@@ -152,11 +152,11 @@ def build_optimizers(cfg, nets):
 
 
 class SlotSGD(torch.optim.Optimizer):
-    """Momentum SGD as DACS's optimizer really ran (DACS trainUDA.py, get_1x_lr_params_NOscale). DACS hands torch.optim.SGD a parameter
-    list in which a tensor occurs several times (dacs_parameter_slots); torch 1.x then updated it once per
-    occurrence, each time with its unchanged gradient and the ONE momentum buffer it kept per tensor. Here a
-    parameter group holds tensors with the same count `slots` and applies that many updates in a row; with
-    slots=1 this is torch's SGD (dampening 0, no Nesterov)."""
+    """Momentum SGD as DACS's optimizer really ran (DACS trainUDA.py, get_1x_lr_params_NOscale). DACS hands
+    torch.optim.SGD a parameter list in which a tensor occurs several times (dacs_parameter_slots); torch 1.x then
+    updated it once per occurrence, each time with its unchanged gradient and the ONE momentum buffer it kept per
+    tensor. Here a parameter group holds tensors with the same count `slots` and applies that many updates in a row;
+    with slots=1 this is torch's SGD (dampening 0, no Nesterov)."""
 
     def __init__(self, params, lr, momentum, weight_decay):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, slots=1))
@@ -197,10 +197,10 @@ def dacs_parameter_slots(backbone):
 
 
 def build_model(arch, num_classes, pretrained="", checkpoint_blocks=False, aspp_dilations=(6, 12), decoder="",
-                info=None, hrda=None):
-    """(SegModel, info). info records what the weights decided (DeepLab style), the decoder and the classifier's
-    dilations, HRDA's views, so that eval.py rebuilds the same network from a checkpoint without the pretrained
-    file. hrda: dict(context_scale, detail_crop, window) builds HRDA's multi-resolution model on a MiT."""
+                arch_record=None, hrda=None):
+    """(SegModel, arch_record). arch_record records what the weights decided (DeepLab style), the decoder and the
+    classifier's dilations, HRDA's views, so that eval.py rebuilds the same network from a checkpoint without the
+    pretrained file. hrda: dict(context_scale, detail_crop, window) builds HRDA's multi-resolution model on a MiT."""
     spec = ARCHS[arch]
     if pretrained and not os.path.isfile(pretrained):
         raise DataError(f"{pretrained}: pretrained weights file not found")
@@ -209,21 +209,22 @@ def build_model(arch, num_classes, pretrained="", checkpoint_blocks=False, aspp_
             encoder = MiTEncoder(spec["mit"], checkpoint_blocks)
             if pretrained:
                 load_mit_weights(encoder.backbone, pretrained)
-            hrda = hrda or (info or {}).get("hrda")
-            info = dict(arch=arch)
+            hrda = hrda or (arch_record or {}).get("hrda")
+            arch_record = dict(arch=arch)
             if hrda:
-                info["hrda"] = dict(hrda)
-                return HRDAModel(encoder, num_classes, spec["head_dim"], **hrda), info
+                arch_record["hrda"] = dict(hrda)
+                return HRDAModel(encoder, num_classes, spec["head_dim"], **hrda), arch_record
             decoder = DAFormerHead(encoder.out_channels, num_classes, embed_dim=spec["head_dim"])
-        elif info is not None:
-            encoder, decoder = build_deeplab_from_info(num_classes, info)
+        elif arch_record is not None:
+            encoder, decoder = build_deeplab_from_record(num_classes, arch_record)
         else:
-            encoder, decoder, info = build_deeplab(num_classes, pretrained or None, spec["layers"], spec["width"],
-                                                   spec["styles"], aspp_dilations, decoder or spec["decoders"][0])
-            info["arch"] = arch
+            encoder, decoder, arch_record = build_deeplab(num_classes, pretrained or None, spec["layers"],
+                                                          spec["width"], spec["styles"], aspp_dilations,
+                                                          decoder or spec["decoders"][0])
+            arch_record["arch"] = arch
     except ValueError as error:  # the loaders' one-line key/shape report
         raise DataError(str(error)) from None
-    return SegModel(encoder, decoder), info
+    return SegModel(encoder, decoder), arch_record
 
 
 def step_calls(cfg, nets):

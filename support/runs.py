@@ -30,12 +30,12 @@ def save_checkpoint(cfg, nets, iteration):
         dist.gather_object(rng, rngs, dst=0)
     if nets.rank != 0:
         return
-    state = dict(iteration=iteration, config=vars(cfg), arch=nets.info, model=nets.model.state_dict(),
+    state = dict(iteration=iteration, config=vars(cfg), arch=nets.arch_record, model=nets.model.state_dict(),
                  teacher=nets.teacher.state_dict() if nets.teacher is not None else None,
                  rebuilder=nets.rebuilder.state_dict() if nets.rebuilder is not None else None,
                  pixel_head=nets.pixel_head.state_dict() if nets.pixel_head is not None else None,
                  optimizers=[optimizer.state_dict() for optimizer in nets.optimizers], scaler=nets.scaler.state_dict(),
-                 world_size=nets.world, rng=rngs, inference=inference_record(cfg.task, nets.info, nets.model))
+                 world_size=nets.world, rng=rngs, inference=inference_record(cfg.task, nets.arch_record, nets.model))
     atomic_write(os.path.join(cfg.work_dir, "checkpoint.pth"), lambda f: torch.save(state, f))
 
 
@@ -43,7 +43,7 @@ def save_checkpoint(cfg, nets, iteration):
 LABEL_ID_TABLES = {"cityscapes": CITYSCAPES_ID_TO_TRAIN}
 
 
-def inference_record(task, info, model):
+def inference_record(task, arch_record, model):
     """state["inference"] of a model file, what predicting needs beyond state["arch"] (which builds the network)
     and the weights, in plain containers: the task, its target dataset, the class names and RGB palette in
     train-id order, the target dataset's label id of each train id (what a benchmark server expects; None: its
@@ -54,7 +54,7 @@ def inference_record(task, info, model):
     target, num_classes = spec["target"], len(spec["class_names"])
     size = None
     if target in DATASETS:
-        size = tuple(int(side * info.get("resolution", 1)) for side in DATASETS[target]["size"])
+        size = tuple(int(side * arch_record.get("resolution", 1)) for side in DATASETS[target]["size"])
     table = LABEL_ID_TABLES.get(target)
     label_ids = None if table is None else [int(np.flatnonzero(table == t)[0]) for t in range(num_classes)]
     norm = next((m for m in model.modules() if isinstance(m, Normalize)), None)
@@ -62,8 +62,8 @@ def inference_record(task, info, model):
                                                std=norm.std.flatten().tolist())
     return dict(task=task, target=target, class_names=list(spec["class_names"]),
                 palette=np.asarray(spec["palette"]).tolist(), label_ids=label_ids, size=size,
-                align_corners=bool(info["align_corners"]), normalize=normalize,
-                hrda=dict(info["hrda"]) if info.get("hrda") else None)
+                align_corners=bool(arch_record["align_corners"]), normalize=normalize,
+                hrda=dict(arch_record["hrda"]) if arch_record.get("hrda") else None)
 
 
 def load_checkpoint(path):
@@ -89,8 +89,8 @@ def resume(cfg, nets, state=None):
     returns its iteration."""
     path = os.path.join(cfg.work_dir, "checkpoint.pth")
     state = read_resume_checkpoint(cfg) if state is None else state
-    if state["arch"] != nets.info:
-        raise DataError(f"{path}: checkpoint is {state['arch']}, this run builds {nets.info}")
+    if state["arch"] != nets.arch_record:
+        raise DataError(f"{path}: checkpoint is {state['arch']}, this run builds {nets.arch_record}")
     load_model_state(nets.model, state["model"], path)
     if nets.teacher is not None:
         nets.teacher.load_state_dict(state["teacher"])
@@ -117,12 +117,12 @@ def resume(cfg, nets, state=None):
     return state["iteration"]
 
 
-def export_model(path, model, info, num_classes, task=None, inference=None):
+def export_model(path, model, arch_record, num_classes, task=None, inference=None):
     """Inference-only file: the segmentation model and how to build it, and (given the task, or the record itself)
     what predicting needs (inference_record); no Rebuilder, no optimiser."""
-    state = dict(arch=info, num_classes=num_classes, model=model.state_dict())
+    state = dict(arch=arch_record, num_classes=num_classes, model=model.state_dict())
     if inference is None and task is not None:
-        inference = inference_record(task, info, model)
+        inference = inference_record(task, arch_record, model)
     if inference is not None:
         state["inference"] = inference
     atomic_write(path, lambda f: torch.save(state, f))

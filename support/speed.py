@@ -42,15 +42,16 @@ class CaptureFailed(ConfigError):
 
 
 class CudaGraphStep:
-    """train_step as one CUDA graph: device_step is captured once and replayed every iteration, one launch
-    instead of thousands, which takes the host off the critical path (shapes are static: crop and batch).
-    Before each replay the host writes the batch into the graph's input buffers and, through begin_step, the
-    learning rates and EMA weight into device tensors; random numbers come from the CUDA generator, which
-    advances at each replay; the debug tensors it returns are the graph's own, rewritten by each replay. The first `warmup` iterations run eagerly on a side stream, as CUDA graph capture
-    asks (optimizer states, cuDNN's algorithm search), and the next one is captured and replayed. Without a GPU
-    (capture=False, the default there) the same calls run the step from the same buffers, so that the CPU tests
-    check every piece but the capture itself. A capture that fails stops the run with one line: the CUDA
-    generator may be left in capture mode, so continuing eagerly in this process is not safe."""
+    """train_step as one CUDA graph: device_step is captured once and replayed every iteration, one launch instead of
+    thousands, which takes the host off the critical path (shapes are static: crop and batch). Before each replay
+    the host writes the batch into the graph's input buffers and, through begin_step, the learning rates and EMA
+    weight into device tensors; random numbers come from the CUDA generator, which advances at each replay; the
+    debug tensors it returns are the graph's own, rewritten by each replay. The first `warmup` iterations run
+    eagerly on a side stream, as CUDA graph capture asks (optimizer states, cuDNN's algorithm search), and the next
+    one is captured and replayed. Without a GPU (capture=False, the default there) the same calls run the step from
+    the same buffers, so that the CPU tests check every piece but the capture itself. A capture that fails stops the
+    run with one line: the CUDA generator may be left in capture mode, so continuing eagerly in this process is not
+    safe."""
 
     warmup_steps = 3
 
@@ -107,9 +108,9 @@ class CudaGraphStep:
 
 
 def reference_step(cfg, nets, batch, iteration):
-    """The same iteration written as DACS's official code does it, for --bench to compare against:
-    fp32, per-image Python loops (ClassMix from torch.unique + np.random.choice, pseudo-label weight
-    read back with .item(), augmentation decided by Python's random), one backward of the summed loss, EMA by a parameter loop."""
+    """The same iteration written as DACS's official code does it, for --bench to compare against: fp32, per-image
+    Python loops (ClassMix from torch.unique + np.random.choice, pseudo-label weight read back with .item(),
+    augmentation decided by Python's random), one backward of the summed loss, EMA by a parameter loop."""
     model, rebuilder = nets.model, nets.rebuilder
     x_s, y_s, x_t, _ = step_inputs(nets, *to_device(batch, nets))
     set_learning_rates(cfg, nets, iteration)
@@ -149,10 +150,10 @@ def reference_step(cfg, nets, batch, iteration):
 
 def bench(cfg, train_step, begin_step, device_step):
     """--bench N: training steps on random batches shaped like gta2cs (1280x720 source, 1024x512 target, times
-    --resolution, cropped), data loading excluded. Every variant warms up (and, on CUDA, captures its graph)
-    first; then N rounds time one step of each in turn (A, B, C, A, B, C ...), so that their ratios share the machine's state,
-    and each reports its median. Variants: the step as configured (DACS+MRM), without MRM, eager instead of one
-    CUDA graph, fp32 instead of --amp, the other --aspp-depthwise forms (DAFormer and DeepLabV3+ heads), and
+    --resolution, cropped), data loading excluded. Every variant warms up (and, on CUDA, captures its graph) first;
+    then N rounds time one step of each in turn (A, B, C, A, B, C ...), so that their ratios share the machine's
+    state, and each reports its median. Variants: the step as configured (DACS+MRM), without MRM, eager instead of
+    one CUDA graph, fp32 instead of --amp, the other --aspp-depthwise forms (DAFormer and DeepLabV3+ heads), and
     (DACS recipe) DACS's per-image fp32 reference_step. All are alive at once: the run needs about their sum in
     memory. On CUDA, torch.profiler over 3 more steps of the first variant gives the GPU-busy time and the kernels
     and host launches per step. On the CPU the tiny model of the same family runs, so that a test can run it."""
@@ -207,7 +208,8 @@ def bench(cfg, train_step, begin_step, device_step):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         nets = build_nets(run)
-        step = reference_step if overrides.get("reference") else CudaGraphStep(nets, begin_step, device_step) if nets.graph else train_step
+        step = (reference_step if overrides.get("reference") else
+                CudaGraphStep(nets, begin_step, device_step) if nets.graph else train_step)
         for i in range(warmup):
             step(run, nets, batch, i)
         synchronize()
