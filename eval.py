@@ -277,17 +277,18 @@ def input_transform(record, protocol):
 
 
 class ImageBatches(torch.utils.data.Dataset):
-    """Item b: (paths, images, their resized batch) of batch b; images of one size share batches."""
+    """Item b: (paths, images, their resized batch, the corrupt files skipped) of batch b; images of one size share
+    batches. `skipped` names the files whose header is unreadable."""
 
     def __init__(self, paths, size, dacs_filter, batch_size):
-        self.size, self.dacs_filter = size, dacs_filter
+        self.size, self.dacs_filter, self.skipped = size, dacs_filter, []
         groups = {}
         for path in paths:
             try:
                 with Image.open(path) as image:  # reads the header only
                     groups.setdefault(image.size, []).append(path)
             except Exception as error:  # PIL raises many different exception types on damaged files
-                raise CorruptFile(path, error) from None
+                self.skipped.append(str(CorruptFile(path, error)))
         self.batches = [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
     def resize(self, image):
@@ -297,19 +298,34 @@ class ImageBatches(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, b):
-        images = [read_image(path) for path in self.batches[b]]
-        return self.batches[b], images, torch.from_numpy(np.stack([self.resize(image) for image in images]))
+        paths, images, skipped = [], [], []
+        for path in self.batches[b]:
+            try:
+                images.append(read_image(path))
+                paths.append(path)
+            except CorruptFile as error:  # raised in a loader worker, it would come wrapped in a traceback
+                skipped.append(str(error))
+        resized = torch.from_numpy(np.stack([self.resize(image) for image in images])) if images else None
+        return paths, images, resized, skipped
 
 
 @torch.no_grad()
 def predict_files(model, paths, transform, device, align_corners, write, amp="off", batch_size=4, workers=0):
     """Train ids of every image at its own size: resized by transform (input_transform), logits resized back
-    bilinearly, argmax; write(path, image, prediction) gets each. About ten progress lines."""
+    bilinearly, argmax; write(path, image, prediction) gets each. About ten progress lines; a corrupt file is
+    skipped with a line naming it. Returns the number of images skipped."""
     batches = ImageBatches(paths, *transform, batch_size)
     autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
                               enabled=amp != "off")
-    start, done, every = time.perf_counter(), 0, max(1, len(paths) // 10)
-    for names, images, x in torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers):
+    for message in batches.skipped:
+        print(f"skipped: {message}", flush=True)
+    start, done, every, skipped = time.perf_counter(), len(batches.skipped), max(1, len(paths) // 10), 0
+    for names, images, x, problems in torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers):
+        for message in problems:
+            print(f"skipped: {message}", flush=True)
+        skipped, done = skipped + len(problems), done + len(problems)
+        if not names:
+            continue
         with autocast:
             logits = model(x.to(device).permute(0, 3, 1, 2).float() / 255)
         for name, image, logit in zip(names, images, logits):
@@ -321,6 +337,7 @@ def predict_files(model, paths, transform, device, align_corners, write, amp="of
             seconds = (time.perf_counter() - start) / done
             print(f"  predicted {done}/{len(paths)} images, {seconds:.2f} s/image, ETA "
                   f"{format_eta(seconds * (len(paths) - done))}", flush=True)
+    return skipped + len(batches.skipped)
 
 
 def image_writer(out, palette, blend):
@@ -385,24 +402,57 @@ def check_outside_data(path, flag, data_root):
         raise DataError(f"{flag} {path}: inside --data-root {data_root}; write outside the dataset")
 
 
-def check_output_dir(path, flag, data_root, overwrite):
-    """A folder for predictions: not a file, not inside the dataset, empty unless overwrite."""
+# What a training run writes and only it may replace, whatever --overwrite says
+RUN_OWNED = ("checkpoint.pth", "log.jsonl", "config.json", "model.pth", ".lock")
+
+
+def check_output_dir(path, flag, data_root, overwrite, inputs=()):
+    """A folder for predictions: not a file, not inside the dataset, holding none of the `inputs` and no training
+    run, empty unless overwrite."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise DataError(f"{flag} {path}: an existing file, expected a folder")
     check_outside_data(path, flag, data_root)
+    folder = os.path.realpath(path)
+    held = [p for p in inputs if os.path.commonpath([os.path.realpath(p), folder]) == folder]
+    if held:
+        raise DataError(f"{flag} {path}: holds the input {held[0]}; write the predictions to another folder")
+    owned = [name for name in RUN_OWNED if os.path.exists(os.path.join(path, name))]
+    if owned:
+        raise DataError(f"{flag} {path}: the work dir of a training run ({', '.join(owned)}); write elsewhere")
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
         raise DataError(f"{flag} {path}: not empty; pass --overwrite to write into it")
 
 
-def check_output_file(path, flag, data_root, overwrite, reading=None):
-    """A file to write: not a folder, not inside the dataset, not the file being read, new unless overwrite."""
+def check_output_file(path, flag, data_root, overwrite, reading=None, replaces=None):
+    """A file to write: not a folder, not inside the dataset, not the file being read, not a training run's own
+    file, new unless overwrite, and then only replacing a file that replaces(path) recognises as one this command
+    writes."""
     if os.path.isdir(path):
         raise DataError(f"{flag} {path}: an existing folder, expected a file name")
     check_outside_data(path, flag, data_root)
     if reading is not None and os.path.realpath(path) == os.path.realpath(reading):
         raise DataError(f"{flag} {path}: is the checkpoint being read; write to another file")
-    if os.path.exists(path) and not overwrite:
+    if not os.path.exists(path):
+        return
+    if not overwrite:
         raise DataError(f"{flag} {path}: exists; pass --overwrite to replace it")
+    if os.path.basename(path) in RUN_OWNED or (replaces is not None and not replaces(path)):
+        raise DataError(f"{flag} {path}: exists and is not a file this command writes; --overwrite never replaces "
+                        f"it: choose another name")
+
+
+def is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def is_export(path):
+    """Whether path holds an inference-only model file (--export's or a run's export), not a training checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(state, dict) and {"arch", "model"} <= state.keys() and "optimizers" not in state
 
 
 # ----------------------------------------------------------------------------- runs: logs, summary, curves
@@ -657,7 +707,7 @@ def run_model(args):
     task, classes, palette, label ids and input size come from the model file (--task only for older files)."""
     device = check_device(args.device)
     if args.export:
-        check_output_file(args.export, "--export", args.data_root, args.overwrite, reading=args.checkpoint)
+        check_output_file(args.export, "--export", args.data_root, args.overwrite, args.checkpoint, is_export)
     state = read_model_file(args.checkpoint)
     name, record = model_task(state, args.task, args.checkpoint)
     target = record["target"] if record else TASKS[name]["target"]
@@ -666,13 +716,14 @@ def run_model(args):
     if not (args.export or args.images or args.format) and name not in TASKS:
         raise DataError(f"{args.checkpoint}: a model of task {name}, which this eval.py does not know: it can "
                         f"predict --images, not evaluate its val split")
-    for flag, folder in (("--out", args.out), ("--save-dir", args.save_dir)):
-        if folder:
-            check_output_dir(folder, flag, args.data_root, args.overwrite)
+    paths = []
     if args.images:
         paths = list_images(args.images)
     elif args.format:
         image_dir, paths = cityscapes_images(args.data_root, args.split)
+    for flag, folder in (("--out", args.out), ("--save-dir", args.save_dir)):
+        if folder:
+            check_output_dir(folder, flag, args.data_root, args.overwrite, paths + [args.checkpoint])
     model, num_classes, arch_record = model_from_state(state, args.checkpoint, device)
     record = record or inference_record(name, arch_record, model)
     if args.export:
@@ -685,11 +736,12 @@ def run_model(args):
         os.makedirs(args.out, exist_ok=True)
         write = (image_writer(args.out, palette, args.blend) if args.images else
                  cityscapes_writer(args.out, image_dir, record["label_ids"]))
-        predict_files(model, paths, input_transform(record, args.protocol), device,
-                      arch_record["align_corners"], write, args.amp, args.batch_size, args.workers)
+        skipped = predict_files(model, paths, input_transform(record, args.protocol), device,
+                                arch_record["align_corners"], write, args.amp, args.batch_size, args.workers)
         what = ("colour and train-id PNGs" if args.images else
                 f"Cityscapes {args.split} labelIds PNGs, CITY/CITY_NNNNNN_NNNNNN_leftImg8bit.png,")
-        print(f"wrote {len(paths)} {what} to {args.out} in {time.perf_counter() - start:.1f} s on {device}")
+        print(f"wrote {len(paths) - skipped} {what} to {args.out} in {time.perf_counter() - start:.1f} s on {device}"
+              + (f"; {skipped} corrupt file(s) skipped (named above)" if skipped else ""))
         return
     task = TASKS[name]
     val = Domain(task["target"], args.data_root, "val", args.seed, framework=args.protocol,
@@ -716,7 +768,9 @@ def main(argv=None):
         if args.summary:
             summarise_runs(args.summary, args.per_class)
         elif args.plot:
-            check_output_file(args.out, "--out", args.data_root, args.overwrite)
+            if not args.out.lower().endswith(".png"):
+                raise DataError(f"--out {args.out}: --plot draws a PNG; name it NAME.png")
+            check_output_file(args.out, "--out", args.data_root, args.overwrite, replaces=is_png)
             for run in args.plot:
                 if not os.path.isfile(os.path.join(run, "log.jsonl")):
                     raise DataError(f"{run}: no log.jsonl, expected the work dir of a training run")

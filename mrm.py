@@ -226,17 +226,23 @@ class Masking(nn.Module):
 def segmentation_ce(logits, target, weight=None, ignore_index=255, align_corners=False):
     """Pixel-wise cross-entropy of logits (B,K,h,w), upsampled bilinearly to target (B,H,W).
 
-    No weight: mean over non-ignored pixels (nn.CrossEntropyLoss, DACS's source loss). With a weight,
-    per pixel (B,H,W) or a scalar: mean over all pixels of weight * CE, as DACS's pseudo-label loss and
-    every mmseg 0.16 loss (weight 1.0). An ignored pixel contributes 0; a batch with every pixel ignored
-    gives 0, not NaN.
+    No weight: mean over non-ignored pixels (nn.CrossEntropyLoss, DACS's source loss). With a weight, a
+    number, one per image (B,) or one per pixel (B,H,W): mean over all pixels of weight * CE, as DACS's
+    pseudo-label loss and every mmseg 0.16 loss (weight 1.0). An ignored pixel contributes 0; a batch with
+    every pixel ignored gives 0, not NaN.
     """
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=align_corners)
     ce = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="none")
-    if weight is not None:
-        return (ce * weight).mean()
-    return ce.sum() / (target != ignore_index).sum().clamp(min=1)
+    if weight is None:
+        return ce.sum() / (target != ignore_index).sum().clamp(min=1)
+    if torch.is_tensor(weight) and weight.dim() > 0:
+        if weight.shape == ce.shape[:1]:
+            weight = weight.view(-1, 1, 1)
+        elif weight.shape != ce.shape:
+            raise ValueError(f"weight of shape {tuple(weight.shape)}: takes a number, one per image "
+                             f"{tuple(ce.shape[:1])} or one per pixel {tuple(ce.shape)}")
+    return (ce * weight).mean()
 
 
 def mrm_loss(decoder, rebuilder, features, target, weight=None, ignore_index=255, align_corners=False, mask=None):

@@ -44,7 +44,7 @@ from support.data import Domain, TrainBatches, check_data, make_loader, rcs_stat
 from support.hrda import detached, detail_window, draw_mrm_mask, last_level, rebuilt_features
 from support.networks import PIXELS_PER_CELL, build_nets, set_learning_rates, why_eager, without_gradient_sync
 from support.reports import write_debug_grid
-from support.runs import (Interrupted, StopSignals, WorkDirLock, check_work_dir, config_json, export_model,
+from support.runs import (Interrupted, StopSignals, WorkDirLock, check_work_dir, config_json, export_model, finished,
                           init_distributed, lost_a_process, rank_prefix, read_resume_checkpoint, resume, resume_changes,
                           save_checkpoint, start_work_dir)
 from support.speed import CudaGraphStep, bench, bench_data, estimate_memory, print_flops
@@ -390,6 +390,9 @@ def train(cfg):
     if rank == 0:
         check_work_dir(cfg)
     state = read_resume_checkpoint(cfg) if cfg.resume else None
+    if state is not None and finished(cfg, state):
+        say(f"{cfg.work_dir}: the run is finished (iteration {cfg.iters}, validated): nothing to resume", flush=True)
+        return None
     nets = build_nets(cfg, rank, world)  # the same seed everywhere: identical initial models on every rank
     if world > 1:  # from here each process draws its own random numbers (masks, ClassMix, jitter)
         seed = int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0])

@@ -19,7 +19,8 @@ class CorruptFile(DataError):
     def __init__(self, path, reason='unreadable'):
         self.path = path
         reason = ' '.join(str(reason).split())  # the message must stay on one line
-        super().__init__(f'{path}: corrupt or unreadable file, expected a valid PNG ({reason})')
+        kind = 'JPEG' if str(path).lower().endswith(('.jpg', '.jpeg')) else 'PNG'
+        super().__init__(f'{path}: corrupt or unreadable file, expected a valid {kind} ({reason})')
 
 
 class NonFiniteLoss(RuntimeError):

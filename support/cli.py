@@ -278,8 +278,9 @@ def parse_config(recipes, argv=None, description=""):
     one_of("arch", arch, ARCHS)
     recipe = given.get("recipe") or task.get("recipe") or ARCHS[arch]["recipe"]
     one_of("recipe", recipe, recipes)
-    if recipe != "toy" and recipes[recipe]["framework"] != ARCHS[arch]["framework"]:
-        fitting = [a for a, spec in ARCHS.items() if spec["framework"] == recipes[recipe]["framework"]]
+    fitting = [a for a, spec in ARCHS.items() if spec["framework"] == recipes[recipe]["framework"]
+               and ("mit" in spec or not recipes[recipe].get("detail_crop"))]  # HRDA's model is a MiT's
+    if recipe != "toy" and arch not in fitting:
         raise ConfigError(f"--recipe {recipe} does not run --arch {arch}: it runs {', '.join(fitting)}")
     cfg = {**DEFAULTS, **recipes[recipe], **given, "arch": arch, "recipe": recipe}
     cfg.update({k: v for k, v in task.items() if k not in ("arch", "recipe", "palette")},

@@ -128,6 +128,9 @@ def export_model(path, model, arch_record, num_classes, task=None, inference=Non
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+# atomic_write's temporary name of a file a run writes in its work dir (the rare-class statistics may go there too)
+INTERRUPTED_WRITE = re.compile(r"(checkpoint\.pth|config\.json|log\.jsonl|model\.pth|curves\.png|rcs_stats_[\w-]+\.json)"
+                               r"\.tmp\d+")
 RUN_FILES = ("checkpoint.pth", "config.json", "log.jsonl", "model.pth", "curves.png", "debug")
 
 
@@ -169,6 +172,26 @@ def read_resume_checkpoint(cfg):
     if state["iteration"] > cfg.iters:
         raise ConfigError(f"{path} is at iteration {state['iteration']}, past --iters {cfg.iters}")
     return state
+
+
+def finished(cfg, state):
+    """Whether the checkpoint is the run's last iteration and the log holds that iteration's validation: a resume
+    then has nothing left to do."""
+    if state["iteration"] != cfg.iters:
+        return False
+    try:
+        with open(os.path.join(cfg.work_dir, "log.jsonl")) as log:
+            lines = log.readlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by a kill
+            continue
+        if isinstance(record, dict) and record.get("iteration") == cfg.iters and "val_miou" in record:
+            return True
+    return False
 
 
 def resume_changes(cfg, state):
@@ -233,7 +256,7 @@ def start_work_dir(cfg, state, say):
     """Under the lock: remove what interrupted writes left, start over (--overwrite) or cut the log back to the
     checkpoint's iteration (--resume), and write config.json."""
     for name in os.listdir(cfg.work_dir):
-        if re.fullmatch(r".+\.tmp\d+", name):
+        if INTERRUPTED_WRITE.fullmatch(name):
             os.remove(os.path.join(cfg.work_dir, name))
     if state is None:
         removed = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.work_dir, name))]
