@@ -11,16 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import support.augment
-import support.models
 import train_dacs_mrm as T
 from mrm import Masking, Rebuilder, mrm_loss, segmentation_ce, sincos_pos_embed_2d
 from support.augment import blur_kernel_size, color_jitter, gaussian_blur, jitter_images
-from support.data import BATCH_KEYS, step_inputs
 from support.hrda import HRDAModel, HRDAOutput
 from support.models import Normalize
 from support.networks import PIXELS_PER_CELL, build_nets, lr_factor
-from support.reports import debug_panels
-from support.speed import count_flops
 from train_dacs_mrm import feature_distance
 
 torch.set_num_threads(2)
@@ -36,15 +32,6 @@ def grid_mask(rows_cols, grid=16, batch=1):
     for r, c in rows_cols:
         mask[:, :, r, c] = 1
     return mask
-
-
-def fake_batch(size=32, source_label=None, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    label = torch.randint(0, 5, (2, size, size), generator=generator, dtype=torch.uint8) if source_label is None \
-        else source_label
-    return dict(source_image=torch.randint(0, 256, (2, 3, size, size), generator=generator, dtype=torch.uint8),
-                source_label=label,
-                target_image=torch.randint(0, 256, (2, 3, size, size), generator=generator, dtype=torch.uint8))
 
 
 # ---------------------------------------------------------------- Rebuilder: shapes and contract
@@ -599,47 +586,6 @@ def test_pixel_and_feature_objectives_against_a_float64_recomputation():
         error = (f.double() - t.double()).pow(2).mean(dim=1)
         expected.append((error * m).sum() / m.sum())
     torch.testing.assert_close(T.masked_feature_loss(levels, targets, mask).double(), sum(expected) / 2)
-
-
-def test_input_space_masking_masks_the_mixed_image_on_the_grid_and_its_loss_trains_the_whole_student(monkeypatch):
-    """Table 6's "Input Space" row: the mixed images masked on the 16x16 grid (exactly 102 cells each), masked
-    pixels the colour that normalises to 0, a second student pass whose loss alone reaches encoder and decoder."""
-    x = torch.rand(2, 3, 64, 48)
-    mask = Masking(16, 0.4).random_mask(2)
-    fill = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)
-    masked = T.masked_input(x, mask, fill)
-    cells = mask.repeat_interleave(4, dim=2).repeat_interleave(3, dim=3).bool().expand_as(x)  # 64/16, 48/16
-    assert mask.flatten(1).sum(1).tolist() == [102, 102]
-    assert torch.equal(masked[~cells], x[~cells]) and torch.equal(masked[cells], fill.expand_as(x)[cells])
-    assert T.main(["--task", "gta2cs", "--arch", "dlv2-tiny", "--mrm-mode", "input", "--mrm-domain", "both"]) == 2
-    cfg = T.parse_args(["--task", "gta2cs", "--arch", "dlv2-tiny", "--device", "cpu", "--mrm-mode", "input",
-                          "--iters", "4"])
-    nets = build_nets(cfg)
-    assert nets.rebuilder is not None and not list(nets.rebuilder.parameters()) and len(nets.optimizers) == 1
-    state = {}
-    real_masked_input, real_ce = T.masked_input, support.models.segmentation_ce
-
-    def spied_masked_input(*args):
-        state["next"] = True  # the next loss is the masked pass's
-        return real_masked_input(*args)
-
-    def only_the_masked_loss(*args, **kwargs):
-        loss = real_ce(*args, **kwargs)
-        return loss if state.pop("next", False) else 0 * loss
-
-    monkeypatch.setattr(T, "masked_input", spied_masked_input)
-    monkeypatch.setattr(support.models, "segmentation_ce", only_the_masked_loss)
-    nets.model.train()
-    batch = fake_batch()
-    losses, seen = T.forward_backward(cfg, nets, *step_inputs(nets, *[batch[k] for k in BATCH_KEYS if k in batch]))
-    assert losses[2] > 0 and losses[0] == losses[1] == 0
-    for part in (nets.model.encoder, nets.model.decoder):
-        grads = [p.grad for p in part.parameters() if p.requires_grad]
-        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
-    monkeypatch.undo()
-    assert "MRM masked input" in dict(debug_panels(cfg, nets, seen))
-    base = count_flops("dlv2", mode="rebuild")
-    assert count_flops("dlv2", mode="input")["ratio"] == 2.0 and base["ratio"] < 1.1
 
 
 def test_hrda_losses_are_0_9_fused_and_0_1_detail_against_float64():
