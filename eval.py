@@ -600,8 +600,8 @@ def draw_panel(draw, left, top, title, lines):
 
 
 def series(records, name):
-    """(n, 2) float array of (iteration, value) of the records where name is a finite number (loss_sup: also
-    loss_source, its name in logs of older versions of train_dacs_mrm.py)."""
+    """(n, 2) float array of (iteration, value) of the records where name is a finite number (loss_sup is also
+    read from a record's loss_source)."""
     records = [{"loss_sup": r["loss_source"], **r} if "loss_source" in r else r for r in records]
     xy = np.array([(r["iteration"], r[name]) for r in records if type(r.get(name)) in (int, float)], float)
     xy = xy.reshape(-1, 2)

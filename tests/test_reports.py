@@ -61,7 +61,7 @@ def test_plot_curves_draws_each_logged_series_and_survives_a_partial_log(tmp_pat
     # a whole DACS schedule's log (5000 records per series) draws one panel per series logged
     long_run = write_run(tmp_path / "long", [loss_record(i) for i in range(50, 250_001, 50)])
     assert E.plot_curves([long_run], str(tmp_path / "long.png")) == drawn[:-1]
-    # a log that names L_sup loss_source (train_dacs_mrm.py's older logs) draws it as loss_sup
+    # a log that names L_sup loss_source draws it as loss_sup
     older = write_run(tmp_path / "older", [{"loss_source" if k == "loss_sup" else k: v
                                             for k, v in loss_record(i).items()} for i in range(50, 501, 50)])
     assert E.plot_curves([older], str(tmp_path / "older.png"))[0] == "loss_sup"
