@@ -286,11 +286,13 @@ def ignore_stop_signals(worker_id):
 @atexit.register  # after multiprocessing's exit handler, so it runs first
 def kill_loader_workers():
     """At exit, loader workers still alive (an error left their loader open) are killed: they ignore SIGTERM,
-    with which multiprocessing's exit handler stops them, so it would wait for them forever."""
+    with which multiprocessing's exit handler stops them, so it would wait for them forever. Loader workers are
+    daemonic; a caller's own non-daemonic processes are left to multiprocessing, which waits for them."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report their end as an error
     for process in multiprocessing.active_children():
-        process.kill()
-        process.join()
+        if process.daemon:
+            process.kill()
+            process.join()
 
 
 def rcs_statistics(cfg, source, say=print):
