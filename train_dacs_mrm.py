@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mrm import resize_mask
-from eval import evaluate, iou_per_class, miou_report
+from eval import evaluate, iou_per_class, miou_report, plot_curves
 from support.augment import color_jitter, gaussian_blur
 from support.base import ConfigError, DataError, NonFiniteLoss, format_eta, one_line
 from support.cli import cpu_threads, parse_config
@@ -503,7 +503,6 @@ def validate(cfg, nets, val, iteration, log):
     ious = [None if math.isnan(iou) else 100 * iou for iou in iou_per_class(conf.cpu()).tolist()]
     log.write(json.dumps(dict(iteration=iteration, val_miou=miou, val_iou=ious)) + "\n")
     log.flush()
-    from eval import plot_curves  # eval.py imports this file, so it is imported here, once both exist
     try:
         plot_curves([cfg.work_dir], os.path.join(cfg.work_dir, "curves.png"))
     except DataError as error:  # a picture is not worth stopping the run for
