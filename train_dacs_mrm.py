@@ -23,7 +23,6 @@ The file reads top to bottom: the recipes, the DACS operations, MRM's objectives
 loop and main. The networks, data, run safety, torchrun and speed machinery live in support/.
 """
 import contextlib
-import json
 import math
 import os
 import random
@@ -44,9 +43,9 @@ from support.data import Domain, TrainBatches, check_data, make_loader, rcs_stat
 from support.hrda import detached, detail_window, draw_mrm_mask, last_level, rebuilt_features
 from support.networks import PIXELS_PER_CELL, build_nets, set_learning_rates, why_eager, without_gradient_sync
 from support.reports import write_debug_grid
-from support.runs import (Interrupted, StopSignals, WorkDirLock, check_work_dir, config_json, export_model, finished,
-                          init_distributed, lost_a_process, rank_prefix, read_resume_checkpoint, resume, resume_changes,
-                          save_checkpoint, start_work_dir)
+from support.runs import (Interrupted, RunLog, StopSignals, WorkDirLock, check_work_dir, config_json, export_model,
+                          finished, init_distributed, lost_a_process, rank_prefix, read_resume_checkpoint, resume,
+                          resume_changes, save_checkpoint, start_work_dir)
 from support.speed import CudaGraphStep, bench, bench_data, estimate_memory, print_flops
 
 
@@ -418,7 +417,7 @@ def train(cfg):
             f"; work dir {cfg.work_dir}{' (--overwrite)' if cfg.overwrite else ''}"
             + (f"\n  resumed with {', '.join(changed)}" if changed else ""), flush=True)
         loader = make_loader(cfg, TrainBatches(cfg, source, target, rcs, rank, world), start)
-        with open(os.path.join(cfg.work_dir, "log.jsonl"), "a") if rank == 0 else contextlib.nullcontext() as log:
+        with RunLog(cfg.work_dir) if rank == 0 else contextlib.nullcontext() as log:
             return training_loop(cfg, nets, loader, val, start, stop, log, say)
 
 
@@ -467,8 +466,7 @@ def training_loop(cfg, nets, loader, val, start, stop, log, say):
                                   loss_mic=means[3], loss_fd=means[4], pseudo_weight=means[5],
                                   lr=float(nets.optimizers[0].param_groups[0]["lr"]), it_per_s=speed,
                                   time=time.time())
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    log.append(record)
                 say(progress_line(cfg, done, means, speed), flush=True)
                 sums.zero_()
                 count = 0
@@ -501,8 +499,7 @@ def validate(cfg, nets, val, iteration, log):
     table, miou = miou_report(conf, cfg.eval_classes, cfg.class_names)
     print(f"validation at iteration {iteration} on {len(val)} {cfg.target} images:\n{table}", flush=True)
     ious = [None if math.isnan(iou) else 100 * iou for iou in iou_per_class(conf.cpu()).tolist()]
-    log.write(json.dumps(dict(iteration=iteration, val_miou=miou, val_iou=ious)) + "\n")
-    log.flush()
+    log.append(dict(iteration=iteration, val_miou=miou, val_iou=ious))
     try:
         plot_curves([cfg.work_dir], os.path.join(cfg.work_dir, "curves.png"))
     except DataError as error:  # a picture is not worth stopping the run for
@@ -543,6 +540,10 @@ def main(argv=None):
             train(cfg)
     except (ConfigError, DataError) as error:
         print(f"error: {rank_prefix()}{error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the file system refused (a full disk, a folder that cannot be written)
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {rank_prefix()}{where}{error.strerror or one_line(error)}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:
         if os.environ.get("RANK", "0") == "0":  # every process sees the same all-reduced NaN

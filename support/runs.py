@@ -1,12 +1,14 @@
 """A run's files and processes: checkpoints (written atomically, loaded strictly, resumed only as the same
 experiment), the exported model, the work dir's rules and lock, SIGINT/SIGTERM, and torchrun's process group."""
+import contextlib
 import json
 import os
 import platform
 import random
 import re
-import shutil
 import signal
+import socket
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -139,21 +141,65 @@ CHECKPOINT_KEYS = {"iteration", "config", "arch", "model", "optimizers", "scaler
 
 def check_work_dir(cfg):
     """Refuse, before writing anything, a work dir that cannot hold this run: a file, under a file, not
-    writable, or holding another run (unless --resume or --overwrite)."""
+    writable, or holding another run (unless --resume, or --overwrite where the folder holds that run alone)."""
     path = cfg.work_dir
     parent = path
-    while parent and not os.path.exists(parent):
+    while parent and not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--work-dir {path}: is a file, not a folder")
     if parent and not os.path.isdir(parent):
         raise ConfigError(f"--work-dir {path}: {parent} is a file, not a folder")
-    if not os.access(parent or ".", os.W_OK | os.X_OK):
+    if not os.access(parent or ".", os.W_OK | os.X_OK) or (os.path.realpath(parent or ".") + "/").startswith(UNUSABLE):
         raise ConfigError(f"--work-dir {path}: {parent or '.'} is not writable")
-    held = [name for name in RUN_FILES if os.path.exists(os.path.join(path, name))]
+    held = [name for name in RUN_FILES if os.path.lexists(os.path.join(path, name))]
     if held and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"--work-dir {path} holds a run ({', '.join(held)}): pass --resume to continue it, "
                           f"--overwrite to start it over, or another --work-dir")
+    if held and cfg.overwrite:
+        if not is_run_config(os.path.join(path, "config.json")):
+            raise ConfigError(f"--work-dir {path}: holds {', '.join(held)} but no config.json of train_dacs_mrm.py: "
+                              f"not a run of this program, so --overwrite removes nothing there; choose another "
+                              f"--work-dir")
+        foreign = foreign_files(path)
+        if foreign:
+            raise ConfigError(f"--work-dir {path}: holds files a run does not write ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); --overwrite starts over only in a folder that "
+                              f"holds the run alone: move them, or choose another --work-dir")
+
+
+# folders where nothing can be written, whatever os.access says (it is true for root)
+UNUSABLE = ("/proc/", "/sys/", "/dev/")
+
+
+def is_run_config(path):
+    """Whether path is a config.json that train_dacs_mrm.py wrote: its flags as one JSON object."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"task", "arch", "recipe", "iters", "seed", "work_dir"} <= config.keys()
+
+
+DEBUG_GRID = re.compile(r"iteration_\d{6}\.png(\.tmp\d+)?")
+RUN_WRITES = re.compile(r"(checkpoint\.pth|config\.json|log\.jsonl|model\.pth|curves\.png|\.lock)(\.tmp\d+)?")
+
+
+def foreign_files(work_dir):
+    """The entries of a run's work dir that the run did not write (what --overwrite must not remove)."""
+    def written(folder, name, pattern):
+        path = os.path.join(folder, name)
+        return pattern.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path)
+
+    foreign = []
+    for name in sorted(os.listdir(work_dir)):
+        path = os.path.join(work_dir, name)
+        if name == "debug" and os.path.isdir(path) and not os.path.islink(path):
+            foreign += [os.path.join("debug", n) for n in sorted(os.listdir(path)) if not written(path, n, DEBUG_GRID)]
+        elif not written(work_dir, name, RUN_WRITES):
+            foreign.append(name)
+    return foreign
 
 
 def read_resume_checkpoint(cfg):
@@ -203,43 +249,59 @@ def resume_changes(cfg, state):
 
 class WorkDirLock:
     """work_dir/.lock, holding this process's pid and host while the run lives. A second run in the same dir
-    stops in one line; a lock left by a process that died is taken over (saying so)."""
+    stops in one line; a lock left by a process that died is taken over (saying so); anything else named .lock
+    is left alone and named."""
 
     def __init__(self, work_dir, say=print):
         self.path, self.say = os.path.join(work_dir, ".lock"), say
 
     def __enter__(self):
-        me = f"{os.getpid()} {platform.node()}"
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner = self.owner()
-                if owner is None:
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            for _ in range(2):
+                try:
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    owner = self.owner()
+                    if owner is None:
+                        continue
+                    pid, host = owner
+                    if host != platform.node() or pid_alive(pid):
+                        raise DataError(f"{os.path.dirname(self.path)}: in use by another run (process {pid} on "
+                                        f"{host}); remove {self.path} if that run is gone")
+                    self.say(f"taking over the lock of process {pid}, which is gone", flush=True)
+                    os.remove(self.path)
                     continue
-                pid, host = owner
-                if host != platform.node() or pid_alive(pid):
-                    raise DataError(f"{os.path.dirname(self.path)}: in use by another run (process {pid} on {host}); "
-                                    f"remove {self.path} if that run is gone")
-                self.say(f"taking over the lock of process {pid}, which is gone", flush=True)
-                os.remove(self.path)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            return self
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{os.getpid()} {platform.node()}")
+                return self
+        except OSError as error:  # a full disk, a folder that cannot be written
+            raise DataError(f"{self.path}: cannot write the run's lock ({error.strerror or one_line(error)})") from None
         raise DataError(f"{self.path}: cannot take the lock")
 
     def owner(self):
+        """(pid, host) of the lock, None when it is gone; a .lock this program did not write is a DataError."""
+        if not os.path.lexists(self.path):
+            return None
+        if os.path.islink(self.path) or not os.path.isfile(self.path):
+            raise DataError(f"{self.path}: not a lock file (a folder or a link); remove it if no run uses "
+                            f"{os.path.dirname(self.path)}")
         try:
-            pid, host = open(self.path).read().split(" ", 1)
+            with open(self.path, "rb") as f:
+                pid, host = f.read(300).decode().split(" ", 1)
+            if not (pid.isascii() and pid.isdigit() and 0 < int(pid) <= 2 ** 22 and host.isprintable()):
+                raise ValueError
             return int(pid), host
-        except (OSError, ValueError):
-            return None if not os.path.exists(self.path) else (0, platform.node())
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):
+            raise DataError(f"{self.path}: not a lock of this program (expected 'PID HOST'); remove it if no run "
+                            f"uses {os.path.dirname(self.path)}") from None
 
     def __exit__(self, *exc):
-        if self.owner() == (os.getpid(), platform.node()):
-            os.remove(self.path)
+        with contextlib.suppress(DataError, OSError):
+            if self.owner() == (os.getpid(), platform.node()):
+                os.remove(self.path)
 
 
 def pid_alive(pid):
@@ -256,13 +318,20 @@ def start_work_dir(cfg, state, say):
     """Under the lock: remove what interrupted writes left, start over (--overwrite) or cut the log back to the
     checkpoint's iteration (--resume), and write config.json."""
     for name in os.listdir(cfg.work_dir):
-        if INTERRUPTED_WRITE.fullmatch(name):
-            os.remove(os.path.join(cfg.work_dir, name))
-    if state is None:
-        removed = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.work_dir, name))]
+        path = os.path.join(cfg.work_dir, name)
+        if INTERRUPTED_WRITE.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+    if state is None:  # --overwrite; check_work_dir found the run's files alone in the folder
+        removed = [name for name in RUN_FILES if os.path.lexists(os.path.join(cfg.work_dir, name))]
         for name in removed:
             path = os.path.join(cfg.work_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            if name == "debug":
+                for grid in os.listdir(path):
+                    if DEBUG_GRID.fullmatch(grid):
+                        os.remove(os.path.join(path, grid))
+                os.rmdir(path)
+            else:
+                os.remove(path)
         if removed:
             say(f"--overwrite: removed {', '.join(removed)} of the previous run in {cfg.work_dir}", flush=True)
     else:
@@ -277,6 +346,33 @@ def start_work_dir(cfg, state, say):
                     continue  # a line cut by a kill
             atomic_write(log, lambda f: f.write("".join(kept).encode()))
     atomic_write(os.path.join(cfg.work_dir, "config.json"), lambda f: f.write(config_json(cfg).encode()))
+
+
+class RunLog:
+    """work_dir/log.jsonl, one JSON record a line, appended and flushed at once (a crash loses at most the line
+    being written); a write that fails (a full disk) is one DataError line."""
+
+    def __init__(self, work_dir):
+        self.path = os.path.join(work_dir, "log.jsonl")
+        self.file = self.guarded(open, self.path, "a")
+
+    def guarded(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as error:
+            raise DataError(f"{self.path}: could not append to the run's log ({error.strerror or one_line(error)}); "
+                            f"free space, then continue from the last checkpoint with --resume") from None
+
+    def append(self, record):
+        self.guarded(self.file.write, json.dumps(record) + "\n")
+        self.guarded(self.file.flush)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(OSError):
+            self.file.close()
 
 
 class Interrupted(Exception):
@@ -328,17 +424,97 @@ def lost_a_process(error):
     return dist.is_initialized() and (isinstance(error, (Stopped, dist.DistError)) or "gloo" in str(error))
 
 
+TORCHRUN_SETS = ("torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in every process it starts: "
+                 "start the run with torchrun, or unset WORLD_SIZE for one process")
+RENDEZVOUS_SECONDS = 300  # how long the processes wait for each other to start; MRM_RENDEZVOUS_TIMEOUT overrides it
+# long enough for rank 0's validation and checkpoint, during which the others wait in a collective
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+
+
+def torchrun_int(name, low, high=None, note=""):
+    """The whole number in environment variable `name`, low <= it < high, or one ConfigError line."""
+    value = os.environ.get(name)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < low or (high is not None and number >= high):
+        shown = f"{name}={value!r}" if value is not None else f"{name} is not set"
+        bound = f"from {low} to {high - 1}" if high is not None else f"of at least {low}"
+        raise ConfigError(f"torchrun: {shown}, expected a whole number {bound}{note}; {TORCHRUN_SETS}")
+    return number
+
+
+def rendezvous_seconds():
+    value = os.environ.get("MRM_RENDEZVOUS_TIMEOUT", str(RENDEZVOUS_SECONDS))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"MRM_RENDEZVOUS_TIMEOUT={value!r}, expected seconds > 0: how long each process of a "
+                          f"torchrun run waits for the others to start")
+    return seconds
+
+
+def wait_for_port(address, port, deadline):
+    """None once address:port accepts a connection, else why the last try before `deadline` failed. Polled from
+    Python: the store's own client logs every failed try on stderr."""
+    while True:
+        try:
+            socket.create_connection((address, port), timeout=min(5, max(0.1, deadline - time.monotonic()))).close()
+            return None
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                return error.strerror or str(error)
+        time.sleep(0.5)
+
+
+def rendezvous(rank, world, address, port, seconds):
+    """The group's TCPStore, formed within `seconds` or one ConfigError line. Rank 0 hosts it and waits for the
+    others, unless torchrun's agent already hosts it (as torch's env:// rendezvous decides)."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    others = f"{world - 1} other process(es)" if rank == 0 else "rank 0"
+    waited = f"torchrun: rank {rank} waited {seconds:g}s for {others} at {address}:{port}"
+    advice = (f"start all {world} processes (torchrun --nproc-per-node {world} on one node) or unset WORLD_SIZE; "
+              f"MRM_RENDEZVOUS_TIMEOUT sets the wait in seconds")
+    deadline = time.monotonic() + seconds
+    if rank != 0 or agent_hosts:
+        why = wait_for_port(address, port, deadline)
+        if why is not None:
+            raise ConfigError(f"{waited} ({why}); {advice}")
+    try:
+        return dist.TCPStore(address, port, world, is_master=rank == 0 and not agent_hosts, multi_tenant=True,
+                             timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())))
+    except dist.DistStoreError:  # rank 0's wait for the others timed out
+        raise ConfigError(f"{waited}; {advice}") from None
+    except dist.DistError as error:
+        raise ConfigError(f"torchrun: rank {rank} could not set up the process group's store at {address}:{port} "
+                          f"({one_line(error)})") from None
+
+
 def init_distributed(cfg):
-    """(rank, world size) of this process; (0, 1) when not started by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """(rank, world size) of this process; (0, 1) when not started by torchrun. torchrun's variables are checked
+    first and forming the group is bounded, so that a process that never starts is one error line, not a hang;
+    the collectives afterwards keep the long COLLECTIVE_TIMEOUT."""
+    world = torchrun_int("WORLD_SIZE", 1) if "WORLD_SIZE" in os.environ else 1
     if world == 1:
         return 0, 1
+    rank = torchrun_int("RANK", 0, world, f" (WORLD_SIZE={world})")
+    address = os.environ.get("MASTER_ADDR")
+    if not address:
+        raise ConfigError(f"torchrun: MASTER_ADDR is not set, expected the host of rank 0; {TORCHRUN_SETS}")
+    port = torchrun_int("MASTER_PORT", 1, 65536)
+    seconds = rendezvous_seconds()
     if cfg.device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    # long enough for rank 0's validation and checkpoint, during which the others wait in a collective
-    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", timeout=timedelta(hours=2))
+        gpus = torch.cuda.device_count()
+        torch.cuda.set_device(torchrun_int("LOCAL_RANK", 0, gpus, f" ({gpus} GPU(s) visible to this process)"))
+    store = rendezvous(rank, world, address, port, seconds)
+    store.set_timeout(COLLECTIVE_TIMEOUT)
+    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", store=dist.PrefixStore("default_pg", store),
+                            rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     signal.signal(signal.SIGTERM, on_sigterm)
-    return dist.get_rank(), world
+    return rank, world
 
 
 def rank_prefix():

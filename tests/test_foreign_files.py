@@ -1,5 +1,6 @@
 """Files a run or a prediction did not write, and damaged inputs: named and skipped, never removed."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import train_dacs_mrm as T
 from mrm import segmentation_ce
 from support.data import TOY_SIZES
 from support.networks import build_model
-from support.runs import export_model
+from support.runs import RunLog, export_model
 
 
 def test_start_up_removes_only_its_own_interrupted_writes(tmp_path, monkeypatch):
@@ -117,3 +118,80 @@ def test_the_hrda_recipe_names_only_the_architectures_it_runs(capsys):
     assert T.main(["--task", "gta2cs", "--recipe", "hrda", "--arch", "dlv2-v1c"]) == 2
     assert capsys.readouterr().err == ("error: --recipe hrda does not run --arch dlv2-v1c: it runs mitb5, mitb3, "
                                        "mitb2, mit-tiny\n")
+
+
+def test_overwrite_starts_over_only_in_a_folder_that_holds_a_run_alone(tmp_path, capsys, monkeypatch, one_error_line):
+    monkeypatch.setitem(TOY_SIZES, "val", 4)
+    args = ["--task", "toy", "--iters", "1", "--batch-size", "2", "--workers", "0", "--debug-every", "1"]
+    run = tmp_path / "run"
+    assert T.main(args + ["--work-dir", str(run)]) == 0
+    capsys.readouterr()
+    cases = {"notes": ("notes.txt", "holds files a run does not write (notes.txt)"),
+             "grid": ("debug/mine.png", "(debug/mine.png)"),
+             "folder": ("model.pth/keep.txt", "(model.pth)")}
+    for case, (name, words) in cases.items():
+        work = tmp_path / case
+        shutil.copytree(run, work)
+        if case == "folder":
+            (work / "model.pth").unlink()
+        (work / name).parent.mkdir(exist_ok=True)
+        (work / name).write_text("mine")
+        one_error_line(words, T.main, args + ["--overwrite", "--work-dir", str(work)], untouched=tmp_path)
+    # files named as a run's, without the config.json a run writes: not a run, nothing removed
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "checkpoint.pth").write_text("someone's")
+    (other / "debug").mkdir()
+    one_error_line("no config.json of train_dacs_mrm.py", T.main, args + ["--overwrite", "--work-dir", str(other)],
+                   untouched=tmp_path)
+    (other / "config.json").write_text('{"task": "toy"}')
+    one_error_line("no config.json of train_dacs_mrm.py", T.main, args + ["--overwrite", "--work-dir", str(other)],
+                   untouched=tmp_path)
+    # the run alone: started over, saying what it removed
+    assert T.main(args + ["--overwrite", "--work-dir", str(run)]) == 0
+    assert "--overwrite: removed checkpoint.pth, config.json, log.jsonl, model.pth, curves.png, debug" in \
+        capsys.readouterr().out
+    one_error_line("not writable", T.main, args + ["--work-dir", "/proc/mrm-run"])
+
+
+@pytest.mark.parametrize("lock,words", [("garbage \x00\x01", "not a lock of this program"),
+                                        ("x" * 10 ** 6, "not a lock of this program"),
+                                        (None, "not a lock file (a folder or a link)")])
+def test_a_lock_this_program_did_not_write_is_named_and_kept(tmp_path, lock, words, one_error_line):
+    work = tmp_path / "run"
+    work.mkdir()
+    if lock is None:
+        (work / ".lock").mkdir()
+    else:
+        (work / ".lock").write_text(lock)
+    one_error_line(words, T.main, ["--task", "toy", "--iters", "1", "--workers", "0", "--work-dir", str(work)],
+                   untouched=tmp_path)
+
+
+def test_a_full_disk_at_the_lock_and_at_the_log_is_one_line(tmp_path, small_toy, monkeypatch, one_error_line):
+    import errno
+    args = ["--task", "toy", "--iters", "2", "--batch-size", "2", "--workers", "0", "--log-every", "1"]
+    real_open = os.open
+
+    def no_space_for_the_lock(path, *a, **k):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", no_space_for_the_lock)
+    one_error_line(".lock: cannot write the run's lock (No space left on device)", T.main,
+                   args + ["--work-dir", str(tmp_path / "a")])
+    monkeypatch.setattr(os, "open", real_open)
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(RunLog, "__init__", lambda self, work_dir: setattr(self, "path", "log.jsonl") or
+                        setattr(self, "file", FullDisk()))
+    err = one_error_line("could not append to the run's log (No space left on device)", T.main,
+                         args + ["--work-dir", str(tmp_path / "b")])
+    assert "continue from the last checkpoint with --resume" in err
