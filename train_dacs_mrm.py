@@ -38,7 +38,7 @@ from mrm import resize_mask
 from eval import evaluate, iou_per_class, miou_report, plot_curves
 from support.augment import color_jitter, gaussian_blur
 from support.base import ConfigError, DataError, NonFiniteLoss, format_eta, one_line
-from support.cli import cpu_threads, parse_config
+from support.cli import cpu_threads, parse_config, unread_flags
 from support.data import Domain, TrainBatches, check_data, make_loader, rcs_statistics, step_inputs, to_device
 from support.hrda import detached, detail_window, draw_mrm_mask, last_level, rebuilt_features
 from support.networks import PIXELS_PER_CELL, build_nets, set_learning_rates, why_eager, without_gradient_sync
@@ -239,6 +239,7 @@ def forward_backward(cfg, nets, x_s, y_s, x_t, valid_t=None):
                               enabled=cfg.amp != "off")
     zero = torch.zeros((), device=nets.device)
     l_uda = l_mrm_s = l_mrm_t = l_mic = l_fd = weight = zero
+    lambda_mrm = cfg.mrm_weight if nets.rebuilder is not None else 0.0  # Eq. 5's lambda
     source_weight = 1.0 if cfg.framework == "mmseg" else None  # mmseg 0.16 averages over all pixels, DACS over labelled
     seen = dict(source_image=x_s, source_label=y_s)
 
@@ -253,7 +254,7 @@ def forward_backward(cfg, nets, x_s, y_s, x_t, valid_t=None):
                 l_fd = feature_distance(last_level(f_s), f_imagenet, y_s)
             if mrm_on(cfg, nets, "source"):
                 l_mrm_s = mrm_auxiliary_loss(cfg, nets, f_s, x_s, y_s, source_weight)
-        backward(nets, l_sup + cfg.fd_weight * l_fd + cfg.mrm_weight * l_mrm_s)
+        backward(nets, l_sup + cfg.fd_weight * l_fd + lambda_mrm * l_mrm_s)
     del f_s
     if not cfg.source_only:
         # (2) the EMA teacher's pseudo-labels of the un-augmented target batch, (3) ClassMix, (4) jitter and blur
@@ -266,7 +267,7 @@ def forward_backward(cfg, nets, x_s, y_s, x_t, valid_t=None):
             if mrm_on(cfg, nets, "target"):
                 l_mrm_t, mrm_seen = target_mrm_loss(cfg, nets, f_m, x_m, y_m, w_m)
                 seen.update(mrm_seen)
-        backward(nets, l_uda + cfg.mrm_weight * l_mrm_t)
+        backward(nets, l_uda + lambda_mrm * l_mrm_t)
         seen.update(target_image=x_t, pseudo_label=pseudo, pixel_weight=pixel_weight, mix=mix, mixed_image=x_m,
                     mixed_label=y_m, detail_window=detail_window(f_m))
         del f_m
@@ -352,6 +353,8 @@ def device_step(cfg, nets, source_image, source_label, target_image, target_vali
 def begin_step(cfg, nets, iteration):
     """The host's part of an iteration: its learning rates and EMA weight, written where device_step reads them."""
     set_learning_rates(cfg, nets, iteration)
+    if nets.teacher is None:
+        return
     # DACS updates the teacher after the step with alpha(it); DAFormer at the start of the next one, alpha(it + 1)
     weight = 1 - ema_alpha(iteration + 1 if cfg.framework == "mmseg" else iteration, cfg.ema)
     if isinstance(nets.ema_weight, torch.Tensor):
@@ -373,117 +376,124 @@ def train_step(cfg, nets, batch, iteration):
 
 def train(cfg):
     rank, world = init_distributed(cfg)
-    torch.set_num_threads(cpu_threads(cfg))
-    say = print if rank == 0 else (lambda *args, **kwargs: None)  # the other processes stay quiet
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    if cfg.device == "cuda":
-        torch.backends.cudnn.benchmark = True
-    source = Domain(cfg.source, cfg.data_root, "train", cfg.seed, cfg.framework, cfg.resolution)
-    target = Domain(cfg.target, cfg.data_root, "train", cfg.seed, cfg.framework, cfg.resolution)
-    # the mmseg protocol, whatever the recipe
-    val = Domain(cfg.target, cfg.data_root, "val", cfg.seed, resolution=cfg.resolution)
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # torchrun --max-restarts: go on, or start over
-        cfg.resume = os.path.exists(os.path.join(cfg.work_dir, "checkpoint.pth"))
-        cfg.overwrite = not cfg.resume
-    if rank == 0:
-        check_work_dir(cfg)
-    state = read_resume_checkpoint(cfg) if cfg.resume else None
-    if state is not None and finished(cfg, state):
-        say(f"{cfg.work_dir}: the run is finished (iteration {cfg.iters}, validated): nothing to resume", flush=True)
-        return None
-    nets = build_nets(cfg, rank, world)  # the same seed everywhere: identical initial models on every rank
-    if world > 1:  # from here each process draws its own random numbers (masks, ClassMix, jitter)
-        seed = int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0])
-        torch.manual_seed(seed)
-        random.seed(seed)
-    start = resume(cfg, nets, state) if state is not None else 0
-    rcs = rcs_statistics(cfg, source, say) if cfg.rcs_temperature > 0 else None
-    # every check that can refuse the run has passed: from here on the work dir is this run's
-    with WorkDirLock(cfg.work_dir, say) if rank == 0 else contextlib.nullcontext():
+    with StopSignals() as signals:  # until the first iteration a signal stops the run at once
+        torch.set_num_threads(cpu_threads(cfg))
+        say = print if rank == 0 else (lambda *args, **kwargs: None)  # the other processes stay quiet
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        if cfg.device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = True
+        source = Domain(cfg.source, cfg.data_root, "train", cfg.seed, cfg.framework, cfg.resolution)
+        target = Domain(cfg.target, cfg.data_root, "train", cfg.seed, cfg.framework, cfg.resolution)
+        # the mmseg protocol, whatever the recipe
+        val = Domain(cfg.target, cfg.data_root, "val", cfg.seed, resolution=cfg.resolution)
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # torchrun --max-restarts: go on, or start over
+            cfg.resume = os.path.exists(os.path.join(cfg.work_dir, "checkpoint.pth"))
+            cfg.overwrite = not cfg.resume
         if rank == 0:
-            start_work_dir(cfg, state, say)
-        stop = min(cfg.iters, start + cfg.stop_after) if cfg.stop_after else cfg.iters
-        initialisation = cfg.pretrained if cfg.pretrained not in ("", "none") else "random weights"
-        changed = resume_changes(cfg, state) if state is not None else []
-        threads = torch.get_num_threads()
-        say(f"{cfg.task}: {cfg.arch} ({cfg.recipe} recipe), {'source only' if cfg.source_only else 'DACS'}"
-            f"{' + MRM' if nets.rebuilder is not None else ''}{' + MIC' if cfg.mic else ''}, iterations "
-            f"{start}..{stop} of {cfg.iters}, {len(source)} source / {len(target)} target images"
-            f"{f', {world} processes' if world > 1 else ''}\n  from {initialisation}; "
-            f"{'fp32' if cfg.amp == 'off' else cfg.amp} on {cfg.device} ({threads} CPU thread{'s' * (threads > 1)}), "
-            f"step "
-            f"{'as one CUDA graph' if nets.graph else 'eager'}{f' ({why_eager(cfg, world)})' if not nets.graph else ''}"
-            f"; work dir {cfg.work_dir}{' (--overwrite)' if cfg.overwrite else ''}"
-            + (f"\n  resumed with {', '.join(changed)}" if changed else ""), flush=True)
-        loader = make_loader(cfg, TrainBatches(cfg, source, target, rcs, rank, world), start)
-        with RunLog(cfg.work_dir) if rank == 0 else contextlib.nullcontext() as log:
-            return training_loop(cfg, nets, loader, val, start, stop, log, say)
+            check_work_dir(cfg)
+        state = read_resume_checkpoint(cfg) if cfg.resume else None
+        if state is not None and finished(cfg, state):
+            say(f"{cfg.work_dir}: the run is finished (iteration {cfg.iters}, validated): nothing to resume", flush=True)
+            return None
+        nets = build_nets(cfg, rank, world)  # the same seed everywhere: identical initial models on every rank
+        if world > 1:  # from here each process draws its own random numbers (masks, ClassMix, jitter)
+            seed = int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0])
+            torch.manual_seed(seed)
+            random.seed(seed)
+        start = resume(cfg, nets, state) if state is not None else 0
+        rcs = rcs_statistics(cfg, source, say) if cfg.rcs_temperature > 0 else None
+        # every check that can refuse the run has passed: from here on the work dir is this run's
+        with WorkDirLock(cfg.work_dir, say) if rank == 0 else contextlib.nullcontext():
+            if rank == 0:
+                start_work_dir(cfg, state, say)
+            stop = min(cfg.iters, start + cfg.stop_after) if cfg.stop_after else cfg.iters
+            initialisation = cfg.pretrained if cfg.pretrained not in ("", "none") else "random weights"
+            changed = resume_changes(cfg, state) if state is not None else []
+            threads = torch.get_num_threads()
+            say(f"{cfg.task}: {cfg.arch} ({cfg.recipe} recipe), {'source only' if cfg.source_only else 'DACS'}"
+                f"{' + MRM' if nets.rebuilder is not None else ''}{' + MIC' if cfg.mic else ''}, iterations "
+                f"{start}..{stop} of {cfg.iters}, {len(source)} source / {len(target)} target images"
+                f"{f', {world} processes' if world > 1 else ''}\n  from {initialisation}; "
+                f"{'fp32' if cfg.amp == 'off' else cfg.amp} on {cfg.device} ({threads} CPU thread{'s' * (threads > 1)}), "
+                f"step "
+                f"{'as one CUDA graph' if nets.graph else 'eager'}{f' ({why_eager(cfg, world)})' if not nets.graph else ''}"
+                f"; work dir {cfg.work_dir}{' (--overwrite)' if cfg.overwrite else ''}"
+                + (f"\n  resumed with {', '.join(changed)}" if changed else ""), flush=True)
+            loader = make_loader(cfg, TrainBatches(cfg, source, target, rcs, rank, world), start)
+            with RunLog(cfg.work_dir) if rank == 0 else contextlib.nullcontext() as log:
+                return training_loop(cfg, nets, loader, val, start, stop, log, say, signals)
 
 
-def training_loop(cfg, nets, loader, val, start, stop, log, say):
+def training_loop(cfg, nets, loader, val, start, stop, log, say, signals):
     """Iterations start..stop: the step, a progress line and log record every --log-every iterations, validation
-    and checkpoints at their intervals; a SIGINT or SIGTERM ends it after the current iteration, checkpointed."""
+    and checkpoints at their intervals; a SIGINT, SIGTERM or SIGHUP ends it after the current iteration,
+    checkpointed, and during the final export and validation at once (the last iteration is checkpointed)."""
     step = CudaGraphStep(nets, begin_step, device_step) if nets.graph else train_step
     sums, count, skipped_total, warned = torch.zeros(6, device=nets.device), 0, 0, 0
     clock, clock_iteration = time.time(), start
-    with StopSignals() as signals:
-        for iteration, batch in zip(range(start, stop), loader):
-            if batch.get("error"):  # raised in a loader worker, re-raised here as the same one line
-                raise DataError(batch["error"])
-            skipped = batch.pop("skipped")
-            for note in batch.pop("notes"):
-                warned += 1
-                if warned <= 10:
-                    say(f"warning: {note}" + ("; further label warnings not shown" if warned == 10 else ""),
-                        flush=True)
-            if skipped:
-                skipped_total += len(skipped)
-                for message in skipped:
-                    print(f"skipped: {message}", file=sys.stdout if nets.rank == 0 else sys.stderr, flush=True)
-                if skipped_total > cfg.max_skips:
-                    raise DataError(f"{skipped_total} corrupt files skipped (more than --max-skips "
-                                    f"{cfg.max_skips}), last: {skipped[-1]}")
-            losses, seen = step(cfg, nets, batch, iteration)
-            sums += losses
-            count += 1
-            done = iteration + 1
-            logged = done % cfg.log_every == 0 or done == stop or done % cfg.checkpoint_every == 0
-            if done == start + 1 and not logged and nets.world == 1:  # a first sign of life, at once; no record
-                say(progress_line(cfg, done, (sums / count).tolist(), 1 / (time.time() - clock)), flush=True)
-            if logged:
-                if nets.world > 1:  # every rank sees the mean over all ranks, and stops together on a NaN
-                    dist.all_reduce(sums)
-                    sums /= nets.world
-                means = (sums / count).tolist()  # the one host sync, every log_every iterations
-                if not all(map(math.isfinite, means)):
-                    raise NonFiniteLoss(f"non-finite loss between iterations {done - count} and {done}: {means}; "
-                                        f"the last checkpoint in {cfg.work_dir} is untouched")
-                speed = (done - clock_iteration) / (time.time() - clock)
-                clock, clock_iteration = time.time(), done
-                if log is not None:
-                    record = dict(iteration=done, loss_sup=means[0], loss_uda=means[1], loss_mrm=means[2],
-                                  loss_mic=means[3], loss_fd=means[4], pseudo_weight=means[5],
-                                  lr=float(nets.optimizers[0].param_groups[0]["lr"]), it_per_s=speed,
-                                  time=time.time())
-                    log.append(record)
-                say(progress_line(cfg, done, means, speed), flush=True)
-                sums.zero_()
-                count = 0
-            try:
-                if nets.rank == 0 and cfg.debug_every and done % cfg.debug_every == 0 and not cfg.source_only:
-                    write_debug_grid(cfg, nets, seen, os.path.join(cfg.work_dir, "debug", f"iteration_{done:06d}.png"))
-                if nets.rank == 0 and cfg.val_every and done % cfg.val_every == 0 and done != cfg.iters:
-                    validate(cfg, nets, val, done, log)  # the other ranks wait at their next collective
-            except Exception:  # a picture or a validation that fails does not lose the iteration's work
-                if nets.world == 1:
-                    save_checkpoint(cfg, nets, done)
-                raise
-            interrupted = signals.requested(nets)
-            if done % cfg.checkpoint_every == 0 or done == stop or interrupted:
+    signals.defer()
+    for iteration, batch in zip(range(start, stop), loader):
+        if batch.get("error"):  # raised in a loader worker, re-raised here as the same one line
+            raise DataError(batch["error"])
+        skipped = batch.pop("skipped")
+        cfg.read.update(batch.pop("flags_read"))  # what a loader worker read of the settings
+        for note in batch.pop("notes"):
+            warned += 1
+            if warned <= 10:
+                say(f"warning: {note}" + ("; further label warnings not shown" if warned == 10 else ""),
+                    flush=True)
+        if skipped:
+            skipped_total += len(skipped)
+            for message in skipped:
+                print(f"skipped: {message}", file=sys.stdout if nets.rank == 0 else sys.stderr, flush=True)
+            if skipped_total > cfg.max_skips:
+                raise DataError(f"{skipped_total} corrupt files skipped (more than --max-skips "
+                                f"{cfg.max_skips}), last: {skipped[-1]}")
+        losses, seen = step(cfg, nets, batch, iteration)
+        sums += losses
+        count += 1
+        done = iteration + 1
+        logged = done % cfg.log_every == 0 or done == stop or done % cfg.checkpoint_every == 0
+        if done == start + 1 and not logged and nets.world == 1:  # a first sign of life, at once; no record
+            say(progress_line(cfg, done, (sums / count).tolist(), 1 / (time.time() - clock)), flush=True)
+        if logged:
+            if nets.world > 1:  # every rank sees the mean over all ranks, and stops together on a NaN
+                dist.all_reduce(sums)
+                sums /= nets.world
+            means = (sums / count).tolist()  # the one host sync, every log_every iterations
+            if not all(map(math.isfinite, means)):
+                raise NonFiniteLoss(f"non-finite loss between iterations {done - count} and {done}: {means}; "
+                                    f"the last checkpoint in {cfg.work_dir} is untouched")
+            speed = (done - clock_iteration) / (time.time() - clock)
+            clock, clock_iteration = time.time(), done
+            if log is not None:
+                record = dict(iteration=done, loss_sup=means[0], loss_uda=means[1], loss_mrm=means[2],
+                              loss_mic=means[3], loss_fd=means[4], pseudo_weight=means[5],
+                              lr=float(nets.optimizers[0].param_groups[0]["lr"]), it_per_s=speed,
+                              time=time.time())
+                log.append(record)
+            say(progress_line(cfg, done, means, speed), flush=True)
+            sums.zero_()
+            count = 0
+        try:
+            if nets.rank == 0 and not cfg.source_only and cfg.debug_every and done % cfg.debug_every == 0:
+                write_debug_grid(cfg, nets, seen, os.path.join(cfg.work_dir, "debug", f"iteration_{done:06d}.png"))
+            if nets.rank == 0 and cfg.val_every and done % cfg.val_every == 0 and done != cfg.iters:
+                validate(cfg, nets, val, done, log)  # the other ranks wait at their next collective
+        except Exception:  # a picture or a validation that fails does not lose the iteration's work
+            if nets.world == 1:
                 save_checkpoint(cfg, nets, done)
-            if interrupted:
-                raise Interrupted(interrupted, done)
+            raise
+        interrupted = signals.requested(nets)
+        if done % cfg.checkpoint_every == 0 or done == stop or interrupted:
+            save_checkpoint(cfg, nets, done)
+        if interrupted:
+            raise Interrupted(interrupted, done)
+        if done == start + 1 and unread_flags(cfg):  # every part of an iteration has run once
+            say(f"warning: {', '.join(unread_flags(cfg))}: not read by this run's code (its method, "
+                f"architecture or recipe takes no such setting), so they change nothing", flush=True)
+    signals.at_once(stop)
     if nets.rank != 0:
         return None
     if stop == cfg.iters:
@@ -510,7 +520,7 @@ def validate(cfg, nets, val, iteration, log):
 def progress_line(cfg, done, means, speed):
     rate = f"{speed:.2f} it/s" if speed >= 1 else f"{1 / speed:.1f} s/it"
     return (f"[{done}/{cfg.iters}] L_sup {means[0]:.4f}  L_uda {means[1]:.4f}"
-            f"{f'  L_mrm {means[2]:.4f}' if cfg.mrm and not cfg.source_only else ''}"
+            f"{f'  L_mrm {means[2]:.4f}' if not cfg.source_only and cfg.mrm else ''}"
             f"{f'  L_mic {means[3]:.4f}' if cfg.mic else ''}{f'  L_fd {means[4]:.4f}' if cfg.fd_weight else ''}"
             f"  weight {means[5]:.3f}  {rate}  ETA {format_eta((cfg.iters - done) / speed)}")
 
@@ -524,6 +534,8 @@ def main(argv=None):
     threads = torch.get_num_threads()  # train() sets the run's; a caller in this process gets its own back
     try:
         cfg = parse_args(argv)
+        if cfg.device.startswith("cuda:"):  # the current device: where CUDA streams and graphs are made
+            torch.cuda.set_device(cfg.device)
         if cfg.print_config:
             print(config_json(cfg), end="")
         elif cfg.count_flops:

@@ -38,8 +38,9 @@ def one_line(error):
 
 
 def atomic_write(path, write):
-    """Write to a temporary file, fsync, rename: a crash at any moment leaves the old file or the new. A write
-    that fails (a full disk, an I/O error) removes the temporary file and is one DataError line."""
+    """Write to a temporary file, fsync, rename: a crash at any moment leaves the old file or the new, and an
+    exception (a signal's included) removes the temporary file. A write that fails (a full disk, an I/O error) is
+    one DataError line."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -47,9 +48,11 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if not isinstance(error, (OSError, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
+            raise
         reason = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)[:160]
         with contextlib.suppress(OSError):
             reason += f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 30:.2f} GiB free there"

@@ -2,9 +2,10 @@
 ranges, and parse_config, which resolves a run's settings from the flags, the task, the architecture and the
 recipe table that the training script passes in."""
 import argparse
+import contextlib
 import math
 import os
-import sys
+import re
 import textwrap
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ import torch
 from support.base import ConfigError
 from support.data import DATASETS, TASKS
 from support.models import ARCHS, DECODERS
+from support.toy import TOY_SCENE
 
 
 # Every key is a flag: --mask-ratio 0.5, and for a switch --mrm / --no-mrm. A value comes from, last wins: the
@@ -122,7 +124,7 @@ FLAGS = {
         hr_loss_weight=(0.1, "HRDA: the loss is (1 - this) x CE(fused) + this x CE(detail window)"),
     ),
     "precision and speed": dict(
-        device=("", "where to train (default: cuda when available)", ("cpu", "cuda")),
+        device=("", "where to train: cpu, cuda or cuda:N (default: cuda when available)"),
         threads=(0, "CPU threads of the training process (0: torch's default, less one per loader worker on the "
                     "machine's cores; 1 is often fastest on a busy machine)"),
         amp=("off", "autocast precision: off (fp32, the official setting), bf16 (faster) or fp16",
@@ -152,6 +154,7 @@ FLAGS = {
 
 
 FLAG_KEYS = [key for group in FLAGS.values() for key in group]
+FLAG_SET = frozenset(FLAG_KEYS)
 DEFAULTS = {key: entry[0] for group in FLAGS.values() for key, entry in group.items() if not isinstance(entry[0], type)}
 # Speed switches with no row in the paper and not yet measured on a GPU: they work, --help does not list them.
 UNLISTED = ("channels_last", "compile", "aspp_depthwise")
@@ -166,7 +169,7 @@ RESUME_MAY_CHANGE = ("data_root", "work_dir", "workers", "log_every", "val_every
 
 # Allowed ranges: (low, high, low is allowed, high is allowed); None: unbounded. Checked for every run.
 RANGES = dict(
-    seed=(0, None, True, None), workers=(0, None, True, None), threads=(0, None, True, None),
+    seed=(0, 2 ** 63 - 1, True, True), workers=(0, None, True, None), threads=(0, None, True, None),
     log_every=(1, None, True, None), val_every=(0, None, True, None), checkpoint_every=(1, None, True, None),
     stop_after=(0, None, True, None), max_skips=(0, None, True, None), iters=(1, None, True, None),
     batch_size=(1, None, True, None), crop=(0, None, True, None), lr=(0, None, False, None),
@@ -177,7 +180,7 @@ RANGES = dict(
     rcs_min_pixels=(0, None, True, None), fd_weight=(0, None, True, None), mrm_weight=(0, None, True, None),
     mask_ratio=(0, 1, True, True), rebuilder_dim=(4, None, True, None), rebuilder_depth=(1, None, True, None),
     rebuilder_heads=(1, None, True, None), rebuilder_grid=(1, None, True, None), rebuilder_lr=(0, None, False, None),
-    rebuilder_weight_decay=(0, None, True, None), mic_mask_ratio=(0, 1, True, True),
+    rebuilder_weight_decay=(0, None, True, None), mic_mask_ratio=(0, 1, True, False),
     mic_block_size=(1, None, True, None), mic_weight=(0, None, True, None), bench=(0, None, True, None),
     bench_data=(0, None, True, None), debug_every=(0, None, True, None), rcs_min_crop_ratio=(0, None, True, None),
     resolution=(1, 2, True, True), detail_crop=(0, None, True, None), context_scale=(0, 1, False, True),
@@ -185,20 +188,11 @@ RANGES = dict(
 )
 
 
-MRM_FLAGS = ("mrm_weight", "mask_ratio", "rebuilder_dim", "rebuilder_depth", "rebuilder_heads", "rebuilder_grid",
-             "rebuilder_lr", "rebuilder_weight_decay", "mrm_domain", "mrm_mode", "mrm_objective", "mrm_trains")
 
 
-MIC_FLAGS = ("mic_mask_ratio", "mic_block_size", "mic_weight")
-
-
-TARGET_FLAGS = ("ema", "pseudo_threshold", "jitter", "jitter_p", "blur_p", "pl_crop", "mic") + MRM_FLAGS
-
-
-def check_ranges(cfg, given):
+def check_ranges(cfg):
     """Every number in its range (NaN and inf refused), the Rebuilder's shape consistent, the crop one the
-    network can take. Returns a warning for each flag given that the run ignores (scripts often pass one set of
-    flags to several runs, so these do not stop a run)."""
+    network can take."""
     for key, (low, high, low_ok, high_ok) in RANGES.items():
         value = cfg[key]
         text = (("[" if low_ok else "(") + f"{low}, " + (f"{high}" + ("]" if high_ok else ")") if high is not None
@@ -209,18 +203,32 @@ def check_ranges(cfg, given):
     if cfg["rebuilder_dim"] % 4 or cfg["rebuilder_dim"] % cfg["rebuilder_heads"]:
         raise ConfigError(f"--rebuilder-dim {cfg['rebuilder_dim']}: must be a multiple of 4 (the sin-cos position "
                           f"embedding) and of --rebuilder-heads {cfg['rebuilder_heads']}")
-    largest = max(max(DATASETS[name]["size"]) * cfg["resolution"] if name in DATASETS else 128
-                  for name in (cfg["source"], cfg["target"]))
+    largest = max(max(image_size(cfg, name)) for name in (cfg["source"], cfg["target"]))
     if cfg["crop"] and not 32 <= cfg["crop"] <= largest:
         raise ConfigError(f"--crop {cfg['crop']}: must be 0 (whole images) or from 32 (the encoders' stride) to "
                           f"{largest} (the task's largest training image side)")
     if not cfg["crop"] and cfg["task"] != "toy":
         raise ConfigError(f"--crop 0 (whole images) is for the toy task: {cfg['task']}'s images differ in size")
-    ignored = [(key, "--source-only") for key in TARGET_FLAGS if cfg["source_only"] and key in given]
-    ignored += [(key, "--no-mrm") for key in MRM_FLAGS if not cfg["mrm"] and key in given]
-    ignored += [(key, "without --mic") for key in MIC_FLAGS if not cfg["mic"] and key in given]
-    return [f"--{key.replace('_', '-')} {given[key]} does nothing {'with ' * (why[0] == '-')}{why}"
-            for key, why in ignored]
+
+
+class Settings(SimpleNamespace):
+    """A run's settings, one attribute per flag, that remember which flags the run's code has read: a flag given
+    on the command line that the run never reads does nothing in it (unread_flags)."""
+    __slots__ = ("given", "read")
+
+    def __getattribute__(self, name):
+        if name in FLAG_SET:
+            with contextlib.suppress(AttributeError):  # a copy in a spawned loader worker does not remember
+                object.__getattribute__(self, "read").add(name)
+        return super().__getattribute__(name)
+
+
+def unread_flags(cfg):
+    """The flags given on the command line that the run has not read so far, as '--flag value'."""
+    def flag(key, value):
+        name = key.replace("_", "-")
+        return (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
+    return [flag(key, value) for key, value in cfg.given.items() if key not in cfg.read]
 
 
 def flag_help(key, default, text, recipes):
@@ -239,7 +247,8 @@ def build_parser(recipes, description):
     may_change = ", ".join("--" + key.replace("_", "-") for key in RESUME_MAY_CHANGE if key in FLAG_KEYS)
     epilog = (f"--resume continues a run only as the experiment it was: these flags may differ from the checkpoint's "
               f"(they change how, not what, is computed): {may_change}; every other flag must match, or the run "
-              f"stops naming each difference.")
+              f"stops naming each difference. Under torchrun the processes wait at most MRM_RENDEZVOUS_TIMEOUT "
+              f"seconds (default 300) for each other to start; a missing one ends the run in one error line.")
     parser = argparse.ArgumentParser(usage="python train_dacs_mrm.py [--task T] [--arch A] [--pretrained FILE] [...]",
                                      description=description,
                                      epilog="\n".join(textwrap.wrap(epilog, 100, break_on_hyphens=False)),
@@ -256,7 +265,7 @@ def build_parser(recipes, description):
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                    help=help_text)
             else:
-                metavar = ("|".join(choices) if choices else "T,B,L,R" if key == "pseudo_margins" else
+                metavar = ("|".join(choices) if choices else "T,B,L,R" if key == "pseudo_margins" else "DEVICE" if key == "device" else
                            {int: "N", float: "X"}.get(kind, "PATH"))
                 group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
     return parser
@@ -310,24 +319,29 @@ def parse_config(recipes, argv=None, description=""):
         raise ConfigError(f"--mrm-objective {cfg['mrm_objective']} regresses the Rebuilder's output without the "
                           f"decoder: it needs --mrm-mode rebuild and --mrm-trains both")
     margins = cfg["pseudo_margins"].split(",")
-    if len(margins) != 4 or not all(m.strip().isdigit() for m in margins):  # pseudo_margins() then reads them
+    if len(margins) != 4 or not all(re.fullmatch(r"[0-9]+", m.strip()) for m in margins):
         raise ConfigError(f"--pseudo-margins {cfg['pseudo_margins']}: must be four pixel counts top,bottom,left,right "
                           f"(HRDA: 30,240,30,30)")
     check_hrda(cfg, given)
-    if cfg["sync_bn"] and cfg["device"] != "cuda":
+    check_device(cfg["device"])
+    if cfg["sync_bn"] and not cfg["device"].startswith("cuda"):
         raise ConfigError("--sync-bn needs --device cuda (torch's SyncBatchNorm runs on GPUs only)")
     if cfg["mic"] and cfg["source_only"]:
         raise ConfigError("--mic needs target images and pseudo-labels, which --source-only switches off")
-    if cfg["device"] == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
     if cfg["iters"] <= 0 or cfg["batch_size"] <= 0:
         raise ConfigError("--iters and --batch-size must be positive")
-    for warning in check_ranges(cfg, given):
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    check_ranges(cfg)
+    check_nothing_to_do(cfg)
     if cfg["resume"] and cfg["overwrite"]:
         raise ConfigError("--resume continues the work dir's run and --overwrite removes it: pass one of them")
     if cfg["decode"] and not cfg["check_data"]:
         raise ConfigError("--decode works with --check-data")
+    modes = [f"--{key.replace('_', '-')}" for key in FLAGS["modes (each does its work and exits)"]
+             if cfg[key] and key != "decode"]
+    if len(modes) > 1:
+        raise ConfigError(f"{modes[0]} and {modes[1]} are modes that each do their work and exit: give one")
+    if cfg["bench"] and cfg["source_only"]:
+        raise ConfigError("--bench times the DACS step with its target half; --source-only has none: time it without")
     mode = any(cfg[key] for key in FLAGS["modes (each does its work and exits)"])
     weights = ARCHS[arch]["weights"]
     if not cfg["pretrained"] and weights and cfg["task"] != "toy" and not mode:
@@ -338,7 +352,66 @@ def parse_config(recipes, argv=None, description=""):
         method = ("" if recipe == (task.get("recipe") or ARCHS[arch]["recipe"]) else f"{recipe}-") + method
         method += "-mic" if cfg["mic"] else ""
         cfg["work_dir"] = os.path.join("runs", f"{cfg['task']}-{arch}-{method}-seed{cfg['seed']}")
-    return SimpleNamespace(**cfg)
+    settings = Settings(**cfg)
+    settings.given, settings.read = given, set()
+    return settings
+
+
+MIN_VIEW = 32  # pixels: a MiT's first stage (stride 4) must cover its spatial-reduction kernel (8)
+
+
+def image_size(cfg, dataset):
+    """(height, width) of a dataset's images as the run resizes them (toy scenes: as drawn)."""
+    if dataset not in DATASETS:
+        return TOY_SCENE
+    width, height = DATASETS[dataset]["size"]
+    return height * cfg["resolution"], width * cfg["resolution"]
+
+
+def check_nothing_to_do(cfg):
+    """Refuse a setting that leaves MRM, MIC or the pseudo-labels with nothing to do at the run's real sizes."""
+    if cfg["source_only"]:
+        return
+    if cfg["mrm"]:
+        cells = cfg["rebuilder_grid"] ** 2
+        masked = round(cfg["mask_ratio"] * cells)
+        if masked in (0, cells):
+            raise ConfigError(f"--mask-ratio {cfg['mask_ratio']} masks {'no' if masked == 0 else 'every'} cell of the "
+                              f"{cfg['rebuilder_grid']}x{cfg['rebuilder_grid']} grid (--rebuilder-grid): MRM would have "
+                              f"{'nothing to rebuild' if masked == 0 else 'nothing to rebuild from'}")
+        if cfg["mrm_weight"] == 0:
+            raise ConfigError("--mrm-weight 0 computes MRM's loss and discards it: train with --no-mrm instead")
+    if cfg["mic"] and cfg["mic_weight"] == 0:
+        raise ConfigError("--mic-weight 0 computes MIC's loss and discards it: train without --mic instead")
+    height, width = image_size(cfg, cfg["target"])
+    crop = cfg["crop"] or height
+    if cfg["mic"] and cfg["mic_block_size"] > 2 * crop:
+        raise ConfigError(f"--mic-block-size {cfg['mic_block_size']}: larger than twice the {crop}-pixel crop, MIC's "
+                          f"mask would have no block")
+    if cfg["pl_crop"] and crop <= 135:
+        raise ConfigError(f"--pl-crop drops the top 15 and bottom 120 rows of the crop: a {crop}-pixel crop keeps no "
+                          f"pseudo-label; use a larger --crop or --no-pl-crop")
+    top, bottom, left, right = (int(m) for m in cfg["pseudo_margins"].split(","))
+    if top + bottom >= height or left + right >= width:
+        raise ConfigError(f"--pseudo-margins {cfg['pseudo_margins']}: cover the whole {width}x{height} target image, "
+                          f"no pseudo-label would count")
+
+
+def check_device(name):
+    """cpu, cuda or cuda:N, of a device this machine has; under torchrun each process takes its LOCAL_RANK's GPU."""
+    device = None
+    with contextlib.suppress(RuntimeError):
+        device = torch.device(name)
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
+        raise ConfigError(f"--device {name}: unknown device, expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"--device {name}: under torchrun each process takes the GPU of its LOCAL_RANK: pass "
+                          f"--device cuda")
 
 
 def check_hrda(cfg, given):
@@ -359,6 +432,11 @@ def check_hrda(cfg, given):
     if cfg["detail_crop"] % cell or (cfg["crop"] and (cfg["crop"] % cell or cfg["detail_crop"] > cfg["crop"])):
         raise ConfigError(f"--detail-crop {cfg['detail_crop']}, --crop {cfg['crop']}: both must be multiples of "
                           f"{cell} (8 / --context-scale), the detail window at most the crop")
+    context = min(cfg["crop"] or image_size(cfg, cfg["target"])[0], image_size(cfg, cfg["target"])[0])
+    if cfg["detail_crop"] < MIN_VIEW or context * cfg["context_scale"] < MIN_VIEW:
+        raise ConfigError(f"--detail-crop {cfg['detail_crop']}, --context-scale {cfg['context_scale']}: the detail "
+                          f"window and the context view of a {context}-pixel side (the crop, or the validation "
+                          f"images) must be at least {MIN_VIEW} pixels, the smallest input a MiT takes")
     if cfg["mrm"] and cfg["mrm_objective"] != "cls":
         raise ConfigError(f"--mrm-objective {cfg['mrm_objective']}: with HRDA's model MRM trains on its losses "
                           f"(--mrm-objective cls)")

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import re
 import signal
+import stat
 import struct
 import time
 import warnings
@@ -205,7 +206,7 @@ class TrainBatches(torch.utils.data.Dataset):
         batch = dict(source_image=torch.from_numpy(np.stack([s[0] for s in source])).permute(0, 3, 1, 2),
                      source_label=torch.from_numpy(np.stack([s[1] for s in source])),
                      target_image=torch.from_numpy(np.stack([t[0] for t in target])).permute(0, 3, 1, 2),
-                     skipped=skipped, notes=notes)
+                     skipped=skipped, notes=notes, flags_read=getattr(self.cfg, "read", ()))
         if self.margins:  # the margin mask went through crop and flip as a label: 1 inside, 0 margin or padding
             batch["target_valid"] = torch.from_numpy(np.stack([t[1] == 1 for t in target]).astype(np.uint8))
         return batch
@@ -272,8 +273,8 @@ def make_loader(cfg, dataset, start_iteration):
     # (which creates it at another point of the RNG stream) would diverge from a straight one.
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(start_iteration, cfg.iters), num_workers=cfg.workers,
-        pin_memory=cfg.device == "cuda", persistent_workers=cfg.workers > 0, worker_init_fn=ignore_stop_signals,
-        prefetch_factor=4 if cfg.workers else None, generator=torch.Generator().manual_seed(cfg.seed))
+        pin_memory=cfg.device.startswith("cuda"), persistent_workers=cfg.workers > 0,
+        worker_init_fn=ignore_stop_signals, prefetch_factor=4 if cfg.workers else None, generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def ignore_stop_signals(worker_id):
@@ -338,11 +339,11 @@ def list_pngs(folder, pattern, skip, naming):
         raise DataError(f'{folder}: folder not found, expected files named {naming}')
     found, seen = {}, set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):  # data folders are often symlinks
-        stat = os.stat(dirpath)
-        if (stat.st_dev, stat.st_ino) in seen:  # a symlink loop: each folder is listed once
+        folder_stat = os.stat(dirpath)
+        if (folder_stat.st_dev, folder_stat.st_ino) in seen:  # a symlink loop: each folder is listed once
             dirnames.clear()
             continue
-        seen.add((stat.st_dev, stat.st_ino))
+        seen.add((folder_stat.st_dev, folder_stat.st_ino))
         for name in filenames:
             if not name.endswith('.png'):
                 continue
@@ -350,10 +351,28 @@ def list_pngs(folder, pattern, skip, naming):
             rel = os.path.relpath(path, folder).replace(os.sep, '/')
             match = re.fullmatch(pattern, rel)
             if match:
+                check_regular_file(path)
                 found[match.group(1)] = path
             elif not (skip and re.fullmatch(skip, rel)):
                 raise DataError(f'{path}: unexpected file name, expected {naming} in {folder}')
     return found
+
+
+_SPECIAL_FILES = {stat.S_IFIFO: 'a FIFO', stat.S_IFSOCK: 'a socket', stat.S_IFCHR: 'a device',
+                  stat.S_IFBLK: 'a device'}
+
+
+def check_regular_file(path):
+    """Refuse what reading would block on (a FIFO) or fail at later, mid-run (a socket, a device, a dangling
+    or looping symlink); symlinks to regular files are fine."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        what = 'a symlink whose target is missing or loops' if os.path.islink(path) else 'cannot be read'
+        raise DataError(f'{path}: {what} ({error.strerror}), expected a PNG file') from None
+    if not stat.S_ISREG(mode):
+        kind = _SPECIAL_FILES.get(stat.S_IFMT(mode), 'a special file')
+        raise DataError(f'{path}: not a regular file ({kind}), expected a PNG file')
 
 
 def find_pairs(dataset, root, split):

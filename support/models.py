@@ -2,6 +2,8 @@
 mmseg's ResNetV1c), DeepLabV3+, MiT (SegFormer) with the DAFormer head, their input normalisation and the
 loading of pretrained weights. ARCHS names each architecture; every model takes RGB images in [0, 1]."""
 import math
+import pickle
+import warnings
 
 import torch
 import torch.nn as nn
@@ -248,13 +250,25 @@ TOP_LEVEL = {'conv1', 'bn1', 'stem', 'layer1', 'layer2', 'layer3', 'layer4', 'la
 CLASSIFIER_PREFIXES = ('layer5.', 'fc.')
 
 
+def load_tensors(path):
+    """torch.load of an untrusted file: tensors and plain containers only (weights_only), without torch's
+    warnings (they would precede the one-line error); a file it cannot read is one ValueError line naming it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f'{path}: holds more than tensors and plain containers (Python objects, which are never '
+                         f'unpickled: untrusted code could run), or is not a PyTorch file') from None
+    except Exception as error:
+        raise ValueError(f'{path}: not a readable PyTorch file, damaged or cut short ({one_line(error)[:160]})') \
+            from None
+
+
 def load_state_file(path):
     """{name: tensor} from a .pth file, unwrapped from a 'state_dict' or 'model' entry. Weights files are
-    untrusted input: torch.load with weights_only; any other content is one ValueError line naming the file."""
-    try:
-        sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:
-        raise ValueError(f'{path}: not a readable PyTorch weights file ({one_line(error)})') from None
+    untrusted input (load_tensors); any other content is one ValueError line naming the file."""
+    sd = load_tensors(path)
     for wrapper in ('state_dict', 'model'):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]

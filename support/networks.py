@@ -56,8 +56,11 @@ def build_nets(cfg, rank=0, world=1):
     torchrun (world > 1) what the step calls is wrapped in DistributedDataParallel."""
     device = torch.device(cfg.device)
     pretrained = "" if cfg.pretrained == "none" else cfg.pretrained
-    model, arch_record = build_model(cfg.arch, cfg.num_classes, pretrained, cfg.checkpoint_blocks, aspp_dilations(cfg),
-                              cfg.decoder, hrda=hrda_views(cfg))
+    # the flags of one kind of network are read only when building that kind (the run warns of flags it never read)
+    recompute = "mit" in ARCHS[cfg.arch] and cfg.checkpoint_blocks
+    dilations = aspp_dilations(cfg) if cfg.decoder == "deeplabv2" else (6, 12)
+    model, arch_record = build_model(cfg.arch, cfg.num_classes, pretrained, recompute, dilations, cfg.decoder,
+                                     hrda=hrda_views(cfg))
     arch_record["align_corners"] = cfg.align_corners  # evaluation must resample the logits as training did
     model.align_corners, model.hr_loss_weight = cfg.align_corners, cfg.hr_loss_weight  # its loss's settings
     if cfg.resolution != 1:  # and see images at the size training saw
@@ -137,7 +140,8 @@ def build_optimizers(cfg, nets):
     else:
         encoder = groups(model.encoder, cfg.lr)
     network = encoder + groups(model.decoder, cfg.lr * cfg.head_lr_mult)
-    rebuilder = [group for module in (nets.rebuilder, nets.pixel_head) if module is not None
+    rebuilder = [group for module in (nets.rebuilder, nets.pixel_head) if module is not None and
+                 any(p.requires_grad for p in module.parameters())  # --mrm-mode mask-only, input: none
                  for group in groups(module, cfg.rebuilder_lr, weight_decay=cfg.rebuilder_weight_decay)]
     if cfg.optimizer == "adamw":
         return [torch.optim.AdamW(network + rebuilder, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
@@ -260,9 +264,10 @@ def without_gradient_sync(cfg, nets):
 
 def why_eager(cfg, world):
     """Why the step cannot run as one CUDA graph here, or "" when it can (the default on one GPU)."""
-    reasons = ((not cfg.cuda_graph, "without --cuda-graph"), (cfg.device != "cuda", "not on CUDA"),
+    reasons = ((not cfg.cuda_graph, "without --cuda-graph"), (not cfg.device.startswith("cuda"), "not on CUDA"),
                (world > 1, "torchrun: DDP's all-reduce"), (cfg.compile, "--compile"),
                (cfg.amp == "fp16", "fp16's loss scaler reads the gradients on the host"),
-               (cfg.checkpoint_blocks, "--checkpoint-blocks saves the random state on the host"),
+               ("mit" in ARCHS[cfg.arch] and cfg.checkpoint_blocks,
+                "--checkpoint-blocks saves the random state on the host"),
                (cfg.detail_crop > 0, "HRDA's detail windows are drawn on the host"))
     return next((why for applies, why in reasons if applies), "")

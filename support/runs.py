@@ -18,7 +18,7 @@ import torch.distributed as dist
 from support.base import ConfigError, DataError, atomic_write, one_line
 from support.cli import FLAG_KEYS, RESUME_MAY_CHANGE
 from support.data import CITYSCAPES_ID_TO_TRAIN, DATASETS, TASKS
-from support.models import Normalize, strict_load
+from support.models import Normalize, load_tensors, strict_load
 
 
 def save_checkpoint(cfg, nets, iteration):
@@ -73,9 +73,9 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise DataError(f"{path}: not a readable checkpoint ({one_line(error)})") from None
+        return load_tensors(path)
+    except ValueError as error:
+        raise DataError(str(error)) from None
 
 
 def load_model_state(model, state, path):
@@ -88,34 +88,39 @@ def load_model_state(model, state, path):
 
 def resume(cfg, nets, state=None):
     """Restore nets and the random state from the work dir's checkpoint (read_resume_checkpoint's `state`);
-    returns its iteration."""
+    returns its iteration. A checkpoint that does not fit (an entry missing, a tensor or an optimizer state of
+    another shape) is one DataError line."""
     path = os.path.join(cfg.work_dir, "checkpoint.pth")
     state = read_resume_checkpoint(cfg) if state is None else state
     if state["arch"] != nets.arch_record:
         raise DataError(f"{path}: checkpoint is {state['arch']}, this run builds {nets.arch_record}")
-    load_model_state(nets.model, state["model"], path)
-    if nets.teacher is not None:
-        nets.teacher.load_state_dict(state["teacher"])
-    if nets.rebuilder is not None:
-        nets.rebuilder.load_state_dict(state["rebuilder"])
-    if nets.pixel_head is not None:
-        nets.pixel_head.load_state_dict(state["pixel_head"])
     if len(state["optimizers"]) != len(nets.optimizers):
         raise DataError(f"{path}: checkpoint holds {len(state['optimizers'])} optimizer(s), this run builds "
                         f"{len(nets.optimizers)} (another --optimizer or --no-mrm?)")
-    for optimizer, optimizer_state in zip(nets.optimizers, state["optimizers"]):
-        optimizer.load_state_dict(optimizer_state)
-        for group in optimizer.param_groups:  # a CUDA graph's device-tensor lr comes back as a plain number
-            group["lr"] = float(group["lr"])
-    nets.scaler.load_state_dict(state["scaler"])
     if state["world_size"] != nets.world:
         raise DataError(f"{path}: written by {state['world_size']} process(es), this run has {nets.world}: each "
                         f"process's data and random state depend on its rank, so resume with as many processes")
-    rng = state["rng"][nets.rank]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if nets.device.type == "cuda" and rng["cuda"] is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
+    load_model_state(nets.model, state["model"], path)
+    try:
+        for name in ("teacher", "rebuilder", "pixel_head"):
+            if getattr(nets, name) is not None:
+                getattr(nets, name).load_state_dict(state[name])
+        for optimizer, optimizer_state in zip(nets.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(optimizer_state)
+            for group in optimizer.param_groups:  # a CUDA graph's device-tensor lr comes back as a plain number
+                group["lr"] = float(group["lr"])
+                if any(state.shape != p.shape for p in group["params"]
+                       for state in optimizer.state[p].values() if torch.is_tensor(state) and state.dim()):
+                    raise ValueError("an optimizer state of another shape than its parameter")
+        nets.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"][nets.rank]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if nets.device.type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        raise DataError(f"{path}: damaged, or written by another version of this program ({one_line(error)[:200]}); "
+                        f"start over with --overwrite or another --work-dir") from None
     return state["iteration"]
 
 
@@ -209,9 +214,9 @@ def read_resume_checkpoint(cfg):
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
         raise DataError(f"{path}: not a training checkpoint of train_dacs_mrm.py (an export or another file?); "
                         f"--resume continues from the checkpoint.pth a run wrote")
-    saved = state["config"]
-    differences = [f"--{key.replace('_', '-')} {saved[key]} (now {getattr(cfg, key)})" for key in FLAG_KEYS
-                   if key not in RESUME_MAY_CHANGE and key in saved and saved[key] != getattr(cfg, key)]
+    saved, now = state["config"], vars(cfg)
+    differences = [f"--{key.replace('_', '-')} {saved[key]} (now {now[key]})" for key in FLAG_KEYS
+                   if key not in RESUME_MAY_CHANGE and key in saved and saved[key] != now[key]]
     if differences:
         raise ConfigError(f"{path}: checkpoint is of another experiment, run with " + ", ".join(differences) +
                           ": resume with the same settings, or start a new --work-dir")
@@ -242,9 +247,9 @@ def finished(cfg, state):
 
 def resume_changes(cfg, state):
     """The settings a resumed run changes, for its header."""
-    saved = state["config"]
-    return [f"--{key.replace('_', '-')} {saved[key]} -> {getattr(cfg, key)}" for key in RESUME_MAY_CHANGE
-            if key in saved and key not in ("resume", "overwrite") and saved[key] != getattr(cfg, key)]
+    saved, now = state["config"], vars(cfg)
+    return [f"--{key.replace('_', '-')} {saved[key]} -> {now[key]}" for key in RESUME_MAY_CHANGE
+            if key in saved and key not in ("resume", "overwrite") and saved[key] != now[key]]
 
 
 class WorkDirLock:
@@ -376,25 +381,41 @@ class RunLog:
 
 
 class Interrupted(Exception):
-    def __init__(self, signum, iteration):
+    def __init__(self, signum, iteration=None):
         self.signum, self.iteration = signum, iteration
-        super().__init__(f"interrupted at iteration {iteration}: checkpoint written; continue with --resume")
+        super().__init__(f"interrupted at iteration {iteration}: checkpoint written; continue with --resume"
+                         if iteration is not None else
+                         "interrupted while starting, before its first iteration: nothing new to continue from; "
+                         "run the command again")
 
 
 class StopSignals:
-    """SIGINT and SIGTERM during the loop: the first asks it to stop after the current iteration with a
-    checkpoint; a second SIGINT stops at once (KeyboardInterrupt, without a traceback in main)."""
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal) during a run. Between iterations a signal asks the loop to
+    stop after the current one, with a checkpoint (a second SIGINT stops at once: KeyboardInterrupt); before the
+    first iteration and after the last checkpoint (the final export and validation) it stops at once."""
 
     def __init__(self):
-        self.signum = 0
+        self.signum, self.checkpointed, self.deferred = 0, None, False
 
     def handle(self, signum, frame):
+        if not self.deferred:
+            raise Interrupted(signum, self.checkpointed)
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
 
+    def defer(self):
+        """From the first iteration on: a signal waits for the end of the iteration."""
+        self.deferred = True
+
+    def at_once(self, iteration):
+        """After the checkpoint of `iteration`: a signal stops at once, saying it is there."""
+        self.deferred, self.checkpointed = False, iteration
+        if self.signum:  # it came after the last look at it
+            raise Interrupted(self.signum, iteration)
+
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         return self
 
     def __exit__(self, *exc):
@@ -410,18 +431,10 @@ class StopSignals:
         return int(flag.item())
 
 
-class Stopped(RuntimeError):
-    """SIGTERM: torchrun stops this process because another one failed, or the job was cancelled."""
-
-
-def on_sigterm(signum, frame):
-    raise Stopped("stopped by torchrun (another process of this run failed, or the job was cancelled)")
-
-
 def lost_a_process(error):
     """Whether `error` is how a collective fails when another process of the run died (NCCL: DistError;
-    gloo: a RuntimeError from its transport), or torchrun's SIGTERM."""
-    return dist.is_initialized() and (isinstance(error, (Stopped, dist.DistError)) or "gloo" in str(error))
+    gloo: a RuntimeError from its transport). torchrun's SIGTERM is one of the run's stop signals (StopSignals)."""
+    return dist.is_initialized() and (isinstance(error, dist.DistError) or "gloo" in str(error))
 
 
 TORCHRUN_SETS = ("torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in every process it starts: "
@@ -513,7 +526,6 @@ def init_distributed(cfg):
     store.set_timeout(COLLECTIVE_TIMEOUT)
     dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", store=dist.PrefixStore("default_pg", store),
                             rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
-    signal.signal(signal.SIGTERM, on_sigterm)
     return rank, world
 
 

@@ -16,15 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mrm import Rebuilder, mrm_loss, segmentation_ce
+from mrm import mrm_loss, segmentation_ce
 from support.augment import color_jitter, gaussian_blur
 from support.base import ConfigError, one_line
 from support.cli import DEFAULTS
 from support.data import (BATCH_KEYS, Domain, TrainBatches, make_loader, pseudo_margins, random_crop, rcs_statistics,
                           step_inputs, to_device, write_fake_dataset)
-from support.hrda import draw_mrm_mask, rebuilt_features
+from support.hrda import draw_mrm_mask, last_level, rebuilt_features
 from support.models import DEPTHWISE_FORMS
-from support.networks import (aspp_dilations, build_model, build_nets, hrda_views, rebuilder_scales, set_learning_rates,
+from support.toy import TOY_SCENE
+from support.networks import (aspp_dilations, build_model, build_nets, build_rebuilder, hrda_views, set_learning_rates,
                               why_eager)
 
 
@@ -176,7 +177,7 @@ def bench(cfg, train_step, begin_step, device_step):
                  target_image=torch.from_numpy(np.stack([t[0] for t in target])).permute(0, 3, 1, 2))
     if pseudo_margins(cfg):
         batch["target_valid"] = torch.ones_like(batch["source_label"])
-    cuda = cfg.device == "cuda"
+    cuda = cfg.device.startswith("cuda")
     if cuda:
         torch.backends.cudnn.benchmark = True
     graph = not why_eager(cfg, 1)
@@ -243,8 +244,8 @@ def bench(cfg, train_step, begin_step, device_step):
 
 
 def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
     try:
         with open("/proc/cpuinfo") as f:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -321,7 +322,7 @@ class LiveBytes(TorchDispatchMode):
 
 def fake_step_batch(cfg):
     """A batch of the run's shapes: uint8 images at the crop, labels of the task's classes, the margin mask."""
-    B, (h, w) = cfg.batch_size, (cfg.crop, cfg.crop) if cfg.crop else (64, 128)
+    B, (h, w) = cfg.batch_size, (cfg.crop, cfg.crop) if cfg.crop else TOY_SCENE
     batch = dict(source_image=torch.randint(0, 256, (B, 3, h, w), dtype=torch.uint8),
                  source_label=torch.randint(0, cfg.num_classes, (B, h, w), dtype=torch.uint8),
                  target_image=torch.randint(0, 256, (B, 3, h, w), dtype=torch.uint8))
@@ -334,7 +335,9 @@ def step_memory(cfg, train_step, fake=True):
     """(peak, after the networks are built) bytes of live tensors over two training steps (the second one with
     the optimizer states the first created). The networks are real CPU tensors with random weights; with fake,
     the steps run on fake tensors (shapes and dtypes only: no memory, no arithmetic; the weights stay as built)."""
-    cfg = SimpleNamespace(**{**vars(cfg), "device": "cpu", "pretrained": "none", "compile": False, "cuda_graph": False})
+    # fp16's loss scaler reads its gradients' values, which fake tensors lack; bf16's tensors have the same sizes
+    cfg = SimpleNamespace(**{**vars(cfg), "device": "cpu", "pretrained": "none", "compile": False, "cuda_graph": False,
+                             "amp": "bf16" if cfg.amp == "fp16" else cfg.amp})
     counter = LiveBytes()
     with counter:
         nets = build_nets(cfg)
@@ -358,7 +361,8 @@ def estimate_memory(cfg, train_step):
           f"{' + MRM' if cfg.mrm and not cfg.source_only else ''}{' + MIC' if cfg.mic else ''}, batch "
           f"{cfg.batch_size}+{cfg.batch_size}, {f'{cfg.crop}x{cfg.crop} crops' if cfg.crop else 'whole images'}"
           f"{f', {cfg.detail_crop} detail window' if cfg.detail_crop else ''}, "
-          f"{'fp32' if cfg.amp == 'off' else cfg.amp}{', --checkpoint-blocks' if cfg.checkpoint_blocks else ''}:\n"
+          f"{'fp32' if cfg.amp == 'off' else cfg.amp}{' (as bf16: the same sizes)' * (cfg.amp == 'fp16')}"
+          f"{', --checkpoint-blocks' if cfg.checkpoint_blocks else ''}:\n"
           f"  peak of live tensors in a training step {peak / gib:.2f} GiB (networks, teacher and Rebuilder "
           f"{networks / gib:.2f} GiB, then gradients, optimizer states and activations); a GPU adds its CUDA "
           f"context and the caching allocator's rounding ({time.perf_counter() - start:.0f} s on fake tensors)",
@@ -406,41 +410,67 @@ def bench_data(cfg, recipes):
 
 
 def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None, dilations=(6, 12), decoder="",
-                mode="rebuild", hrda=None):
-    """Forward multiply-accumulates of D(E(x)) and of what MRM adds for one image, the extra D(R(f)) (mode
-    rebuild) or a second D(E(x)) of the masked image (mode input), counted by torch.utils.flop_counter on the
-    meta device (shapes only: instant, no memory). hrda: HRDA's training forward (both views, one window)."""
+                mode="rebuild", hrda=None, objective="cls", mrm=True, mic=False):
+    """Forward multiply-accumulates of D(E(x)) for one image and of the forwards the step adds beside it, counted
+    by torch.utils.flop_counter on the meta device (shapes only: instant, no memory). MRM's (mrm): mode rebuild
+    D(R(f)), mask-only D(M(f)), input a second D(E(x)) of the masked image; an objective other than cls R(f) without
+    the decoder, and the pixel head (pixel) or the teacher's encoder (feature-teacher). MIC's (mic): the student's
+    D(E(x)) of its masked image. hrda: HRDA's training forward (both views, one window)."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         model, _ = build_model(arch, num_classes, aspp_dilations=dilations, decoder=decoder, hrda=hrda)
         model.eval()  # the same FLOPs; BatchNorm of DeepLabV3+'s image pooling refuses one image in train mode
-        rebuilder = Rebuilder(model.encoder.out_channels, **(rebuilder_kw or {}),
-                              scale_factors=rebuilder_scales(model.encoder))
+        options = SimpleNamespace(mrm_mode=mode, mrm_objective=objective, **rebuilder_flags(**(rebuilder_kw or {})))
+        rebuilder, pixel_head = build_rebuilder(options, model.encoder) if mrm else (None, None)
         x = torch.empty(1, 3, *size)
         with FlopCounterMode(display=False) as base:
             features = model.encoder(x)
             model.decoder(features)
         with FlopCounterMode(display=False) as extra:
-            if mode == "input":
+            if rebuilder is None:
+                pass
+            elif mode == "input":
                 model.decoder(model.encoder(x))
-            else:
+            elif objective == "cls":
                 model.decoder(rebuilt_features(rebuilder, features, draw_mrm_mask(rebuilder, features, x)))
-    trainable = sum(p.numel() for p in rebuilder.parameters() if p.requires_grad) if mode != "input" else 0
+            else:
+                rebuilt = rebuilder(features, rebuilder.random_mask(1))
+                if pixel_head is not None:
+                    pixel_head(F.adaptive_avg_pool2d(last_level(rebuilt), rebuilder.grid_size))
+                if objective == "feature-teacher":
+                    model.encoder(x)
+        with FlopCounterMode(display=False) as masked_image:
+            if mic:
+                model.decoder(model.encoder(x))
+    trainable = sum(p.numel() for m in (rebuilder, pixel_head) if m is not None for p in m.parameters())
     return dict(model_gmac=base.get_total_flops() / 2e9, extra_gmac=extra.get_total_flops() / 2e9,
-                rebuilder_params=trainable, ratio=1 + extra.get_total_flops() / base.get_total_flops(),
+                mic_gmac=masked_image.get_total_flops() / 2e9, rebuilder_params=trainable,
+                ratio=1 + extra.get_total_flops() / base.get_total_flops(),
                 encoder_params=sum(p.numel() for p in model.encoder.parameters()),
                 decoder_params=sum(p.numel() for p in model.decoder.parameters()))
+
+
+def rebuilder_flags(embed_dim=512, depth=2, num_heads=16, grid_size=16, mask_ratio=0.4):
+    """count_flops's Rebuilder keywords as the run's flags (build_rebuilder reads those)."""
+    return dict(rebuilder_dim=embed_dim, rebuilder_depth=depth, rebuilder_heads=num_heads, rebuilder_grid=grid_size,
+                mask_ratio=mask_ratio)
 
 
 def print_flops(cfg):
     crop = cfg.crop or 512
     kw = dict(embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth, num_heads=cfg.rebuilder_heads,
               grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio)
+    mrm = cfg.mrm and not cfg.source_only
     r = count_flops(cfg.arch, (crop, crop), cfg.num_classes, kw, aspp_dilations(cfg), cfg.decoder, cfg.mrm_mode,
-                    hrda_views(cfg))
-    extra = "decoder(encoder(masked x))" if cfg.mrm_mode == "input" else "decoder(rebuilder(f))"
+                    hrda_views(cfg), cfg.mrm_objective, mrm, cfg.mic)
     views = f" (HRDA: context {cfg.context_scale}, a {cfg.detail_crop} detail window)" if cfg.detail_crop else ""
-    print(f"{cfg.arch} + {cfg.decoder}{views}: encoder {r['encoder_params']:,} + decoder {r['decoder_params']:,} parameters; "
-          f"Rebuilder {r['rebuilder_params']:,} trainable parameters\n"
-          f"at {crop}x{crop}: encoder+decoder {r['model_gmac']:.2f} GMAC; "
-          f"{extra} adds {r['extra_gmac']:.2f} GMAC ({r['ratio']:.3f}x)")
+    extra = {"input": "decoder(encoder(masked x))", "mask-only": "decoder(masked f)"}.get(
+        cfg.mrm_mode, "decoder(rebuilder(f))" if cfg.mrm_objective == "cls" else
+        f"rebuilder(f) for --mrm-objective {cfg.mrm_objective}")
+    added = (f"MRM's {extra} adds {r['extra_gmac']:.2f} GMAC ({r['ratio']:.3f}x)" if mrm else
+             "MRM is off" + (" (--source-only)" if cfg.source_only else " (--no-mrm)"))
+    if cfg.mic:
+        added += f"; MIC's decoder(encoder(masked x)) adds {r['mic_gmac']:.2f} GMAC"
+    print(f"{cfg.arch} + {cfg.decoder}{views}: encoder {r['encoder_params']:,} + decoder {r['decoder_params']:,} "
+          f"parameters; {'Rebuilder' if mrm else 'no Rebuilder:'} {r['rebuilder_params']:,} trainable parameters\n"
+          f"at {crop}x{crop}: encoder+decoder {r['model_gmac']:.2f} GMAC; {added}")

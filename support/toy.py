@@ -9,6 +9,7 @@ import numpy as np
 TOY_CLASSES = ('road', 'sidewalk', 'building', 'vegetation', 'sky', 'car', 'pole')
 
 
+TOY_SCENE = (64, 128)  # (height, width) of a toy scene
 TOY_PALETTE = np.array([(128, 64, 128), (244, 35, 232), (70, 70, 70), (107, 142, 35),
                         (70, 130, 180), (0, 0, 142), (153, 153, 153)], np.uint8)  # Cityscapes colours
 
@@ -61,7 +62,7 @@ def _grid(h, w):
     return yy, xx, tiles, stripes, (yy / h).astype(np.float32), vignette.astype(np.float32)
 
 
-def toy_layout(rng, style='source', size=(64, 128)):
+def toy_layout(rng, style='source', size=TOY_SCENE):
     """Random street geometry: object-index map, per-object classes, part map and label map."""
     H, W = size
     yy, xx = _grid(H, W)[:2]
@@ -203,7 +204,7 @@ def toy_render(rng, layout, style):
     return np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0)), lab
 
 
-def make_toy_scene(rng, style, size=(64, 128)):
+def make_toy_scene(rng, style, size=TOY_SCENE):
     """One (image uint8 HxWx3 RGB, label uint8 HxW) scene in 'source' or 'target' style."""
     if style not in _BASE:
         raise ValueError(f"style must be 'source' or 'target', got {style!r}")

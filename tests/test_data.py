@@ -2,6 +2,8 @@
 import math
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from types import SimpleNamespace
 
@@ -19,6 +21,8 @@ from support.data import (BadLabel, CITYSCAPES_ID_TO_TRAIN, CLASSES, DATASETS, D
                           mmseg_rescale_size, random_crop, rcs_class_probabilities, rcs_pick, rcs_statistics,
                           read_image, read_label, resize_pair, write_fake_dataset)
 from support.toy import TOY_CLASSES, TOY_PALETTE, make_toy_scene, toy_layout, toy_render
+
+from helpers import REPO
 
 
 # ---------------------------------------------------------------- rare class sampling
@@ -506,6 +510,52 @@ def test_symlink_loops_do_not_hang_the_listing(fake_data):
     os.symlink(os.path.join(root, "gta"), os.path.join(root, "gta", "labels", "up"))
     with pytest.raises(DataError, match="unexpected file name"):  # loop/00001.png is not a GTA name
         find_pairs("gta", root, "train")
+
+
+def test_symlinked_images_are_followed_and_dangling_or_looping_ones_refused(tmp_path, fake_data):
+    root = fake_data(gta=(3, (64, 48)))
+    images = os.path.join(root, "gta", "images")
+    elsewhere = str(tmp_path / "elsewhere.png")
+    os.replace(os.path.join(images, "00003.png"), elsewhere)
+    os.symlink(elsewhere, os.path.join(images, "00003.png"))
+    os.makedirs(os.path.join(images, "x"))
+    os.makedirs(os.path.join(root, "gta", "z"))
+    os.symlink(os.path.join(root, "gta", "z"), os.path.join(images, "x", "y"))  # x/y -> z/w -> x -> ...
+    os.symlink(os.path.join(images, "x"), os.path.join(root, "gta", "z", "w"))
+    assert find_pairs("gta", root, "train")[2][0] == os.path.join(images, "00003.png")
+    os.remove(os.path.join(images, "00002.png"))
+    os.symlink(str(tmp_path / "missing.png"), os.path.join(images, "00002.png"))
+    with pytest.raises(DataError, match="00002.png: a symlink whose target is missing or loops"):
+        find_pairs("gta", root, "train")
+    os.remove(os.path.join(images, "00002.png"))
+    os.symlink(os.path.join(images, "00002.png"), os.path.join(images, "00002.png"))  # points at itself
+    with pytest.raises(DataError, match="00002.png: a symlink whose target is missing or loops"):
+        find_pairs("gta", root, "train")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_named_like_an_image_is_refused_when_listing(fake_data):
+    root = fake_data(gta=(2, (64, 48)))
+    image = os.path.join(root, "gta", "images", "00001.png")
+    os.remove(image)
+    os.mkfifo(image)
+    with pytest.raises(DataError, match="images/00001.png: not a regular file \\(a FIFO\\)"):
+        find_pairs("gta", root, "train")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_named_like_a_label_stops_check_data_decode_in_one_line_instead_of_blocking(fake_data):
+    root = fake_data(gta=(2, (32, 16)), cityscapes=(1, (32, 16)))
+    label = os.path.join(root, "gta", "labels", "00001.png")
+    os.remove(label)
+    os.mkfifo(label)  # opening it waits for a writer forever
+    command = [sys.executable, "train_dacs_mrm.py", "--task", "gta2cs", "--data-root", root, "--check-data",
+               "--decode", "--workers", "0"]
+    result = subprocess.run(command, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr == f"error: {label}: not a regular file (a FIFO), expected a " \
+                                                      f"PNG file\n", result.stderr
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])

@@ -17,7 +17,7 @@ from PIL import Image
 
 import train_dacs_mrm as T
 from eval import main as eval_main
-from support.data import find_pairs
+from support.data import TOY_SIZES, find_pairs
 from support.models import ResNetDilated
 
 from helpers import DLV2_TINY, REPO, TOY_FAST, assert_checkpoints_equal, assert_states_equal, state_of
@@ -147,7 +147,11 @@ def test_bad_pretrained_files_and_checkpoints_are_one_line_exit_2(tmp_path, caps
                                            str(tmp_path / "w"), "--iters", "1"])
     assert "not a state dict" in (T.main(["--task", "toy", "--pretrained", str(listing), "--work-dir",
                                           str(tmp_path / "w")]) and capsys.readouterr().err)
-    assert str(truncated) in one_error_line("not a readable checkpoint", eval_main, [str(truncated), "--task", "toy"])
+    assert str(truncated) in one_error_line("not a readable PyTorch file", eval_main, [str(truncated), "--task", "toy"])
+    legacy = tmp_path / "legacy.pth"  # torch warns of its pickle protocol: the warning stays out of the error line
+    torch.save({"a": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    one_error_line(str(legacy), T.main, ["--task", "toy", "--arch", "mit-tiny", "--pretrained", str(legacy),
+                                         "--work-dir", str(tmp_path / "w"), "--iters", "1"])
 
 
 class NotATensor:
@@ -157,7 +161,7 @@ class NotATensor:
 def test_untrusted_or_foreign_checkpoints_are_refused_in_one_line(tmp_path, small_toy, capsys, one_error_line):
     pickled = str(tmp_path / "evil.pth")
     torch.save({"model": NotATensor()}, pickled)
-    one_error_line("not a readable checkpoint", eval_main, [pickled, "--task", "toy"])
+    one_error_line("holds more than tensors and plain containers", eval_main, [pickled, "--task", "toy"])
     foreign = str(tmp_path / "foreign.pth")
     torch.save({"weight": torch.zeros(2)}, foreign)
     assert eval_main([foreign, "--task", "toy"]) == 2
@@ -338,12 +342,40 @@ def test_loader_worker_errors_are_the_same_one_line(tmp_path, fake_data, monkeyp
     (["--workers", "-1"], "--workers -1: must be in [0, inf)"), (["--mask-ratio", "1.5"], "must be in [0, 1]"),
     (["--checkpoint-every", "0"], "[1, inf)"), (["--log-every", "0"], "[1, inf)"),
     (["--rebuilder-grid", "0"], "[1, inf)"), (["--rebuilder-heads", "3"], "multiple of 4"),
-    (["--seed", "-1"], "[0, inf)"), (["--max-skips", "-1"], "[0, inf)"), (["--crop", "0", "--crop", "-5"], "[0, inf)"),
+    (["--seed", "-1"], "--seed -1: must be in [0, "), (["--max-skips", "-1"], "[0, inf)"), (["--crop", "0", "--crop", "-5"], "[0, inf)"),
     (["--crop", "100000"], "from 32"), (["--crop", "7"], "from 32"), (["--lr", "-1"], "(0, inf)"),
     (["--ema", "2"], "[0, 1)"), (["--pseudo-threshold", "2"], "[0, 1]"), (["--jitter-p", "5"], "[0, 1]"),
     (["--stop-after", "-1"], "[0, inf)"), (["--lr", "nan"], "--lr nan: must be in (0, inf)"),
     (["--task", "gta2cs", "--arch", "dlv2-tiny", "--crop", "0"], "--crop 0 (whole images) is for the toy task"),
-    (["--resume", "--overwrite"], "pass one of them"), (["--decode"], "works with --check-data")])
+    (["--resume", "--overwrite"], "pass one of them"), (["--decode"], "works with --check-data"),
+    # out of range for what reads them, though a plain int() takes them
+    (["--seed", str(2 ** 63)], "--seed 9223372036854775808: must be in [0, 9223372036854775807]"),
+    (["--pseudo-margins", "\u00b2,0,0,0"], "must be four pixel counts"),
+    (["--pseudo-margins", "\u0661,0,0,0"], "must be four pixel counts"),
+    (["--recipe", "hrda", "--arch", "mit-tiny", "--crop", "64", "--detail-crop", "32", "--context-scale", "0.25"],
+     "must be at least 32 pixels"),
+    (["--arch", "mit-tiny", "--detail-crop", "16"], "must be at least 32 pixels"),
+    (["--bench", "1", "--source-only"], "--source-only has none"),
+    (["--count-flops", "--estimate-memory"], "--count-flops and --estimate-memory are modes"),
+    (["--print-config", "--check-data"], "--check-data and --print-config are modes"),
+    (["--device", "tpu"], "--device tpu: unknown device, expected cpu, cuda or cuda:N"),
+    (["--device", "cuda:x"], "unknown device"), (["--device", "cpu:1"], "unknown device"),
+    pytest.param(["--device", "cuda:0"], "no CUDA device is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")),
+    # settings that leave MRM, MIC or the pseudo-labels nothing to do
+    (["--mask-ratio", "0.001"], "masks no cell of the 8x8 grid"), (["--mask-ratio", "1"], "masks every cell"),
+    (["--mask-ratio", "0.006", "--rebuilder-grid", "4"], "masks no cell of the 4x4 grid"),
+    (["--mrm-weight", "0"], "train with --no-mrm instead"), (["--mic", "--mic-weight", "0"], "without --mic instead"),
+    (["--mic", "--mic-mask-ratio", "1"], "--mic-mask-ratio 1.0: must be in [0, 1)"),
+    (["--mic", "--mic-block-size", "200"], "MIC's mask would have no block"),
+    (["--pl-crop"], "a 64-pixel crop keeps no pseudo-label"),
+    (["--crop", "128", "--pl-crop"], "a 128-pixel crop keeps no pseudo-label"),
+    (["--pseudo-margins", "30,40,0,0"], "cover the whole 128x64 target image"),
+    (["--pseudo-margins", "0,0,64,64"], "cover the whole 128x64 target image"),
+    (["--task", "gta2cs", "--arch", "dlv2-tiny", "--recipe", "hrda", "--pseudo-margins", "600,424,0,0"],
+     "does not run --arch dlv2-tiny"),
+    (["--task", "gta2cs", "--arch", "mit-tiny", "--recipe", "hrda", "--pseudo-margins", "600,424,0,0",
+      "--pretrained", "none"], "cover the whole 2048x1024 target image")])
 def test_every_bad_flag_is_one_line_before_anything_is_written(tmp_path, one_error_line, flags, words):
     work = tmp_path / "run"
     assert T.main(TOY_FAST + flags + ["--work-dir", str(work)]) == 2
@@ -400,3 +432,45 @@ def test_a_fault_in_validation_workers_neither_hangs_nor_loses_the_iteration(tmp
     else:
         assert process.returncode == 1 and "a bug in a loader worker" in err
         assert torch.load(os.path.join(work, "checkpoint.pth"), weights_only=True)["iteration"] == 2
+
+
+def test_a_signal_at_any_moment_is_one_line_and_loses_nothing(tmp_path, small_toy, monkeypatch, one_error_line):
+    """Before the first iteration and after the last checkpoint a signal stops at once; during the loop (a debug grid
+    being drawn) it stops after the iteration, checkpointed. SIGHUP (a closed terminal) is SIGTERM's twin."""
+    work, args = str(tmp_path / "run"), TOY_FAST + ["--iters", "2", "--debug-every", "1"]
+
+    def signalling(real, signum, when=lambda *a: True):
+        def call(*a, **k):
+            if when(*a):
+                os.kill(os.getpid(), signum)
+            return real(*a, **k)
+        return call
+
+    monkeypatch.setattr(T, "build_nets", signalling(T.build_nets, signal.SIGTERM))
+    assert T.main(args + ["--work-dir", work]) == 143
+    assert "interrupted while starting, before its first iteration" in one_error_line()
+    monkeypatch.undo()
+    monkeypatch.setitem(TOY_SIZES, "val", 4)
+    monkeypatch.setattr(T, "write_debug_grid", signalling(T.write_debug_grid, signal.SIGHUP))
+    assert T.main(args + ["--work-dir", work]) == 129
+    assert one_error_line() == "interrupted at iteration 1: checkpoint written; continue with --resume\n"
+    assert state_of(work)["iteration"] == 1 and os.path.exists(os.path.join(work, "debug", "iteration_000001.png"))
+    monkeypatch.undo()
+    monkeypatch.setitem(TOY_SIZES, "val", 4)
+    # the final validation, then the export's write: the last iteration's checkpoint is there, the resume finishes
+    monkeypatch.setattr(T, "validate", signalling(T.validate, signal.SIGINT, lambda cfg, nets, val, it, log: it == 2))
+    assert T.main(args + ["--work-dir", work, "--resume"]) == 130
+    assert one_error_line() == "interrupted at iteration 2: checkpoint written; continue with --resume\n"
+    assert state_of(work)["iteration"] == 2 and "val_miou" not in open(os.path.join(work, "log.jsonl")).read()
+    monkeypatch.undo()
+    monkeypatch.setitem(TOY_SIZES, "val", 4)
+    real_save, export = T.torch.save, open(os.path.join(work, "model.pth"), "rb").read()
+    monkeypatch.setattr(T.torch, "save", lambda state, f: os.kill(os.getpid(), signal.SIGTERM) or real_save(state, f))
+    assert T.main(args + ["--work-dir", work, "--resume"]) == 143
+    assert one_error_line() == "interrupted at iteration 2: checkpoint written; continue with --resume\n"
+    assert open(os.path.join(work, "model.pth"), "rb").read() == export  # the write it was in left nothing
+    assert not [name for name in os.listdir(work) if ".tmp" in name or name == ".lock"]
+    monkeypatch.undo()
+    monkeypatch.setitem(TOY_SIZES, "val", 4)
+    assert T.main(args + ["--work-dir", work, "--resume"]) == 0
+    assert os.path.exists(os.path.join(work, "model.pth")) and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL

@@ -195,3 +195,40 @@ def test_a_full_disk_at_the_lock_and_at_the_log_is_one_line(tmp_path, small_toy,
     err = one_error_line("could not append to the run's log (No space left on device)", T.main,
                          args + ["--work-dir", str(tmp_path / "b")])
     assert "continue from the last checkpoint with --resume" in err
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, small_toy, capsys, one_error_line):
+    args = ["--task", "toy", "--iters", "2", "--stop-after", "1", "--batch-size", "2", "--workers", "0"]
+    run = tmp_path / "run"
+    assert T.main(args + ["--work-dir", str(run)]) == 0
+    capsys.readouterr()
+    good = torch.load(run / "checkpoint.pth", weights_only=True)
+
+    def without_teacher(state):
+        del state["teacher"]
+
+    def teacher_of_another_shape(state):
+        key = next(iter(state["teacher"]))
+        state["teacher"][key] = torch.zeros(3)
+
+    def optimizer_state_of_another_shape(state):
+        first = next(iter(state["optimizers"][0]["state"].values()))
+        first["exp_avg"] = torch.zeros(3)
+
+    def optimizer_of_another_layout(state):
+        state["optimizers"][0]["param_groups"] = state["optimizers"][0]["param_groups"][:1]
+
+    def no_random_state(state):
+        state["rng"] = []
+
+    for damage in (without_teacher, teacher_of_another_shape, optimizer_state_of_another_shape,
+                   optimizer_of_another_layout, no_random_state):
+        state = torch.load(run / "checkpoint.pth", weights_only=True)
+        damage(state)
+        work = tmp_path / damage.__name__
+        work.mkdir()
+        torch.save(state, work / "checkpoint.pth")
+        err = one_error_line("checkpoint.pth: damaged, or written by another version of this program", T.main,
+                             args + ["--resume", "--work-dir", str(work)], untouched=work)
+        assert str(work) in err, damage.__name__
+    assert good.keys() == torch.load(run / "checkpoint.pth", weights_only=True).keys()

@@ -26,6 +26,36 @@ def test_count_flops_prints_the_mitb5_encoder_size(capsys):
     assert f"mitb5 + daformer: encoder {MIT_B5_PARAMS:,} + decoder 3,712,275 parameters" in out and "GMAC" in out
 
 
+def test_count_flops_counts_what_the_method_flags_make_the_step_compute(capsys):
+    def line(*flags):
+        assert T.main(["--task", "gta2cs", "--arch", "dlv2", "--count-flops", *flags]) == 0
+        return capsys.readouterr().out.splitlines()[-1]
+
+    rebuild, masking = count_flops("dlv2"), count_flops("dlv2", mode="mask-only")
+    pixel, teacher = count_flops("dlv2", objective="pixel"), count_flops("dlv2", objective="feature-teacher")
+    assert masking["rebuilder_params"] == 0 and 0 < masking["extra_gmac"] < rebuild["extra_gmac"]
+    assert pixel["rebuilder_params"] > rebuild["rebuilder_params"] and pixel["extra_gmac"] < rebuild["extra_gmac"]
+    assert teacher["extra_gmac"] > rebuild["model_gmac"]  # the teacher's encoder pass
+    off, mic = count_flops("dlv2", mrm=False), count_flops("dlv2", mic=True)
+    assert off["extra_gmac"] == off["rebuilder_params"] == off["mic_gmac"] == 0
+    assert mic["mic_gmac"] == mic["model_gmac"] and mic["extra_gmac"] == rebuild["extra_gmac"]
+    assert line().endswith(f"MRM's decoder(rebuilder(f)) adds {rebuild['extra_gmac']:.2f} GMAC "
+                           f"({rebuild['ratio']:.3f}x)")
+    assert line("--no-mrm").endswith("; MRM is off (--no-mrm)")
+    assert line("--source-only").endswith("; MRM is off (--source-only)")
+    assert f"MRM's decoder(masked f) adds {masking['extra_gmac']:.2f} GMAC" in line("--mrm-mode", "mask-only")
+    assert f"--mrm-objective pixel adds {pixel['extra_gmac']:.2f} GMAC" in line("--mrm-objective", "pixel")
+    assert line("--mic").endswith(f"; MIC's decoder(encoder(masked x)) adds {mic['mic_gmac']:.2f} GMAC")
+
+
+def test_the_memory_estimate_of_fp16_is_that_of_bf16(capsys):
+    args = ["--task", "toy", "--batch-size", "1", "--crop", "32"]
+    fp16 = step_memory(T.parse_args(args + ["--amp", "fp16"]), T.train_step)
+    assert fp16 == step_memory(T.parse_args(args + ["--amp", "bf16"]), T.train_step)
+    assert T.main(args + ["--amp", "fp16", "--estimate-memory"]) == 0
+    assert "fp16 (as bf16: the same sizes)" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch,reference", [("dlv2", True), ("mitb5", False)])
 def test_bench_runs_on_cpu_with_the_tiny_model(capsys, monkeypatch, arch, reference):

@@ -203,9 +203,12 @@ def test_the_step_is_one_cuda_graph_only_when_asked_for_and_where_it_can_be():
     on_gpu = SimpleNamespace(**{**vars(cfg), "device": "cuda"})
     assert why_eager(on_gpu, 1) == ""
     assert why_eager(on_gpu, 2).startswith("torchrun")
-    for key, value, why in (("amp", "fp16", "fp16"), ("checkpoint_blocks", True, "--checkpoint-blocks"),
-                            ("compile", True, "--compile"), ("cuda_graph", False, "without --cuda-graph")):
+    for key, value, why in (("amp", "fp16", "fp16"), ("compile", True, "--compile"),
+                            ("cuda_graph", False, "without --cuda-graph")):
         assert why_eager(SimpleNamespace(**{**vars(on_gpu), key: value}), 1).startswith(why)
+    recomputing = {**vars(on_gpu), "checkpoint_blocks": True}
+    assert why_eager(SimpleNamespace(**recomputing), 1) == ""  # a ResNet recomputes nothing
+    assert why_eager(SimpleNamespace(**{**recomputing, "arch": "mit-tiny"}), 1).startswith("--checkpoint-blocks")
 
 
 def test_the_step_casts_each_weight_once_under_autocast():

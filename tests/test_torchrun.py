@@ -2,9 +2,11 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +14,9 @@ import torch
 
 import support.data
 import train_dacs_mrm as T
+from support.base import ConfigError
 from support.data import TOY_SIZES
+from support.runs import init_distributed
 
 from helpers import REPO, assert_states_equal, state_of
 
@@ -169,3 +173,103 @@ def test_sigterm_to_one_process_stops_every_rank_at_the_same_iteration_with_a_ch
     a, b = state_of(straight), state_of(stopped)
     for part in ("model", "teacher", "rebuilder"):
         assert_states_equal(a[part], b[part])
+
+
+# ---------------------------------------------------------------- torchrun's variables without torchrun
+
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE",
+                      "MRM_RENDEZVOUS_TIMEOUT")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def by_hand(command, env):
+    """Popen of command as one process of a group, started without torchrun, with exactly these variables."""
+    environment = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+    environment.update(OMP_NUM_THREADS="1", REPO=REPO, **env)
+    return subprocess.Popen(command, cwd=REPO, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+PORT = "{port}"  # replaced by a free port
+ALONE = dict(WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=PORT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env,words", [
+    (dict(ALONE, RANK="0"), "torchrun: rank 0 waited 3s for 1 other process(es) at 127.0.0.1:{port}; start all 2"),
+    (dict(ALONE, RANK="1"), "torchrun: rank 1 waited 3s for rank 0 at 127.0.0.1:{port} (Connection refused)"),
+    (dict(WORLD_SIZE="2"), "RANK is not set, expected a whole number from 0 to 1 (WORLD_SIZE=2); torchrun sets"),
+    (dict(WORLD_SIZE="abc"), "WORLD_SIZE='abc', expected a whole number of at least 1"),
+    (dict(ALONE, RANK="2"), "RANK='2', expected a whole number from 0 to 1"),
+    (dict(WORLD_SIZE="2", RANK="0"), "MASTER_ADDR is not set"),
+    (dict(ALONE, RANK="0", MASTER_PORT="http"), "MASTER_PORT='http', expected a whole number from 1 to 65535"),
+    (dict(ALONE, RANK="0", MRM_RENDEZVOUS_TIMEOUT="soon"), "MRM_RENDEZVOUS_TIMEOUT='soon', expected seconds > 0")],
+    ids=["rank-0-alone", "rank-1-alone", "no-rank", "world-size-abc", "rank-too-large", "no-master-addr",
+         "bad-master-port", "bad-rendezvous-timeout"])
+def test_torchrun_variables_that_cannot_form_a_group_fail_in_one_line_within_seconds(tmp_path, env, words):
+    port = str(free_port())
+    env = {"MRM_RENDEZVOUS_TIMEOUT": "3", **{k: v.replace(PORT, port) for k, v in env.items()}}
+    work = str(tmp_path / "run")
+    process = by_hand([sys.executable, "train_dacs_mrm.py", *TORCHRUN_TOY, "--iters", "1", "--work-dir", work], env)
+    try:
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()  # a hang must not outlive the test
+    assert process.returncode == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err and words.replace(PORT, port) in err, err
+    assert not os.path.exists(work)
+
+
+# One process of a by-hand group: it joins once told to on stdin (imports are slower than the short rendezvous
+# timeout), and rank 0 pauses before the first collective for longer than that timeout.
+GROUP_SCRIPT = """
+import os, sys, time
+from types import SimpleNamespace
+sys.path.insert(0, os.environ["REPO"])
+import torch
+import torch.distributed as dist
+from support.runs import init_distributed
+print("ready", flush=True)
+sys.stdin.readline()
+rank, world = init_distributed(SimpleNamespace(device="cpu"))
+time.sleep(float(os.environ["PAUSE"]) if rank == 0 else 0)
+total = torch.ones(1)
+dist.all_reduce(total)
+print(int(total.item()))
+"""
+
+
+@pytest.mark.slow
+def test_the_rendezvous_timeout_bounds_waiting_for_the_others_not_the_collectives():
+    env = dict(ALONE, MASTER_PORT=str(free_port()), MRM_RENDEZVOUS_TIMEOUT="2", PAUSE="5")
+    processes = [by_hand([sys.executable, "-c", GROUP_SCRIPT], dict(env, RANK="0"))]
+    try:
+        out, err = processes[0].communicate("go\n", timeout=60)
+        assert processes[0].returncode != 0 and "ConfigError: torchrun: rank 0 waited 2s for 1 other" in err, err
+        # rank 1 first, waiting for rank 0; then rank 0 pauses 5 s while rank 1 waits in the all-reduce
+        processes = [by_hand([sys.executable, "-c", GROUP_SCRIPT], dict(env, RANK=rank, LOCAL_RANK=rank))
+                     for rank in ("1", "0")]
+        assert [process.stdout.readline() for process in processes] == ["ready\n"] * 2
+        for process in processes:
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        for process in processes:
+            out, err = process.communicate(timeout=120)
+            assert process.returncode == 0 and out == "2\n", err[-3000:]
+    finally:
+        for process in processes:
+            process.kill()
+
+
+def test_local_rank_beyond_the_visible_gpus_is_one_config_error(monkeypatch):
+    for name, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="2", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK='2', expected a whole number from 0 to 1 \(2 GPU\(s\) visible"):
+        init_distributed(SimpleNamespace(device="cuda"))

@@ -175,7 +175,7 @@ def test_progress_shows_the_first_iteration_at_once_and_seconds_per_iteration_wh
 
 def test_daformer_recipe_on_fake_data_with_rare_class_sampling(tmp_path, fake_data):
     root = fake_data(synthia=(3, (96, 64)), cityscapes=(2, (128, 64)))
-    args = ["--task", "syn2cs", "--data-root", root, "--arch", "mit-tiny", "--iters", "2", "--crop", "64",
+    args = ["--task", "syn2cs", "--data-root", root, "--arch", "mit-tiny", "--iters", "2", "--crop", "160",
             "--rcs-min-pixels", "64",
             "--workers", "0", "--work-dir", str(tmp_path / "run"), "--log-every", "1"]
     assert T.main(args) == 0
