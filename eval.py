@@ -18,28 +18,37 @@ OpenCV does, without antialiasing). `--protocol dacs` resizes the images with PI
 1024x512 instead, as DACS's own code does. The mIoU
 sums intersections and unions over all images (one confusion matrix), ignoring label 255. Only the
 segmentation model is loaded: a checkpoint's Rebuilder, teacher and optimiser are never read into it.
---images and --format predict the same way, each image at its own size (toy scenes: as drawn). A model file
+--images and --format predict the same way, each image at its own size as a viewer shows it (EXIF orientation;
+16-bit and other modes converted by value), toy scenes as drawn (fit into 2048 pixels when larger), a side shorter
+than the encoders' strides need (32 pixels) stretched to it. The colour pictures (--images' _color.png,
+--save-dir's) carry a legend of the classes they show below the picture, whose pixels stay as they were;
+_trainid.png holds the train ids alone. A model file
 (model.pth, checkpoint.pth) records its task, class names, palette, label ids and input size (state["inference"]),
 so no --task is needed; a --task that contradicts it is refused; files written before the record take --task.
+Every PNG is written whole or not at all; Ctrl-C stops at once (exit 130, SIGTERM 143) without a half-written file.
 """
 import argparse
-import glob
 import json
 import math
 import os
+import pathlib
+import signal
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from support.base import CorruptFile, DataError, atomic_write, format_eta, one_line
 from support.cli import DEFAULT_WORKERS, FLAG_KEYS
-from support.data import (CITYSCAPES_ID_TO_TRAIN, CLASSES, DATASETS, Domain, LABEL_NOTES, TASKS, LAYOUT, list_pngs,
-                          read_image, resize_pair)
+from support.data import (CITYSCAPES_ID_TO_TRAIN, CLASSES, DATASETS, Domain, LABEL_NOTES, TASKS, LAYOUT,
+                          ignore_stop_signals, list_pngs, mmseg_rescale_size, resize_pair)
+from support.models import ARCHS, load_tensors
 from support.networks import build_model
+from support.reports import with_legend
 from support.runs import RESUME_MAY_CHANGE, export_model, inference_record, load_checkpoint, load_model_state
 
 
@@ -54,7 +63,7 @@ def evaluate(model, domain, num_classes, device, align_corners, amp="off", proto
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     items = torch.utils.data.DataLoader(EvalImages(domain, protocol == "mmseg"), batch_size=None,
-                                        num_workers=workers)
+                                        num_workers=workers, worker_init_fn=ignore_stop_signals)
     autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
                               enabled=amp != "off")
     start, every = time.perf_counter(), max(1, len(domain) // 10)
@@ -175,7 +184,14 @@ def model_classes(state):
 def model_from_state(state, path, device="cpu"):
     """(model, number of classes, architecture record) of read_model_file's state."""
     arch_record, num_classes = state["arch"], model_classes(state)
-    model, _ = build_model(arch_record["arch"], num_classes, arch_record=arch_record)
+    if arch_record["arch"] not in ARCHS:
+        raise DataError(f"{path}: a model of architecture {arch_record['arch']!r}, which this version does not have "
+                        f"({', '.join(ARCHS)})")
+    try:
+        model, _ = build_model(arch_record["arch"], num_classes, arch_record=arch_record)
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataError(f"{path}: its architecture record {arch_record} cannot be built by this version "
+                        f"({one_line(error)[:160]})") from None
     load_model_state(model, state["model"], path)
     return model.to(device).eval(), num_classes, arch_record
 
@@ -228,17 +244,24 @@ def check_inference_record(record, num_classes, path):
                         f"missing or not for a model of {num_classes} classes)")
 
 
-def prediction_writer(save_dir, domain, palette):
-    """Writes <name>.png: the input image beside its colour prediction."""
+def prediction_writer(save_dir, domain, palette, class_names):
+    """Writes <name>.png: the input image beside its colour prediction, a legend of the classes it shows below."""
     def write(i, image, prediction):
         name = (os.path.splitext(os.path.basename(domain.pairs[i][0]))[0] if hasattr(domain, "pairs")
                 else f"{domain.name}_{i:05d}")
         colour = palette[prediction]
         if colour.shape[:2] != image.shape[:2]:  # mmseg protocol: full-resolution prediction
             colour = np.asarray(Image.fromarray(colour).resize(image.shape[1::-1], Image.NEAREST))
-        Image.fromarray(np.concatenate([image, colour], axis=1)).save(os.path.join(save_dir, name + ".png"))
+        write_png(os.path.join(save_dir, name + ".png"), with_legend(np.concatenate([image, colour], axis=1),
+                                                                     class_names, palette,
+                                                                     present_classes(prediction, palette)))
 
     return write
+
+
+def write_png(path, array):
+    """Whole or not at all (atomic_write), an interrupt included."""
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 # ----------------------------------------------------------------------------- predictions for image files
@@ -251,9 +274,10 @@ TRAIN_TO_CITYSCAPES_ID[CITYSCAPES_ID_TO_TRAIN[LABELLED]] = LABELLED
 
 
 def list_images(where):
-    """Sorted PNG and JPEG files of a folder (not its subfolders) or of a glob pattern."""
+    """Sorted PNG and JPEG files of a folder (not its subfolders) or of a glob pattern: regular files (or links to
+    them) only, so that a FIFO or a device never blocks the listing or the reading."""
     paths = [os.path.join(where, name) for name in os.listdir(where)] if os.path.isdir(where) else \
-        glob.glob(where, recursive=True)
+        expand_glob(where)
     paths = sorted(p for p in paths if p.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(p))
     if not paths:
         raise DataError(f"{where}: no PNG or JPEG images matched")
@@ -266,22 +290,88 @@ def list_images(where):
     return paths
 
 
-def input_transform(record, protocol):
-    """(size, dacs_filter) of resize_pair for images as training resized the target's, by the model file's
+def expand_glob(pattern):
+    """The paths a glob pattern matches; its ** never enters a linked folder (glob.glob's would go round a link to a
+    parent folder until the path grows too long)."""
+    parts = pathlib.PurePath(pattern).parts
+    fixed = next((k for k, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    if fixed == len(parts):
+        return [pattern] if os.path.lexists(pattern) else []
+    rest = parts[fixed:] + (("*",) if parts[-1] == "**" else ())  # pathlib's final ** matches folders only
+    return [str(path) for path in pathlib.Path(*parts[:fixed]).glob(str(pathlib.PurePath(*rest)))]
+
+
+def read_viewed_image(path):
+    """HxWx3 uint8 RGB of an image file as a viewer shows it: turned by its EXIF orientation, 16-bit and other
+    modes converted by value (16-bit: the high byte, not clipped at 255), transparency laid over white."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            viewed = ImageOps.exif_transpose(image)
+    except Exception as error:  # PIL raises many different exception types on damaged files
+        raise CorruptFile(path, error) from error
+    return rgb_by_value(viewed)
+
+
+def rgb_by_value(image):
+    if image.mode == "F" or image.mode.startswith("I"):  # one channel of 16 or 32 bits: PIL's convert would clip
+        values = np.asarray(image)
+        if image.mode == "F":  # floats have no nominal range: their own
+            low, high = float(values.min()), float(values.max())
+            grey = ((values - low) * (255 / ((high - low) or 1))).round().astype(np.uint8)
+        else:  # integers: 16 bits (PNG's deepest), as Pillow opens 16-bit grey PNGs
+            grey = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+    return np.array(image.convert("RGB"))  # writable, as torch wants it
+
+
+# Model inputs: an image no model was trained at the size of (size None: toy scenes, used as drawn) larger than
+# MAX_SIDE is resized to fit it; every side is then at least the encoder's MIN_SIDE.
+MAX_SIDE = 2048
+MIN_SIDE = 32  # MiT's coarsest spatial reduction (stride 32) needs one cell; ResNets take any size
+LOGITS_BUDGET = 2 ** 26  # floats (256 MiB) of full-size logits held at once; a bigger picture is argmaxed in bands
+BLEND_ROWS = 256  # --blend: the float copies of a band of rows, not of a whole big picture
+
+
+def input_transform(record, protocol, arch_record):
+    """(size, dacs_filter, min_side) of model_input for images as training resized the target's, by the model file's
     inference record (its size: the target's training size at the model's resolution); size None: toy scenes,
-    used as drawn."""
+    used as drawn. HRDA's context view, at context_scale of the input, needs MIN_SIDE itself."""
+    hrda = arch_record.get("hrda")
+    min_side = math.ceil(MIN_SIDE / hrda["context_scale"]) if hrda else \
+        1 if arch_record["arch"].startswith("dlv2") else MIN_SIDE
     if record["size"] is None:
-        return None, None
+        return None, None, min_side
     dacs = protocol == "dacs" and record["target"] in DATASETS
-    return tuple(record["size"]), DATASETS[record["target"]]["dacs_filter"] if dacs else None
+    return tuple(record["size"]), DATASETS[record["target"]]["dacs_filter"] if dacs else None, min_side
+
+
+def model_input(image, size, dacs_filter, min_side):
+    """The HxWx3 uint8 image as the model takes it: resized by resize_pair's rules (dacs_filter: exactly size; else
+    fit into size keeping the aspect ratio; size None: as drawn, or fit into MAX_SIDE), then a side shorter than
+    min_side stretched to it (a side that short holds too few pixels for its shape to matter)."""
+    if dacs_filter is not None:
+        image = resize_pair(image, None, size, dacs_filter, False)[0]
+    height, width = image.shape[:2]
+    if dacs_filter is None and (size is not None or max(height, width) > MAX_SIDE):
+        width, height = mmseg_rescale_size(width, height, size or (MAX_SIDE, MAX_SIDE))
+    height, width = max(height, min_side), max(width, min_side)
+    if (height, width) == image.shape[:2]:
+        return image
+    # resize_pair's mmseg resize, here also where an extreme aspect ratio rounds a side to 0
+    return TF.resize(torch.from_numpy(image).permute(2, 0, 1), [height, width], TF.InterpolationMode.BILINEAR,
+                     antialias=False).permute(1, 2, 0).numpy()
 
 
 class ImageBatches(torch.utils.data.Dataset):
-    """Item b: (paths, images, their resized batch, the corrupt files skipped) of batch b; images of one size share
-    batches. `skipped` names the files whose header is unreadable."""
+    """Item b: (paths, images as viewed, their model inputs, the corrupt files skipped) of batch b; images of one
+    stored size share batches. `skipped` names the files whose header is unreadable."""
 
-    def __init__(self, paths, size, dacs_filter, batch_size):
-        self.size, self.dacs_filter, self.skipped = size, dacs_filter, []
+    def __init__(self, paths, size, dacs_filter, min_side, batch_size):
+        self.size, self.dacs_filter, self.min_side, self.skipped = size, dacs_filter, min_side, []
         groups = {}
         for path in paths:
             try:
@@ -291,9 +381,6 @@ class ImageBatches(torch.utils.data.Dataset):
                 self.skipped.append(str(CorruptFile(path, error)))
         self.batches = [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
-    def resize(self, image):
-        return image if self.size is None else resize_pair(image, None, self.size, self.dacs_filter, False)[0]
-
     def __len__(self):
         return len(self.batches)
 
@@ -301,37 +388,41 @@ class ImageBatches(torch.utils.data.Dataset):
         paths, images, skipped = [], [], []
         for path in self.batches[b]:
             try:
-                images.append(read_image(path))
+                images.append(read_viewed_image(path))
                 paths.append(path)
             except CorruptFile as error:  # raised in a loader worker, it would come wrapped in a traceback
                 skipped.append(str(error))
-        resized = torch.from_numpy(np.stack([self.resize(image) for image in images])) if images else None
-        return paths, images, resized, skipped
+        inputs = [model_input(image, self.size, self.dacs_filter, self.min_side) for image in images]
+        return paths, images, inputs, skipped
 
 
 @torch.no_grad()
 def predict_files(model, paths, transform, device, align_corners, write, amp="off", batch_size=4, workers=0):
-    """Train ids of every image at its own size: resized by transform (input_transform), logits resized back
-    bilinearly, argmax; write(path, image, prediction) gets each. About ten progress lines; a corrupt file is
-    skipped with a line naming it. Returns the number of images skipped."""
+    """Train ids of every image at its own size (as viewed): its model input (model_input, by transform:
+    input_transform), logits resized back bilinearly, argmax; write(path, image, prediction) gets each. About ten
+    progress lines; a corrupt file is skipped with a line naming it. Returns the number of images skipped."""
     batches = ImageBatches(paths, *transform, batch_size)
     autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
                               enabled=amp != "off")
     for message in batches.skipped:
         print(f"skipped: {message}", flush=True)
     start, done, every, skipped = time.perf_counter(), len(batches.skipped), max(1, len(paths) // 10), 0
-    for names, images, x, problems in torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers):
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
+                                         worker_init_fn=ignore_stop_signals)
+    for names, images, inputs, problems in loader:
         for message in problems:
             print(f"skipped: {message}", flush=True)
         skipped, done = skipped + len(problems), done + len(problems)
-        if not names:
-            continue
-        with autocast:
-            logits = model(x.to(device).permute(0, 3, 1, 2).float() / 255)
-        for name, image, logit in zip(names, images, logits):
-            prediction = F.interpolate(logit[None].float(), size=image.shape[:2], mode="bilinear",
-                                       align_corners=align_corners).argmax(dim=1)[0]
-            write(name, image.numpy(), prediction.to(torch.uint8).cpu().numpy())
+        shapes = {}  # images of one stored size may differ as viewed (their EXIF orientations)
+        for k, x in enumerate(inputs):
+            shapes.setdefault(tuple(x.shape), []).append(k)
+        for same in shapes.values():
+            x = torch.stack([inputs[k] for k in same]).to(device).permute(0, 3, 1, 2).float() / 255
+            with autocast:
+                logits = model(x)
+            for k, logit in zip(same, logits):
+                prediction = full_size_argmax(logit.float(), images[k].shape[:2], align_corners)
+                write(names[k], images[k].numpy(), prediction.cpu().numpy())
         done, before = done + len(names), done
         if done < len(paths) and done // every > before // every:
             seconds = (time.perf_counter() - start) / done
@@ -340,15 +431,44 @@ def predict_files(model, paths, transform, device, align_corners, write, amp="of
     return skipped + len(batches.skipped)
 
 
-def image_writer(out, palette, blend):
-    """Writes <stem>_color.png (palette colours, at alpha blend over the image) and <stem>_trainid.png."""
+def full_size_argmax(logits, size, align_corners):
+    """HxW uint8 argmax of (C, h, w) logits resized bilinearly to size (H, W). Where the (C, H, W) logits would
+    hold more than LOGITS_BUDGET floats: resized across first (C, h, W), then down a band of columns at a time
+    (the same bilinear weights; the sums may differ from one resize's in their last bit)."""
+    channels, height, width = logits.shape[0], *size
+    if channels * height * width <= LOGITS_BUDGET:
+        return F.interpolate(logits[None], size=size, mode="bilinear",
+                             align_corners=align_corners).argmax(dim=1)[0].to(torch.uint8)
+    across = F.interpolate(logits[None], size=(logits.shape[1], width), mode="bilinear", align_corners=align_corners)
+    band = max(1, LOGITS_BUDGET // (channels * height))
+    ids = torch.empty(size, dtype=torch.uint8, device=logits.device)
+    for left in range(0, width, band):
+        columns = across[..., left:left + band]
+        ids[:, left:left + band] = F.interpolate(columns, size=(height, columns.shape[-1]), mode="bilinear",
+                                                 align_corners=align_corners).argmax(dim=1)[0]
+    return ids
+
+
+def image_writer(out, palette, blend, class_names):
+    """Writes <stem>_color.png (palette colours, at alpha blend over the image, the picture unchanged at the top
+    left and a legend of the classes it shows below it) and <stem>_trainid.png (the train ids alone)."""
     def write(path, image, prediction):
         stem = os.path.join(out, os.path.splitext(os.path.basename(path))[0])
-        colour = (blend * palette[prediction] + (1 - blend) * image).round().astype(np.uint8)
-        Image.fromarray(colour).save(stem + "_color.png")
-        Image.fromarray(prediction).save(stem + "_trainid.png")
+        colour = palette[prediction]
+        if blend < 1:
+            for top in range(0, len(colour), BLEND_ROWS):
+                rows = slice(top, top + BLEND_ROWS)
+                colour[rows] = (blend * colour[rows] + (1 - blend) * image[rows]).round()
+        write_png(stem + "_color.png", with_legend(colour, class_names, palette, present_classes(prediction, palette)))
+        write_png(stem + "_trainid.png", prediction)
 
     return write
+
+
+def present_classes(prediction, palette):
+    """The train ids a prediction holds: its legend lists only them, so that it also tells which classes the
+    picture holds where they cover a few pixels, and stays short."""
+    return np.flatnonzero(np.bincount(prediction.ravel(), minlength=len(palette)))
 
 
 def cityscapes_writer(out, image_dir, label_ids=None):
@@ -362,7 +482,7 @@ def cityscapes_writer(out, image_dir, label_ids=None):
     def write(path, image, prediction):
         target = os.path.join(out, os.path.relpath(path, image_dir))
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        Image.fromarray(table[prediction]).save(target)
+        write_png(target, table[prediction])
 
     return write
 
@@ -449,8 +569,8 @@ def is_png(path):
 def is_export(path):
     """Whether path holds an inference-only model file (--export's or a run's export), not a training checkpoint."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
+        state = load_tensors(path)
+    except ValueError:
         return False
     return isinstance(state, dict) and {"arch", "model"} <= state.keys() and "optimizers" not in state
 
@@ -528,21 +648,44 @@ def run_values(run, record, task, per_class):
                                                                     for ids in subsets[1:]]
 
 
+def not_a_seed(config, last):
+    """Why a run's last validation record is not its final result ('' where it is): no mIoU, or a run that has
+    not reached its iterations (config.json's iters)."""
+    miou, iteration, iters = last["val_miou"], last["iteration"], config.get("iters")
+    if type(miou) not in (int, float) or not math.isfinite(miou):
+        return f"its last validation (iteration {iteration}) has no mIoU ({miou})"
+    if isinstance(iters, int) and iteration < iters:
+        return f"unfinished, last validated at iteration {iteration} of {iters} (mIoU {miou:.2f} so far)"
+    return ""
+
+
 def summarise_runs(run_dirs, per_class=False):
     """Print the last validation mIoU of each run and, per group of runs with the same configuration but for
     the seed, their mean +- sample standard deviation; per_class adds the per-class IoUs (the validation
-    records' val_iou, in %) and their means."""
-    groups = {}
+    records' val_iou, in %) and their means. A run is counted once however often (or by whatever path) it is
+    given; an unfinished run, or one whose last validation has no mIoU, is named on a line of its own, never
+    counted as a seed."""
+    groups, given = {}, {}
     for run in run_dirs:
+        first = given.get(os.path.realpath(run))
+        if first is not None:
+            print(f"note: {run} given twice" + (f" (as {first})" if run != first else "") + ", counted once")
+            continue
+        given[os.path.realpath(run)] = run
         config = read_config(run)
-        validations = [r for r in read_log(run) if isinstance(r.get("val_miou"), (int, float))]
+        validations = [r for r in read_log(run) if "val_miou" in r]
         if not validations:
             print(f"{run}: no validation record in its log.jsonl; skipped")
             continue
+        last = validations[-1]
+        reason = not_a_seed(config, last)
+        if reason:
+            print(f"{run}: not counted: {reason}")
+            continue
         key = json.dumps({k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT}, sort_keys=True)
-        groups.setdefault(key, []).append((run, config, validations[-1]))
+        groups.setdefault(key, []).append((run, config, last))
     if not groups:
-        raise DataError("no run has a validation record: nothing to summarise")
+        raise DataError("no finished run with a validation mIoU: nothing to summarise")
     configs = [json.loads(key) for key in groups]
     shown = ["task", "arch", "recipe"] + [k for k in sorted(FLAG_KEYS) if k not in ("task", "arch", "recipe")
                                           and len({json.dumps(c.get(k)) for c in configs}) > 1]
@@ -648,7 +791,8 @@ def build_parser():
                         help="mmseg: images resized keeping their aspect ratio, full-resolution labels (DAFormer, MIC, "
                              "MRM); dacs: images resized with PIL to exactly 1024x512, labels too (default mmseg)")
     parser.add_argument("--save-dir", default="", metavar="PATH",
-                        help="write input|prediction PNGs of the val split here (default: none)")
+                        help="write input|prediction PNGs of the val split here, a class legend below (default: "
+                             "none)")
     parser.add_argument("--overwrite", action="store_true",
                         help="allow writing into a non-empty --save-dir / --out, or over an --export or --plot file "
                              "(default off)")
@@ -662,7 +806,8 @@ def build_parser():
                         help=f"image loading processes (default: one per core up to 4, here {DEFAULT_WORKERS})")
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="toy task: the seed of its scenes (default 0)")
     parser.add_argument("--images", default="", metavar="DIR|GLOB",
-                        help="predict these PNG/JPEG images (a folder or a glob pattern) into --out (default: none)")
+                        help="predict these PNG/JPEG images (a folder or a glob pattern; ** does not enter linked "
+                             "folders) as a viewer shows them into --out (default: none)")
     parser.add_argument("--out", default="", metavar="PATH",
                         help="folder for --images / --format predictions, PNG file for --plot (default: none)")
     parser.add_argument("--blend", type=float, default=1.0, metavar="A",
@@ -674,7 +819,9 @@ def build_parser():
     parser.add_argument("--split", choices=sorted(CITYSCAPES_SPLIT_SIZES), default="val",
                         help="--format cityscapes: which leftImg8bit split (default val)")
     parser.add_argument("--summary", nargs="+", default=[], metavar="RUN_DIR",
-                        help="print each run's last validation mIoU and mean +- std per configuration (default: off)")
+                        help="print each run's last validation mIoU and mean +- std per configuration, each run "
+                             "counted once; unfinished runs and runs without a final mIoU are named, not counted "
+                             "(default: off)")
     parser.add_argument("--per-class", action="store_true", help="--summary: also the per-class IoUs (default off)")
     parser.add_argument("--plot", nargs="+", default=[], metavar="RUN_DIR",
                         help="draw the runs' logged curves into the PNG --out (default: off)")
@@ -734,9 +881,9 @@ def run_model(args):
     start = time.perf_counter()
     if args.images or args.format:
         os.makedirs(args.out, exist_ok=True)
-        write = (image_writer(args.out, palette, args.blend) if args.images else
+        write = (image_writer(args.out, palette, args.blend, record["class_names"]) if args.images else
                  cityscapes_writer(args.out, image_dir, record["label_ids"]))
-        skipped = predict_files(model, paths, input_transform(record, args.protocol), device,
+        skipped = predict_files(model, paths, input_transform(record, args.protocol, arch_record), device,
                                 arch_record["align_corners"], write, args.amp, args.batch_size, args.workers)
         what = ("colour and train-id PNGs" if args.images else
                 f"Cityscapes {args.split} labelIds PNGs, CITY/CITY_NNNNNN_NNNNNN_leftImg8bit.png,")
@@ -749,7 +896,7 @@ def run_model(args):
     writer = None
     if args.save_dir:
         os.makedirs(args.save_dir, exist_ok=True)
-        writer = prediction_writer(args.save_dir, val, palette)
+        writer = prediction_writer(args.save_dir, val, palette, record["class_names"])
     conf = evaluate(model, val, num_classes, device, arch_record["align_corners"], args.amp, args.protocol, writer,
                     args.workers, say=print)
     seconds = time.perf_counter() - start
@@ -761,8 +908,17 @@ def run_model(args):
           f"{seconds:.1f} s on {device} ({1000 * seconds / len(val):.1f} ms/image, loading included):\n{table}")
 
 
+class Terminated(Exception):
+    """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         check_flags(args)
         if args.summary:
@@ -781,6 +937,13 @@ def main(argv=None):
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as stop:
+        interrupted = isinstance(stop, KeyboardInterrupt)
+        print(f"{'interrupted' if interrupted else 'terminated'}: stopped at once; nothing is left half-written, "
+              f"the files written so far are complete", file=sys.stderr)
+        return 128 + (signal.SIGINT if interrupted else signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

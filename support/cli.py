@@ -306,6 +306,9 @@ def parse_config(recipes, argv=None, description=""):
     if "aspp_depthwise" in given and cfg["decoder"] not in ("daformer", "deeplabv3plus"):
         raise ConfigError(f"--aspp-depthwise applies to the separable ASPP of --decoder daformer | deeplabv3plus, "
                           f"not {cfg['decoder']}")
+    if cfg["decoder"] == "deeplabv3plus" and cfg["batch_size"] == 1 and not (cfg["count_flops"] or cfg["check_data"]):
+        raise ConfigError("--batch-size 1: DeepLabV3+'s image-pooling BatchNorm needs two or more images per batch "
+                          "(per process under torchrun) to train")
     if cfg["decoder"] not in ARCHS[arch]["decoders"]:
         fitting = [a for a, spec in ARCHS.items() if cfg["decoder"] in spec["decoders"]]
         raise ConfigError(f"--decoder {cfg['decoder']} does not fit --arch {arch}: it needs --arch {' | '.join(fitting)}")

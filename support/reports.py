@@ -1,11 +1,12 @@
 """Debug grids: what one iteration did, for the first image of its batch, as DAFormer's and MIC's debug images
-show it, plus MRM's view (the masked cells and what the decoder predicts from the rebuilt features)."""
+show it, plus MRM's view (the masked cells and what the decoder predicts from the rebuilt features); the class
+legend every picture of predictions carries."""
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from support.base import atomic_write
 from support.data import TASKS
@@ -76,7 +77,8 @@ def debug_panels(cfg, nets, seen):
 
 
 def write_debug_grid(cfg, nets, seen, path, columns=4, width=256):
-    """The panels, each scaled to `width` pixels wide under its title, `columns` a row."""
+    """The panels, each scaled to `width` pixels wide under its title, `columns` a row; a legend of the task's
+    classes (and of ignore, black) below them."""
     panels = debug_panels(cfg, nets, seen)
     h, w = panels[0][1].shape[:2]
     scale = width / w
@@ -88,6 +90,49 @@ def write_debug_grid(cfg, nets, seen, path, columns=4, width=256):
         x, y = (k % columns) * cell_w, (k // columns) * (cell_h + title)
         draw.text((x + 2, y + 1), name, fill="black")
         grid.paste(Image.fromarray(picture).resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y + title))
+    task = TASKS[cfg.task]
+    picture = with_legend(np.asarray(grid), list(task["class_names"]) + ["ignore"],
+                          np.concatenate([task["palette"], np.zeros((1, 3), np.uint8)]))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda f: grid.save(f, format="PNG"))
+    atomic_write(path, lambda f: Image.fromarray(picture).save(f, format="PNG"))
     return panels
+
+
+LEGEND_FONT = ImageFont.load_default()
+LEGEND_ROW = 14  # pixels per row of entries, at scale 1
+LEGEND_SWATCH = 10
+LEGEND_MIN_WIDTH = 160  # what a long class name (traffic light) and its swatch take
+LEGEND_SCALE_WIDTH = 1024  # a strip k times this wide is drawn k times larger: it reads where the picture is shrunk
+
+
+def legend_strip(class_names, palette, width, classes=None):
+    """HxWx3 uint8, `width` wide, white: a swatch of each class's palette colour (a black outline) beside its name,
+    left to right in as many rows as they need; classes: the ids to list (default all)."""
+    scale = max(1, width // LEGEND_SCALE_WIDTH)
+    inner = width // scale
+    places, x, y = [], 4, 4
+    for c in range(len(class_names)) if classes is None else classes:
+        entry = LEGEND_SWATCH + 4 + round(LEGEND_FONT.getlength(class_names[c])) + 12
+        if x > 4 and x + entry > inner:
+            x, y = 4, y + LEGEND_ROW
+        places.append((c, x, y))
+        x += entry
+    strip = Image.new("RGB", (inner, y + LEGEND_ROW + 4), "white")
+    draw = ImageDraw.Draw(strip)
+    for c, x, y in places:
+        draw.rectangle([x, y + 1, x + LEGEND_SWATCH, y + 1 + LEGEND_SWATCH], fill=tuple(map(int, palette[c])),
+                       outline="black")
+        draw.text((x + LEGEND_SWATCH + 4, y), class_names[c], fill="black", font=LEGEND_FONT)
+    strip = np.asarray(strip.resize((inner * scale, strip.height * scale), Image.Resampling.NEAREST))
+    return np.pad(strip, ((0, 0), (0, width - strip.shape[1]), (0, 0)), constant_values=255)
+
+
+def with_legend(picture, class_names, palette, classes=None):
+    """The HxWx3 uint8 picture unchanged at the top left, legend_strip below it; a picture narrower than
+    LEGEND_MIN_WIDTH gets white on its right."""
+    height, width = picture.shape[:2]
+    legend = legend_strip(class_names, palette, max(width, LEGEND_MIN_WIDTH), classes)
+    out = np.full((height + len(legend), legend.shape[1], 3), 255, np.uint8)
+    out[:height, :width] = picture
+    out[height:] = legend
+    return out

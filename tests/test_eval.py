@@ -2,6 +2,7 @@
 import os
 import re
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from eval import evaluate
 from support.data import (CITYSCAPES_ID_TO_TRAIN, CLASSES, DATASETS, PALETTE, SYNTHIA_13, mmseg_rescale_size,
                           resize_pair, write_fake_dataset)
 from support.networks import build_model
+from support.reports import with_legend
 from support.runs import export_model
 from support.toy import TOY_CLASSES, TOY_PALETTE
 
@@ -104,6 +106,11 @@ def random_image(rng, width, height):
     return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
 
 
+def toy_colours(ids):
+    """What <stem>_color.png holds for toy train ids: their colours, a legend of the classes present below."""
+    return with_legend(TOY_PALETTE[ids], TOY_CLASSES, TOY_PALETTE, np.unique(ids))
+
+
 def test_images_predicts_every_file_at_its_own_size(tmp_path, capsys):
     rng = np.random.default_rng(0)
     images = tmp_path / "images"
@@ -124,7 +131,7 @@ def test_images_predicts_every_file_at_its_own_size(tmp_path, capsys):
         ids = np.array(Image.open(out / f"{path.stem}_trainid.png"))
         assert ids.dtype == np.uint8 and ids.shape == image.shape[:2]
         assert np.array_equal(ids, forward_by_hand(model, image, None, False)), path.name
-        assert np.array_equal(np.array(Image.open(out / f"{path.stem}_color.png")), TOY_PALETTE[ids])
+        assert np.array_equal(np.array(Image.open(out / f"{path.stem}_color.png")), toy_colours(ids))
         classes |= set(np.unique(ids).tolist())
     assert len(classes) > 1  # a constant prediction would prove little
 
@@ -136,7 +143,8 @@ def test_images_predicts_every_file_at_its_own_size(tmp_path, capsys):
     image = np.array(Image.open(images / "photo.jpg").convert("RGB")).astype(int)
     ids = np.array(Image.open(blended / "photo_trainid.png"))
     expected = (TOY_PALETTE[ids].astype(int) + image) / 2
-    assert np.abs(np.array(Image.open(blended / "photo_color.png")) - expected).max() <= 0.5
+    blend = np.array(Image.open(blended / "photo_color.png"))[:ids.shape[0], :ids.shape[1]]  # above its legend
+    assert np.abs(blend - expected).max() <= 0.5
 
     # a Cityscapes task: the image is resized to fit 1024x512 as mmseg resizes the target (37x23 -> 824x512)
     assert mmseg_rescale_size(37, 23, (1024, 512)) == (824, 512)
@@ -235,6 +243,73 @@ def test_summary_groups_runs_by_configuration_and_reports_mean_and_std(tmp_path,
     one_error_line("config.json", eval_main, ["--summary", str(tmp_path / "nowhere")])
 
 
+def test_summary_counts_each_run_once_and_never_an_unfinished_run_or_a_nan(tmp_path, capsys, one_error_line):
+    a = write_run(tmp_path / "a", [dict(iteration=4000, val_miou=40.0)], seed=0, iters=4000)
+    b = write_run(tmp_path / "b", [dict(iteration=4000, val_miou=44.0)], seed=1, iters=4000)
+    os.symlink(a, tmp_path / "link")
+    running = write_run(tmp_path / "running", [dict(iteration=2000, val_miou=90.0)], seed=2, iters=4000)
+    broken = write_run(tmp_path / "broken", [dict(iteration=2000, val_miou=35.0),
+                                             dict(iteration=4000, val_miou=float("nan"))], seed=3, iters=4000)
+    assert eval_main(["--summary", a, b, a, str(tmp_path / "link"), a + "/", running, broken]) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert notes == [f"note: {a} given twice, counted once", f"note: {tmp_path / 'link'} given twice (as {a}), "
+                     f"counted once", f"note: {a}/ given twice (as {a}), counted once"]
+    assert f"{running}: not counted: unfinished, last validated at iteration 2000 of 4000 (mIoU 90.00 so far)" in out
+    assert f"{broken}: not counted: its last validation (iteration 4000) has no mIoU (nan)" in out
+    table = out.split("\n\n")[-1]
+    # by hand: 40 and 44, mean 42, sample std sqrt(2 * 2^2 / 1) = 2.83; the running 90 and the earlier 35 left out
+    assert "mean +- std (n=2)" in table and table.rstrip().endswith("42.00 +- 2.83")
+    assert not any(line.startswith((running, broken)) for line in table.splitlines())
+    one_error_line("no finished run with a validation mIoU", eval_main, ["--summary", running, broken])
+
+
+def test_save_dir_pictures_carry_a_legend_of_the_classes_they_show(tmp_path):
+    class Scenes:
+        name = "toy-target"
+
+    image = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    prediction = np.zeros((6, 10), np.uint8)
+    prediction[:, 5:] = 4
+    E.prediction_writer(str(tmp_path), Scenes(), TOY_PALETTE, TOY_CLASSES)(0, image, prediction)
+    picture = np.array(Image.open(tmp_path / "toy-target_00000.png"))
+    assert np.array_equal(picture[:6, :20], np.concatenate([image, TOY_PALETTE[prediction]], axis=1))
+    legend = picture[6:].reshape(-1, 3)
+    assert picture.shape[1] == 160 and (picture[:6, 20:] == 255).all()  # the legend's least width, white beside
+    for c, colour in enumerate(TOY_PALETTE):
+        assert (legend == colour).all(axis=1).any() == (c in (0, 4)), TOY_CLASSES[c]
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_an_interrupt_is_one_line_and_leaves_no_half_written_png(tmp_path, monkeypatch, one_error_line, stop):
+    images, out = two_images(tmp_path / "images"), tmp_path / "out"
+    toy, _ = model_of_task(tmp_path / "toy.pth", "toy", align_corners=False)
+    save, calls = Image.Image.save, []
+
+    def save_then_stop(self, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) < 3:  # the first image's two PNGs
+            return save(self, f, *args, **kwargs)
+        f.write(b"\x89PNG\r\n\x1a\n")  # the second image's colour PNG, stopped after its first bytes
+        if stop == "ctrl-c":
+            raise KeyboardInterrupt
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL, "no handler: SIGTERM would end the tests"
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_stop)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        code = eval_main([toy, "--images", images, "--out", str(out)] + CPU)
+    except KeyboardInterrupt:  # escaping, it would stop the whole test session
+        code = None
+    assert code == (130 if stop == "ctrl-c" else 143)
+    one_error_line("nothing is left half-written", start="interrupted: " if stop == "ctrl-c" else "terminated: ")
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert sorted(os.listdir(out)) == ["a_color.png", "a_trainid.png"]
+    for name in os.listdir(out):
+        Image.open(out / name).load()  # whole
+
+
 def test_refusals_are_one_line_and_touch_nothing(tmp_path, monkeypatch, capsys, one_error_line):
     monkeypatch.setitem(DATASETS["cityscapes"], "size", (96, 48))
     root = str(tmp_path / "data")
@@ -316,7 +391,7 @@ def assert_toy_predictions(out, images, model, align_corners):
         image = np.array(Image.open(os.path.join(images, f"{name}.png")))
         ids = np.array(Image.open(os.path.join(out, f"{name}_trainid.png")))
         assert np.array_equal(ids, forward_by_hand(model, image, None, align_corners)), name
-        assert np.array_equal(np.array(Image.open(os.path.join(out, f"{name}_color.png"))), TOY_PALETTE[ids])
+        assert np.array_equal(np.array(Image.open(os.path.join(out, f"{name}_color.png"))), toy_colours(ids))
 
 
 CPU = ["--device", "cpu", "--workers", "0"]

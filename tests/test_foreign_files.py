@@ -232,3 +232,14 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, small_toy, capsys,
                              args + ["--resume", "--work-dir", str(work)], untouched=work)
         assert str(work) in err, damage.__name__
     assert good.keys() == torch.load(run / "checkpoint.pth", weights_only=True).keys()
+
+
+def test_a_model_file_of_an_architecture_this_version_lacks_is_one_line(tmp_path, one_error_line):
+    unknown, damaged = str(tmp_path / "unknown.pth"), str(tmp_path / "damaged.pth")
+    torch.save(dict(arch=dict(arch="convnext-x", align_corners=False), num_classes=7, model={}), unknown)
+    torch.save(dict(arch=dict(arch="mit-tiny", align_corners=False, hrda=dict(context_scale=0.5)), num_classes=7,
+                    model={}), damaged)
+    for path, words in ((unknown, "a model of architecture 'convnext-x', which this version does not have"),
+                        (damaged, "cannot be built by this version")):
+        one_error_line(words, E.main, [path, "--task", "toy", "--export", str(tmp_path / "out.pth")],
+                       untouched=tmp_path)

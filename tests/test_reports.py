@@ -12,11 +12,11 @@ from PIL import Image
 import eval as E
 import train_dacs_mrm as T
 from eval import main as eval_main
-from support.data import PALETTE
+from support.data import CLASSES, PALETTE
 from support.networks import build_nets
-from support.reports import debug_panels
+from support.reports import debug_panels, legend_strip, with_legend
 from support.speed import CudaGraphStep
-from support.toy import TOY_CLASSES
+from support.toy import TOY_CLASSES, TOY_PALETTE
 
 from helpers import GRAPH_CASES, TOY_FAST, fake_batch, loss_record, write_run
 
@@ -89,8 +89,11 @@ def test_debug_grids_are_written_at_their_iterations_and_show_the_steps_mrm_mask
     work = str(tmp_path / "run")
     assert T.main(TOY_FAST + ["--iters", "4", "--debug-every", "2", "--mic", "--work-dir", work]) == 0
     assert sorted(os.listdir(os.path.join(work, "debug"))) == ["iteration_000002.png", "iteration_000004.png"]
-    grid = Image.open(os.path.join(work, "debug", "iteration_000004.png"))
-    assert grid.size == (4 * 256, 4 * (128 + 14))  # 15 panels (9 DACS, 4 MRM, 2 MIC), 64x128 scenes at 256 wide
+    grid = np.array(Image.open(os.path.join(work, "debug", "iteration_000004.png")))
+    legend = legend_strip(list(TOY_CLASSES) + ["ignore"], np.concatenate([TOY_PALETTE, [[0, 0, 0]]]), 4 * 256)
+    # 15 panels (9 DACS, 4 MRM, 2 MIC), 64x128 scenes at 256 wide, the legend of the toy classes and ignore below
+    assert grid.shape == (4 * (128 + 14) + len(legend), 4 * 256, 3)
+    assert np.array_equal(grid[4 * (128 + 14):], legend)
     off = str(tmp_path / "off")
     assert T.main(TOY_FAST + ["--iters", "4", "--debug-every", "0", "--work-dir", off]) == 0
     assert not os.path.exists(os.path.join(off, "debug"))
@@ -126,3 +129,31 @@ def test_the_graph_steps_debug_grid_equals_the_eager_steps():
     for (name, a), (_, b) in zip(debug_panels(cfg, eager, seen_eager), debug_panels(cfg, graphed, seen_graphed),
                                  strict=True):
         assert np.array_equal(a, b), name
+
+
+# ---------------------------------------------------------------- the class legend of pictures of predictions
+
+def swatch_pixels(legend, colour):
+    return int((legend.reshape(-1, 3) == colour).all(axis=1).sum())
+
+
+def test_the_legend_shows_each_listed_class_in_its_palette_colour():
+    legend = legend_strip(CLASSES, PALETTE, 300)
+    assert legend.dtype == np.uint8 and legend.shape[1] == 300 and legend.shape[0] > 3 * 14  # 19 names wrap
+    swatch = swatch_pixels(legend, PALETTE[0])
+    assert swatch >= 9 * 9
+    for c, colour in enumerate(PALETTE):
+        assert swatch_pixels(legend, colour) >= swatch, CLASSES[c]
+    some = legend_strip(CLASSES, PALETTE, 300, classes=[0, 18])
+    assert len(some) < len(legend)
+    colourful = [c for c, (r, g, b) in enumerate(PALETTE) if not r == g == b]  # text pixels are grey
+    assert [c for c in colourful if swatch_pixels(some, PALETTE[c])] == [0, 18]
+    # a picture 2048 wide gets it twice as large, to read where the picture is shown shrunk
+    big = legend_strip(CLASSES, PALETTE, 2048, classes=[0])
+    assert big.shape == (2 * len(legend_strip(CLASSES, PALETTE, 1024, classes=[0])), 2048, 3)
+    assert swatch_pixels(big, PALETTE[0]) == 4 * swatch_pixels(legend_strip(CLASSES, PALETTE, 1024, [0]), PALETTE[0])
+    # below a picture, which keeps its pixels; one narrower than the legend needs gets white beside it
+    picture = np.random.default_rng(0).integers(0, 256, (5, 3, 3), dtype=np.uint8)
+    shown = with_legend(picture, CLASSES, PALETTE, [7])
+    assert shown.shape[1] == 160 and np.array_equal(shown[:5, :3], picture) and (shown[:5, 3:] == 255).all()
+    assert np.array_equal(shown[5:], legend_strip(CLASSES, PALETTE, 160, [7]))
