@@ -35,14 +35,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mrm import resize_mask
-from eval import evaluate, iou_per_class, miou_report, plot_curves
+from eval import evaluate, iou_per_class, miou_report
 from support.augment import color_jitter, gaussian_blur
 from support.base import ConfigError, DataError, NonFiniteLoss, format_eta, one_line
 from support.cli import cpu_threads, parse_config, unread_flags
 from support.data import Domain, TrainBatches, check_data, make_loader, rcs_statistics, step_inputs, to_device
 from support.hrda import detached, detail_window, draw_mrm_mask, last_level, rebuilt_features
 from support.networks import PIXELS_PER_CELL, build_nets, set_learning_rates, why_eager, without_gradient_sync
-from support.reports import write_debug_grid
+from support.reports import plot_curves, write_debug_grid
 from support.runs import (Interrupted, RunLog, StopSignals, WorkDirLock, check_work_dir, config_json, export_model,
                           finished, init_distributed, lost_a_process, rank_prefix, read_resume_checkpoint, resume,
                           resume_changes, save_checkpoint, start_work_dir)

@@ -12,7 +12,9 @@ train_dacs_mrm.py the training algorithm; this package holds what a run needs be
     toy.py       the toy task's street scenes in a source and a target style
     runs.py      checkpoints, export, the work dir's rules and lock, signals, torchrun's process group
     speed.py     the step as one CUDA graph, --bench, --bench-data, --estimate-memory, --count-flops
-    reports.py   debug grids of one iteration; the class legend of every picture of predictions
+    reports.py   debug grids of one iteration, the class legend of every picture of predictions, seed
+                 summaries and loss curves of runs
+    predict.py   predictions of image files for eval.py: read as viewed, at a bounded size; benchmark files
 
 Imports run one way: train_dacs_mrm.py -> eval.py -> support -> mrm.py.
 """

@@ -20,6 +20,7 @@ from eval import evaluate
 from support.data import (CITYSCAPES_ID_TO_TRAIN, CLASSES, DATASETS, PALETTE, SYNTHIA_13, mmseg_rescale_size,
                           resize_pair, write_fake_dataset)
 from support.networks import build_model
+from support.predict import TRAIN_TO_CITYSCAPES_ID
 from support.reports import with_legend
 from support.runs import export_model
 from support.toy import TOY_CLASSES, TOY_PALETTE
@@ -193,7 +194,7 @@ def test_format_cityscapes_writes_benchmark_label_ids(tmp_path, monkeypatch, cap
         image = np.array(Image.open(os.path.join(root, "cityscapes", "leftImg8bit", "test", name)))
         assert np.array_equal(CITYSCAPES_ID_TO_TRAIN[ids], forward_by_hand(model, image, (96, 48), True)), name
     # by hand: road (train id 0) is label id 7, bicycle (18) is 33
-    assert E.TRAIN_TO_CITYSCAPES_ID[0] == 7 and E.TRAIN_TO_CITYSCAPES_ID[18] == 33
+    assert TRAIN_TO_CITYSCAPES_ID[0] == 7 and TRAIN_TO_CITYSCAPES_ID[18] == 33
 
     out_val = tmp_path / "val_results"
     assert eval_main([city, "--task", "gta2cs", "--data-root", root, "--format", "cityscapes", "--out", str(out_val),

@@ -9,6 +9,7 @@ from PIL import Image
 
 import eval as E
 from eval import main as eval_main
+import support.predict as P
 from support.data import DATASETS
 from support.networks import build_model
 from support.reports import with_legend
@@ -43,7 +44,7 @@ def test_pictures_are_read_as_viewed_and_converted_by_value(tmp_path):
     ramp = (np.arange(6 * 8, dtype=np.uint32).reshape(6, 8) * 1393).astype(np.uint16)  # 0 .. 65471
     Image.fromarray(ramp).save(tmp_path / "deep.png")
     assert Image.open(tmp_path / "deep.png").mode.startswith("I")
-    deep = E.read_viewed_image(str(tmp_path / "deep.png"))
+    deep = P.read_viewed_image(str(tmp_path / "deep.png"))
     assert deep.dtype == np.uint8 and deep.shape == (6, 8, 3)
     assert np.array_equal(deep, np.repeat((ramp >> 8).astype(np.uint8)[..., None], 3, axis=-1))  # not 255 from 256 up
 
@@ -52,21 +53,21 @@ def test_pictures_are_read_as_viewed_and_converted_by_value(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored turned left: a viewer turns it right
     Image.fromarray(np.rot90(viewed).copy()).save(tmp_path / "turned.png", exif=exif)
-    assert np.array_equal(E.read_viewed_image(str(tmp_path / "turned.png")), viewed)
+    assert np.array_equal(P.read_viewed_image(str(tmp_path / "turned.png")), viewed)
 
     rgba = np.zeros((2, 2, 4), np.uint8)
     rgba[0, 0] = (200, 100, 0, 255)
     rgba[0, 1] = (200, 100, 0, 0)  # transparent: white, as shown over a page
     rgba[1] = (0, 0, 0, 128)
     Image.fromarray(rgba).save(tmp_path / "alpha.png")
-    assert E.read_viewed_image(str(tmp_path / "alpha.png")).tolist() == \
+    assert P.read_viewed_image(str(tmp_path / "alpha.png")).tolist() == \
         [[[200, 100, 0], [255, 255, 255]], [[127, 127, 127], [127, 127, 127]]]
     Image.fromarray(np.array([[True, False]])).save(tmp_path / "bits.png")
-    assert E.read_viewed_image(str(tmp_path / "bits.png")).tolist() == [[[255] * 3, [0] * 3]]
+    assert P.read_viewed_image(str(tmp_path / "bits.png")).tolist() == [[[255] * 3, [0] * 3]]
     indexed = Image.fromarray(np.array([[0, 1]], np.uint8), mode="P")
     indexed.putpalette([10, 20, 30, 40, 50, 60])
     indexed.save(tmp_path / "indexed.png")
-    assert E.read_viewed_image(str(tmp_path / "indexed.png")).tolist() == [[[10, 20, 30], [40, 50, 60]]]
+    assert P.read_viewed_image(str(tmp_path / "indexed.png")).tolist() == [[[10, 20, 30], [40, 50, 60]]]
 
 
 def test_images_predicts_the_viewed_picture_of_a_turned_or_16_bit_file(tmp_path):
@@ -113,8 +114,8 @@ def test_tiny_and_extreme_aspect_images_get_predictions_of_their_own_size(tmp_pa
 def test_a_big_image_is_predicted_at_a_bounded_size_without_its_full_size_logits(tmp_path, monkeypatch):
     """Stand-ins for a 6000x4000 photo and a toy model: 120x80 pixels, at most 48 a side into the model, and logits
     of at most 16 columns of the full height at once."""
-    monkeypatch.setattr(E, "MAX_SIDE", 48)
-    monkeypatch.setattr(E, "LOGITS_BUDGET", 7 * 80 * 16)
+    monkeypatch.setattr(P, "MAX_SIDE", 48)
+    monkeypatch.setattr(P, "LOGITS_BUDGET", 7 * 80 * 16)
     images = tmp_path / "images"
     images.mkdir()
     image = np.random.default_rng(3).integers(0, 256, (80, 120, 3), dtype=np.uint8)
@@ -142,7 +143,7 @@ def test_a_big_image_is_predicted_at_a_bounded_size_without_its_full_size_logits
     assert max(x.numel() for x in resized) < 7 * 80 * 120  # never the (C, H, W) logits
     ids = np.array(Image.open(out / "big_trainid.png"))
     assert ids.shape == (80, 120)
-    logits = logits_by_hand(model, E.model_input(image, None, None, 1), (80, 120))
+    logits = logits_by_hand(model, P.model_input(image, None, None, 1), (80, 120))
     top2 = logits.topk(2, dim=0).values
     clear = (top2[0] - top2[1] > 1e-4).numpy()  # banded sums may differ in their last bit
     assert clear.mean() > 0.99 and np.array_equal(ids[clear], logits.argmax(0).numpy()[clear])
@@ -158,8 +159,8 @@ def test_listing_skips_fifos_and_never_goes_round_a_linked_folder(tmp_path):
     os.mkfifo(folder / "pipe.png")  # opening it would wait for a writer
     os.symlink("..", folder / "sub" / "up")  # a loop: photos/sub/up/sub/up/...
     os.symlink("a.png", folder / "c.png")  # a link to a file is a file
-    assert E.list_images(str(folder)) == [str(folder / "a.png"), str(folder / "c.png")]
-    assert E.list_images(str(folder / "**" / "*.*")) == [str(folder / "a.png"), str(folder / "c.png"),
+    assert P.list_images(str(folder)) == [str(folder / "a.png"), str(folder / "c.png")]
+    assert P.list_images(str(folder / "**" / "*.*")) == [str(folder / "a.png"), str(folder / "c.png"),
                                                          str(folder / "sub" / "b.jpg")]
-    assert E.list_images(str(folder / "**")) == E.list_images(str(folder / "**" / "*.*"))  # ** last: every file
-    assert E.list_images(str(folder / "sub" / "*.jpg")) == [str(folder / "sub" / "b.jpg")]
+    assert P.list_images(str(folder / "**")) == P.list_images(str(folder / "**" / "*.*"))  # ** last: every file
+    assert P.list_images(str(folder / "sub" / "*.jpg")) == [str(folder / "sub" / "b.jpg")]

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import eval as E
 import train_dacs_mrm as T
 from eval import main as eval_main
 from support.data import CLASSES, PALETTE
+import support.reports as R
 from support.networks import build_nets
 from support.reports import debug_panels, legend_strip, with_legend
 from support.speed import CudaGraphStep
@@ -28,12 +28,12 @@ def test_plot_curves_draws_each_logged_series_and_survives_a_partial_log(tmp_pat
                       [dict(iteration=2000, val_miou=20.0), dict(iteration=4000, val_miou=30.0)])
     second = write_run(tmp_path / "second", [loss_record(i, 2.0) for i in range(50, 2001, 50)] +
                        [dict(iteration=2000, val_miou=25.0)])
-    drawn = E.plot_curves([first], str(tmp_path / "first.png"))
+    drawn = R.plot_curves([first], str(tmp_path / "first.png"))
     assert drawn == ["loss_sup", "loss_uda", "loss_mrm", "pseudo_weight", "lr", "val_miou"]  # no MIC, no FD
     # 6 panels: two rows of COLUMNS, one legend line
-    size = (E.COLUMNS * E.PANEL[0], 2 * E.PANEL[1] + E.LEGEND_LINE + 8)
+    size = (R.COLUMNS * R.PANEL[0], 2 * R.PANEL[1] + R.LEGEND_LINE + 8)
     assert Image.open(tmp_path / "first.png").size == size
-    E.plot_curves([second], str(tmp_path / "second.png"))
+    R.plot_curves([second], str(tmp_path / "second.png"))
     assert Image.open(tmp_path / "second.png").size == size
     assert not np.array_equal(np.array(Image.open(tmp_path / "first.png")),
                               np.array(Image.open(tmp_path / "second.png")))
@@ -41,30 +41,30 @@ def test_plot_curves_draws_each_logged_series_and_survives_a_partial_log(tmp_pat
     # a record being written and a damaged line are skipped: the same picture
     with open(os.path.join(first, "log.jsonl"), "a") as f:
         f.write('{"iteration": 4050, "loss_sou')
-    assert E.plot_curves([first], str(tmp_path / "partial.png")) == drawn
+    assert R.plot_curves([first], str(tmp_path / "partial.png")) == drawn
     assert open(tmp_path / "partial.png", "rb").read() == open(tmp_path / "first.png", "rb").read()
     lines = open(os.path.join(first, "log.jsonl")).read().split("\n")
     with open(os.path.join(first, "log.jsonl"), "w") as f:
         f.write("\n".join(lines[:10] + ["{not json"] + lines[10:]))
-    assert E.plot_curves([first], str(tmp_path / "damaged.png")) == drawn
+    assert R.plot_curves([first], str(tmp_path / "damaged.png")) == drawn
     assert open(tmp_path / "damaged.png", "rb").read() == open(tmp_path / "first.png", "rb").read()
 
     # two runs: a line in each run's colour; an empty log draws a placeholder
     assert eval_main(["--plot", first, second, "--out", str(tmp_path / "both.png")]) == 0
     pixels = np.array(Image.open(tmp_path / "both.png")).reshape(-1, 3)
-    for colour in E.RUN_COLOURS[:2]:
+    for colour in R.RUN_COLOURS[:2]:
         assert (pixels == colour).all(axis=1).sum() > 100
-    assert Image.open(tmp_path / "both.png").size == (size[0], size[1] + E.LEGEND_LINE)
+    assert Image.open(tmp_path / "both.png").size == (size[0], size[1] + R.LEGEND_LINE)
     empty = write_run(tmp_path / "empty", [])
-    assert E.plot_curves([empty], str(tmp_path / "empty.png")) == []
+    assert R.plot_curves([empty], str(tmp_path / "empty.png")) == []
 
     # a whole DACS schedule's log (5000 records per series) draws one panel per series logged
     long_run = write_run(tmp_path / "long", [loss_record(i) for i in range(50, 250_001, 50)])
-    assert E.plot_curves([long_run], str(tmp_path / "long.png")) == drawn[:-1]
+    assert R.plot_curves([long_run], str(tmp_path / "long.png")) == drawn[:-1]
     # a log that names L_sup loss_source draws it as loss_sup
     older = write_run(tmp_path / "older", [{"loss_source" if k == "loss_sup" else k: v
                                             for k, v in loss_record(i).items()} for i in range(50, 501, 50)])
-    assert E.plot_curves([older], str(tmp_path / "older.png"))[0] == "loss_sup"
+    assert R.plot_curves([older], str(tmp_path / "older.png"))[0] == "loss_sup"
     capsys.readouterr()
 
 

@@ -26,6 +26,7 @@ def test_count_flops_prints_the_mitb5_encoder_size(capsys):
     assert f"mitb5 + daformer: encoder {MIT_B5_PARAMS:,} + decoder 3,712,275 parameters" in out and "GMAC" in out
 
 
+@pytest.mark.slow
 def test_count_flops_counts_what_the_method_flags_make_the_step_compute(capsys):
     def line(*flags):
         assert T.main(["--task", "gta2cs", "--arch", "dlv2", "--count-flops", *flags]) == 0
@@ -48,6 +49,7 @@ def test_count_flops_counts_what_the_method_flags_make_the_step_compute(capsys):
     assert line("--mic").endswith(f"; MIC's decoder(encoder(masked x)) adds {mic['mic_gmac']:.2f} GMAC")
 
 
+@pytest.mark.slow
 def test_the_memory_estimate_of_fp16_is_that_of_bf16(capsys):
     args = ["--task", "toy", "--batch-size", "1", "--crop", "32"]
     fp16 = step_memory(T.parse_args(args + ["--amp", "fp16"]), T.train_step)
