@@ -464,16 +464,20 @@ def run_model(args):
 
 
 class Terminated(Exception):
-    """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt."""
+    """SIGTERM or SIGHUP (a closed terminal), raised where the program is, as Ctrl-C raises KeyboardInterrupt."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
-def on_sigterm(signum, frame):
-    raise Terminated
+def on_stop_signal(signum, frame):
+    raise Terminated(signum)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {s: signal.signal(s, on_stop_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         check_flags(args)
         if args.summary:
@@ -492,13 +496,18 @@ def main(argv=None):
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the file system refused (a full disk, a folder that cannot be written)
+        print(f"error: {f'{error.filename}: ' if error.filename else ''}{error.strerror or one_line(error)}",
+              file=sys.stderr)
+        return 2
     except (KeyboardInterrupt, Terminated) as stop:
-        interrupted = isinstance(stop, KeyboardInterrupt)
-        print(f"{'interrupted' if interrupted else 'terminated'}: stopped at once; nothing is left half-written, "
-              f"the files written so far are complete", file=sys.stderr)
-        return 128 + (signal.SIGINT if interrupted else signal.SIGTERM)
+        signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
+        print(f"{'interrupted' if signum == signal.SIGINT else 'terminated'}: stopped at once; nothing is left "
+              f"half-written, the files written so far are complete", file=sys.stderr)
+        return 128 + signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
 
 

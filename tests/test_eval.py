@@ -281,7 +281,7 @@ def test_save_dir_pictures_carry_a_legend_of_the_classes_they_show(tmp_path):
         assert (legend == colour).all(axis=1).any() == (c in (0, 4)), TOY_CLASSES[c]
 
 
-@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm", "sighup"])
 def test_an_interrupt_is_one_line_and_leaves_no_half_written_png(tmp_path, monkeypatch, one_error_line, stop):
     images, out = two_images(tmp_path / "images"), tmp_path / "out"
     toy, _ = model_of_task(tmp_path / "toy.pth", "toy", align_corners=False)
@@ -294,8 +294,9 @@ def test_an_interrupt_is_one_line_and_leaves_no_half_written_png(tmp_path, monke
         f.write(b"\x89PNG\r\n\x1a\n")  # the second image's colour PNG, stopped after its first bytes
         if stop == "ctrl-c":
             raise KeyboardInterrupt
-        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL, "no handler: SIGTERM would end the tests"
-        os.kill(os.getpid(), signal.SIGTERM)
+        signum = signal.SIGTERM if stop == "sigterm" else signal.SIGHUP
+        assert signal.getsignal(signum) != signal.SIG_DFL, "no handler: the signal would end the tests"
+        os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(Image.Image, "save", save_then_stop)
     before = signal.getsignal(signal.SIGTERM)
@@ -303,9 +304,9 @@ def test_an_interrupt_is_one_line_and_leaves_no_half_written_png(tmp_path, monke
         code = eval_main([toy, "--images", images, "--out", str(out)] + CPU)
     except KeyboardInterrupt:  # escaping, it would stop the whole test session
         code = None
-    assert code == (130 if stop == "ctrl-c" else 143)
+    assert code == {"ctrl-c": 130, "sigterm": 143, "sighup": 129}[stop]
     one_error_line("nothing is left half-written", start="interrupted: " if stop == "ctrl-c" else "terminated: ")
-    assert signal.getsignal(signal.SIGTERM) == before
+    assert signal.getsignal(signal.SIGTERM) == before and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
     assert sorted(os.listdir(out)) == ["a_color.png", "a_trainid.png"]
     for name in os.listdir(out):
         Image.open(out / name).load()  # whole
