@@ -213,14 +213,27 @@ def check_ranges(cfg):
 
 class Settings(SimpleNamespace):
     """A run's settings, one attribute per flag, that remember which flags the run's code has read: a flag given
-    on the command line that the run never reads does nothing in it (unread_flags)."""
+    on the command line that the run never reads does nothing in it (unread_flags). A copy (a loader worker's)
+    remembers what it reads too, and its `read` goes back with its batches."""
     __slots__ = ("given", "read")
+
+    def __init__(self, given, **values):
+        super().__init__(**values)
+        self.given, self.read = given, set()
 
     def __getattribute__(self, name):
         if name in FLAG_SET:
-            with contextlib.suppress(AttributeError):  # a copy in a spawned loader worker does not remember
-                object.__getattribute__(self, "read").add(name)
+            object.__getattribute__(self, "read").add(name)
         return super().__getattribute__(name)
+
+    def __reduce__(self):  # SimpleNamespace's would drop the slots
+        return copied_settings, (vars(self), self.given, self.read)
+
+
+def copied_settings(values, given, read):
+    settings = Settings(given, **values)
+    settings.read = set(read)
+    return settings
 
 
 def unread_flags(cfg):
@@ -355,9 +368,7 @@ def parse_config(recipes, argv=None, description=""):
         method = ("" if recipe == (task.get("recipe") or ARCHS[arch]["recipe"]) else f"{recipe}-") + method
         method += "-mic" if cfg["mic"] else ""
         cfg["work_dir"] = os.path.join("runs", f"{cfg['task']}-{arch}-{method}-seed{cfg['seed']}")
-    settings = Settings(**cfg)
-    settings.given, settings.read = given, set()
-    return settings
+    return Settings(given, **cfg)
 
 
 MIN_VIEW = 32  # pixels: a MiT's first stage (stride 4) must cover its spatial-reduction kernel (8)

@@ -4,6 +4,7 @@ import collections
 import copy
 import json
 import os
+import pickle
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train_dacs_mrm as T
-from support.cli import DEFAULT_WORKERS, DEFAULTS, FLAG_KEYS, FLAGS, UNLISTED, build_parser
+from support.cli import DEFAULT_WORKERS, DEFAULTS, FLAG_KEYS, FLAGS, UNLISTED, build_parser, unread_flags
 from support.data import step_inputs, to_device
 from support.models import DropPath
 from support.networks import SlotSGD, build_model, build_nets, dacs_parameter_slots, lr_factor, set_learning_rates
@@ -251,3 +252,13 @@ def test_flags_the_run_never_reads_are_named_in_one_warning(tmp_path, small_toy,
     warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
     assert warnings == ([f"warning: {unread}: not read by this run's code (its method, architecture or recipe takes "
                          f"no such setting), so they change nothing"] if unread else [])
+
+
+def test_a_copy_of_the_settings_remembers_what_it_reads_as_a_spawned_worker_would():
+    cfg = T.parse_args(["--flip", "--mask-ratio", "0.5"])
+    assert unread_flags(cfg) == ["--flip", "--mask-ratio 0.5"]
+    copy = pickle.loads(pickle.dumps(cfg))
+    assert vars(copy) == vars(cfg) and copy.given == cfg.given
+    assert copy.flip is True and copy.read == {"flip"} and cfg.read == set()
+    cfg.read.update(copy.read)  # what the training loop does with a batch's flags_read
+    assert unread_flags(cfg) == ["--mask-ratio 0.5"]
