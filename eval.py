@@ -33,19 +33,24 @@ import signal
 import sys
 import time
 
+from support.base import stop_quietly_until_main
+
+if __name__ == "__main__":  # torch takes seconds to load: a signal meanwhile is one line too
+    stop_quietly_until_main()
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from support.base import CorruptFile, DataError, format_eta, one_line
-from support.cli import DEFAULT_WORKERS
+from support.cli import DEFAULT_WORKERS, OneLineParser
 from support.data import CLASSES, Domain, LABEL_NOTES, TASKS, ignore_stop_signals
 from support.models import ARCHS, load_tensors
 from support.networks import build_model
 from support.predict import (CITYSCAPES_SPLIT_SIZES, cityscapes_images, cityscapes_writer, image_writer, input_transform,
                              list_images, predict_files, present_classes, write_png)
-from support.reports import plot_curves, summarise_runs, with_legend
+from support.reports import is_curves_png, plot_curves, summarise_runs, with_legend
 from support.runs import export_model, inference_record, load_checkpoint, load_model_state
 
 
@@ -317,11 +322,6 @@ def check_output_file(path, flag, data_root, overwrite, reading=None, replaces=N
                         f"it: choose another name")
 
 
-def is_png(path):
-    with open(path, "rb") as f:
-        return f.read(8) == b"\x89PNG\r\n\x1a\n"
-
-
 def is_export(path):
     """Whether path holds an inference-only model file (--export's or a run's export), not a training checkpoint."""
     try:
@@ -334,7 +334,7 @@ def is_export(path):
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", nargs="?", default="", metavar="CHECKPOINT",
                         help="checkpoint.pth or model.pth written by train_dacs_mrm.py (not for --summary, --plot)")
     parser.add_argument("--task", choices=sorted(TASKS), default=None,
@@ -402,6 +402,9 @@ def check_flags(args):
         raise DataError("give a CHECKPOINT (only --summary and --plot work without one)")
     if not 0 <= args.blend <= 1 or args.batch_size < 1:
         raise DataError("--blend must be within [0, 1] and --batch-size at least 1")
+    if args.workers < 0 or not 0 <= args.seed < 2 ** 63:
+        raise DataError(f"--workers {args.workers}, --seed {args.seed}: the workers must be 0 or more, the seed in "
+                        f"[0, 2^63)")
 
 
 def run_model(args):
@@ -478,6 +481,7 @@ def on_stop_signal(signum, frame):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     previous = {s: signal.signal(s, on_stop_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         check_flags(args)
         if args.summary:
@@ -485,7 +489,7 @@ def main(argv=None):
         elif args.plot:
             if not args.out.lower().endswith(".png"):
                 raise DataError(f"--out {args.out}: --plot draws a PNG; name it NAME.png")
-            check_output_file(args.out, "--out", args.data_root, args.overwrite, replaces=is_png)
+            check_output_file(args.out, "--out", args.data_root, args.overwrite, replaces=is_curves_png)
             for run in args.plot:
                 if not os.path.isfile(os.path.join(run, "log.jsonl")):
                     raise DataError(f"{run}: no log.jsonl, expected the work dir of a training run")

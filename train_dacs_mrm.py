@@ -29,6 +29,11 @@ import random
 import sys
 import time
 
+from support.base import stop_quietly_until_main
+
+if __name__ == "__main__":  # torch takes seconds to load: a signal meanwhile is one line too
+    stop_quietly_until_main()
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -576,6 +581,10 @@ def main(argv=None):
               f"setting's peak without a GPU", file=sys.stderr)
         return 4
     except RuntimeError as error:
+        if "can't allocate memory" in str(error):  # torch's CPU allocator
+            print(f"error: out of host memory ({one_line(error)[-120:]}): reduce --batch-size, --crop or the "
+                  f"Rebuilder (--rebuilder-dim, --rebuilder-grid)", file=sys.stderr)
+            return 4
         if "DataLoader worker" in str(error):  # killed by a signal or the out-of-memory killer
             print(f"error: {rank_prefix()}a data loader process died ({one_line(error)[:160]}); the last checkpoint "
                   f"in {cfg.work_dir} is intact: continue with --resume", file=sys.stderr)

@@ -1,10 +1,11 @@
 """The errors both scripts report as one line, and the small helpers every part uses: one-line messages,
-ETA text and atomic file writes."""
+ETA text, atomic file writes, and the scripts' signal handlers while they start. No torch: the scripts import it
+first."""
 import contextlib
 import os
 import shutil
-
-
+import signal
+import sys
 
 
 class ConfigError(Exception):
@@ -58,3 +59,15 @@ def atomic_write(path, write):
             reason += f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 30:.2f} GiB free there"
         raise DataError(f"{path}: could not write it ({reason}); the previous {os.path.basename(path)}, if any, "
                         f"is intact") from None
+
+
+def stop_quietly_until_main():
+    """SIGINT, SIGTERM and SIGHUP end the program with one line until main installs its own handlers: a script
+    calls this before it imports torch, which takes seconds."""
+    def stop(signum, frame):
+        print(f"stopped by {signal.Signals(signum).name} while starting: nothing was written", file=sys.stderr)
+        sys.exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+

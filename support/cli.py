@@ -256,16 +256,22 @@ def flag_help(key, default, text, recipes):
     return (text + shown + (f" (recipe {recipes})" if recipes else "")).replace("%", "%%")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors as one line, `error: ...`, exit 2, as every other refusal (--help names the flags)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {' '.join(message.split())} (--help lists the flags)\n")
+
+
 def build_parser(recipes, description):
     may_change = ", ".join("--" + key.replace("_", "-") for key in RESUME_MAY_CHANGE if key in FLAG_KEYS)
     epilog = (f"--resume continues a run only as the experiment it was: these flags may differ from the checkpoint's "
               f"(they change how, not what, is computed): {may_change}; every other flag must match, or the run "
               f"stops naming each difference. Under torchrun the processes wait at most MRM_RENDEZVOUS_TIMEOUT "
               f"seconds (default 300) for each other to start; a missing one ends the run in one error line.")
-    parser = argparse.ArgumentParser(usage="python train_dacs_mrm.py [--task T] [--arch A] [--pretrained FILE] [...]",
-                                     description=description,
-                                     epilog="\n".join(textwrap.wrap(epilog, 100, break_on_hyphens=False)),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(usage="python train_dacs_mrm.py [--task T] [--arch A] [--pretrained FILE] [...]",
+                           description=description, epilog="\n".join(textwrap.wrap(epilog, 100, break_on_hyphens=False)),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     table_choices = dict(task=TASKS, arch=ARCHS, recipe=recipes, decoder=DECODERS)
     for title, flags in FLAGS.items():
         group = parser.add_argument_group(title)

@@ -2,6 +2,7 @@
 validating PNGs, resizing, random crops, the training batches (a pure function of seed and iteration), rare
 class sampling, the pseudo-label margins, fake datasets for tests, and --check-data."""
 import atexit
+import contextlib
 import json
 import multiprocessing
 import os
@@ -297,34 +298,28 @@ def kill_loader_workers():
 
 
 def rcs_statistics(cfg, source, say=print):
-    """Per-class pixel counts of every source label, computed once and cached beside the data (or in the work
-    dir when the data folder is read-only), keyed by the label files' sizes and modification times: a changed
-    label or a corrupt cache is counted anew. Returns (class probabilities, images per class)."""
-    cache_name = f"rcs_stats_{source.name}_{len(source)}.json"
-    candidates = [os.path.join(cfg.data_root, source.name, cache_name), os.path.join(cfg.work_dir, cache_name)]
-    stats = [os.stat(label) for _, label in getattr(source, "pairs", [])]  # toy scenes: no files
+    """Per-class pixel counts of every source label, computed once and cached beside the data as
+    rcs_stats_<dataset>_<count>.json, keyed by the label files' sizes and modification times: a changed label or a
+    corrupt cache is counted anew. A file of that name that is not such a cache is left alone, as is a folder that
+    cannot be written (then the counts are not kept). Returns (class probabilities, images per class)."""
+    path = os.path.join(cfg.data_root, source.name, f"rcs_stats_{source.name}_{len(source)}.json")
+    stats = [os.stat(label) for _, label in getattr(source, "pairs", [])]  # toy scenes: no files, no folder
     key = zlib.crc32(json.dumps([(s.st_size, s.st_mtime_ns) for s in stats]).encode())
-    counts = None
-    for path in candidates:
-        try:
-            cached = json.load(open(path))
-            if cached["key"] == key and len(cached["counts"]) == len(source):
-                counts = cached["counts"]
-                break
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+    except (OSError, ValueError):
+        cached = None
+    ours = isinstance(cached, dict) and cached.keys() == {"key", "counts"}
+    counts = cached["counts"] if ours and cached["key"] == key and len(cached["counts"]) == len(source) else None
     if counts is None:
         say(f"rare class sampling: counting classes in {len(source)} source labels...", flush=True)
         counts = [np.bincount(source.full_label(i).ravel(), minlength=256)[:cfg.num_classes].tolist()
                   for i in range(len(source))]
         LABEL_NOTES.clear()  # the loader reports them, once per file
-        for path in candidates:
-            if os.path.isdir(os.path.dirname(path)):
-                try:
-                    atomic_write(path, lambda f: f.write(json.dumps(dict(key=key, counts=counts)).encode()))
-                    break
-                except DataError:
-                    continue
+        if os.path.isdir(os.path.dirname(path)) and (ours or not os.path.lexists(path)):
+            with contextlib.suppress(DataError):  # a read-only data folder: counted again next time
+                atomic_write(path, lambda f: f.write(json.dumps(dict(key=key, counts=counts)).encode()))
     counts = np.array(counts)
     images_per_class = [np.flatnonzero(counts[:, c] > cfg.rcs_min_pixels).tolist() for c in range(cfg.num_classes)]
     if not any(images_per_class):

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from support.base import DataError, atomic_write, one_line
 from support.cli import FLAG_KEYS, RESUME_MAY_CHANGE
@@ -317,6 +317,18 @@ def series(records, name):
     return xy[np.isfinite(xy).all(axis=1)]
 
 
+CURVES_SOFTWARE = "train_dacs_mrm.py curves"  # what a curves PNG says wrote it: only such a file may be replaced
+
+
+def is_curves_png(path):
+    """Whether path is a PNG that plot_curves wrote (its Software text)."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.text.get("Software") == CURVES_SOFTWARE
+    except Exception:  # PIL raises many different exception types on other files
+        return False
+
+
 def plot_curves(run_dirs, path):
     """Write one PNG of every series in SERIES that some run logged non-zero: a panel each, a coloured line
     per run, a legend of the runs' folder names. Fast, and never fails on a short or partly written log
@@ -338,5 +350,7 @@ def plot_curves(run_dirs, path):
         y = rows * PANEL[1] + 4 + LEGEND_LINE * k
         draw.line([(12, y + 7), (36, y + 7)], fill=RUN_COLOURS[k % len(RUN_COLOURS)], width=3)
         draw.text((44, y), os.path.basename(os.path.normpath(run)), fill="black", font=FONT)
-    atomic_write(path, lambda f: image.save(f, format="PNG", compress_level=1))
+    marker = PngImagePlugin.PngInfo()
+    marker.add_text("Software", CURVES_SOFTWARE)
+    atomic_write(path, lambda f: image.save(f, format="PNG", compress_level=1, pnginfo=marker))
     return list(curves)

@@ -135,9 +135,8 @@ def export_model(path, model, arch_record, num_classes, task=None, inference=Non
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-# atomic_write's temporary name of a file a run writes in its work dir (the rare-class statistics may go there too)
-INTERRUPTED_WRITE = re.compile(r"(checkpoint\.pth|config\.json|log\.jsonl|model\.pth|curves\.png|rcs_stats_[\w-]+\.json)"
-                               r"\.tmp\d+")
+# atomic_write's temporary name of a file a run writes in its work dir
+INTERRUPTED_WRITE = re.compile(r"(checkpoint\.pth|config\.json|log\.jsonl|model\.pth|curves\.png)\.tmp\d+")
 RUN_FILES = ("checkpoint.pth", "config.json", "log.jsonl", "model.pth", "curves.png", "debug")
 
 
@@ -215,6 +214,9 @@ def read_resume_checkpoint(cfg):
         raise DataError(f"{path}: not a training checkpoint of train_dacs_mrm.py (an export or another file?); "
                         f"--resume continues from the checkpoint.pth a run wrote")
     saved, now = state["config"], vars(cfg)
+    if type(state["iteration"]) is not int or state["iteration"] < 0 or not isinstance(saved, dict):
+        raise DataError(f"{path}: damaged, or written by another version of this program (iteration "
+                        f"{state['iteration']!r}); start over with --overwrite or another --work-dir")
     differences = [f"--{key.replace('_', '-')} {saved[key]} (now {now[key]})" for key in FLAG_KEYS
                    if key not in RESUME_MAY_CHANGE and key in saved and saved[key] != now[key]]
     if differences:

@@ -410,12 +410,13 @@ def bench_data(cfg, recipes):
 
 
 def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None, dilations=(6, 12), decoder="",
-                mode="rebuild", hrda=None, objective="cls", mrm=True, mic=False):
+                mode="rebuild", hrda=None, objective="cls", mrm=True, mic=False, fd=False):
     """Forward multiply-accumulates of D(E(x)) for one image and of the forwards the step adds beside it, counted
     by torch.utils.flop_counter on the meta device (shapes only: instant, no memory). MRM's (mrm): mode rebuild
     D(R(f)), mask-only D(M(f)), input a second D(E(x)) of the masked image; an objective other than cls R(f) without
     the decoder, and the pixel head (pixel) or the teacher's encoder (feature-teacher). MIC's (mic): the student's
-    D(E(x)) of its masked image. hrda: HRDA's training forward (both views, one window)."""
+    D(E(x)) of its masked image. DAFormer's feature distance (fd): the frozen ImageNet encoder's E(x). hrda:
+    HRDA's training forward (both views, one window)."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         model, _ = build_model(arch, num_classes, aspp_dilations=dilations, decoder=decoder, hrda=hrda)
@@ -442,9 +443,13 @@ def count_flops(arch="dlv2", size=(512, 512), num_classes=19, rebuilder_kw=None,
         with FlopCounterMode(display=False) as masked_image:
             if mic:
                 model.decoder(model.encoder(x))
+        with FlopCounterMode(display=False) as imagenet:
+            if fd:
+                model.encoder(x)
     trainable = sum(p.numel() for m in (rebuilder, pixel_head) if m is not None for p in m.parameters())
     return dict(model_gmac=base.get_total_flops() / 2e9, extra_gmac=extra.get_total_flops() / 2e9,
-                mic_gmac=masked_image.get_total_flops() / 2e9, rebuilder_params=trainable,
+                mic_gmac=masked_image.get_total_flops() / 2e9, fd_gmac=imagenet.get_total_flops() / 2e9,
+                rebuilder_params=trainable,
                 ratio=1 + extra.get_total_flops() / base.get_total_flops(),
                 encoder_params=sum(p.numel() for p in model.encoder.parameters()),
                 decoder_params=sum(p.numel() for p in model.decoder.parameters()))
@@ -457,20 +462,26 @@ def rebuilder_flags(embed_dim=512, depth=2, num_heads=16, grid_size=16, mask_rat
 
 
 def print_flops(cfg):
-    crop = cfg.crop or 512
+    """count_flops of the run's setting, at its crop (toy scenes: whole)."""
+    height, width = (cfg.crop, cfg.crop) if cfg.crop else TOY_SCENE
     kw = dict(embed_dim=cfg.rebuilder_dim, depth=cfg.rebuilder_depth, num_heads=cfg.rebuilder_heads,
               grid_size=cfg.rebuilder_grid, mask_ratio=cfg.mask_ratio)
     mrm = cfg.mrm and not cfg.source_only
-    r = count_flops(cfg.arch, (crop, crop), cfg.num_classes, kw, aspp_dilations(cfg), cfg.decoder, cfg.mrm_mode,
-                    hrda_views(cfg), cfg.mrm_objective, mrm, cfg.mic)
+    r = count_flops(cfg.arch, (height, width), cfg.num_classes, kw, aspp_dilations(cfg), cfg.decoder, cfg.mrm_mode,
+                    hrda_views(cfg), cfg.mrm_objective, mrm, cfg.mic, cfg.fd_weight > 0)
     views = f" (HRDA: context {cfg.context_scale}, a {cfg.detail_crop} detail window)" if cfg.detail_crop else ""
     extra = {"input": "decoder(encoder(masked x))", "mask-only": "decoder(masked f)"}.get(
         cfg.mrm_mode, "decoder(rebuilder(f))" if cfg.mrm_objective == "cls" else
         f"rebuilder(f) for --mrm-objective {cfg.mrm_objective}")
-    added = (f"MRM's {extra} adds {r['extra_gmac']:.2f} GMAC ({r['ratio']:.3f}x)" if mrm else
+    both = mrm and cfg.mrm_domain == "both"  # on the source's features and the mixed target's
+    gmac = r["extra_gmac"] * (2 if both else 1)
+    added = (f"MRM's {extra}{' on both domains' if both else ''} adds {gmac:.2f} GMAC "
+             f"({1 + gmac / r['model_gmac']:.3f}x)" if mrm else
              "MRM is off" + (" (--source-only)" if cfg.source_only else " (--no-mrm)"))
     if cfg.mic:
         added += f"; MIC's decoder(encoder(masked x)) adds {r['mic_gmac']:.2f} GMAC"
+    if cfg.fd_weight > 0:
+        added += f"; the feature distance's frozen ImageNet encoder adds {r['fd_gmac']:.2f} GMAC"
     print(f"{cfg.arch} + {cfg.decoder}{views}: encoder {r['encoder_params']:,} + decoder {r['decoder_params']:,} "
           f"parameters; {'Rebuilder' if mrm else 'no Rebuilder:'} {r['rebuilder_params']:,} trainable parameters\n"
-          f"at {crop}x{crop}: encoder+decoder {r['model_gmac']:.2f} GMAC; {added}")
+          f"at {height}x{width}: encoder+decoder {r['model_gmac']:.2f} GMAC; {added}")

@@ -502,6 +502,8 @@ def test_rare_class_statistics_follow_the_labels(tmp_path, fake_data):
     cache = os.path.join(root, "gta", "rcs_stats_gta_3.json")
     open(cache, "w").write("{not json")
     assert rcs_statistics(cfg, source, say)[1] == per_class and len(said) == 3
+    assert open(cache).read() == "{not json"  # not a cache this program wrote: counted, and left alone
+    assert not os.path.exists(cfg.work_dir)  # never in the work dir, which the run has not taken yet
 
 
 def test_symlink_loops_do_not_hang_the_listing(fake_data):

@@ -475,3 +475,48 @@ def test_a_signal_at_any_moment_is_one_line_and_loses_nothing(tmp_path, small_to
     monkeypatch.setitem(TOY_SIZES, "val", 4)
     assert T.main(args + ["--work-dir", work, "--resume"]) == 0
     assert os.path.exists(os.path.join(work, "model.pth")) and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("which,args", [("train", ["--seed", "abc"]), ("train", ["--lr", "\u0660\u066b\u0665"]),
+                                        ("train", ["--no-such-flag"]), ("eval", ["--workers", "x"]),
+                                        ("eval", ["m.pth", "--workers", "-1"]), ("eval", ["m.pth", "--seed", "-5"])])
+def test_a_value_of_the_wrong_type_or_sign_is_one_line(which, args, capsys, one_error_line):
+    main = T.main if which == "train" else eval_main
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse's own refusal
+        code = exit_.code
+    assert code == 2
+    one_error_line(start="error: ")
+
+
+def test_out_of_host_memory_is_one_line(tmp_path, small_toy, monkeypatch, one_error_line):
+    def allocation_fails(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:116] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 81920000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(T, "build_nets", allocation_fails)
+    assert T.main(TOY_FAST + ["--iters", "2", "--work-dir", str(tmp_path / "run")]) == 4
+    assert "out of host memory" in one_error_line(start="error: ")
+
+
+def catches(pid, signum):
+    """Whether the process has a handler of its own for signum (Linux: /proc/PID/status, SigCgt)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+@pytest.mark.parametrize("script,signum", [("train_dacs_mrm.py", signal.SIGTERM), ("eval.py", signal.SIGHUP)])
+def test_a_signal_while_the_libraries_load_is_one_line(tmp_path, script, signum):
+    process = subprocess.Popen([sys.executable, script, "--task", "toy", "--work-dir", str(tmp_path / "run")],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not catches(process.pid, signum) and time.monotonic() < deadline:  # its first imports, before torch's
+        time.sleep(0.01)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum and out == ""
+    assert err == f"stopped by {signal.Signals(signum).name} while starting: nothing was written\n"
+    assert not (tmp_path / "run").exists()

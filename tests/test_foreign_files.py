@@ -64,7 +64,9 @@ def test_images_skips_corrupt_files_by_name_and_counts_them(tmp_path, capsys, wo
 def test_eval_outputs_never_replace_inputs_or_a_runs_files(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(TOY_SIZES, "val", 4)
     run = str(tmp_path / "run")
-    assert T.main(["--task", "toy", "--iters", "1", "--batch-size", "2", "--workers", "0", "--work-dir", run]) == 0
+    assert T.main(["--task", "toy", "--iters", "1", "--batch-size", "2", "--workers", "0", "--debug-every", "1",
+                   "--work-dir", run]) == 0
+    grid = open(os.path.join(run, "debug", "iteration_000001.png"), "rb").read()
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(photos / "a.png")
@@ -81,13 +83,15 @@ def test_eval_outputs_never_replace_inputs_or_a_runs_files(tmp_path, capsys, mon
             ([model, "--export", os.path.join(run, "config.json")], "never replaces it"),
             ([model, "--export", str(photos / "a.png")], "never replaces it"),
             (["--plot", run, "--out", os.path.join(run, "log.jsonl")], "draws a PNG"),
-            (["--plot", run, "--out", str(tmp_path / "curves.jpg")], "draws a PNG")):
+            (["--plot", run, "--out", str(tmp_path / "curves.jpg")], "draws a PNG"),
+            (["--plot", run, "--out", str(photos / "a.png")], "never replaces it"),  # a PNG, not a plot
+            (["--plot", run, "--out", os.path.join(run, "debug", "iteration_000001.png")], "never replaces it")):
         assert E.main(args + ["--overwrite", "--workers", "0"]) == 2, args
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, (args, err)
     after = {name: open(os.path.join(run, name), "rb").read() for name in os.listdir(run) if name != "debug"}
     after.update({p.name: p.read_bytes() for p in photos.iterdir()})
-    assert after == before
+    assert after == before and open(os.path.join(run, "debug", "iteration_000001.png"), "rb").read() == grid
     # what the commands write themselves may be replaced with --overwrite
     assert E.main(["--plot", run, "--out", os.path.join(run, "curves.png"), "--overwrite"]) == 0
     export = str(tmp_path / "export.pth")
@@ -221,13 +225,20 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, small_toy, capsys,
     def no_random_state(state):
         state["rng"] = []
 
+    def negative_iteration(state):
+        state["iteration"] = -5
+
+    def fractional_iteration(state):
+        state["iteration"] = 2.5
+
     for damage in (without_teacher, teacher_of_another_shape, optimizer_state_of_another_shape,
-                   optimizer_of_another_layout, no_random_state):
+                   optimizer_of_another_layout, no_random_state, negative_iteration, fractional_iteration):
         state = torch.load(run / "checkpoint.pth", weights_only=True)
         damage(state)
         work = tmp_path / damage.__name__
         work.mkdir()
         torch.save(state, work / "checkpoint.pth")
+        shutil.copy(run / "log.jsonl", work / "log.jsonl")  # untouched: not cut back to a damaged iteration
         err = one_error_line("checkpoint.pth: damaged, or written by another version of this program", T.main,
                              args + ["--resume", "--work-dir", str(work)], untouched=work)
         assert str(work) in err, damage.__name__

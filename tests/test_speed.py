@@ -47,6 +47,12 @@ def test_count_flops_counts_what_the_method_flags_make_the_step_compute(capsys):
     assert f"MRM's decoder(masked f) adds {masking['extra_gmac']:.2f} GMAC" in line("--mrm-mode", "mask-only")
     assert f"--mrm-objective pixel adds {pixel['extra_gmac']:.2f} GMAC" in line("--mrm-objective", "pixel")
     assert line("--mic").endswith(f"; MIC's decoder(encoder(masked x)) adds {mic['mic_gmac']:.2f} GMAC")
+    both = 2 * rebuild["extra_gmac"]
+    assert f"on both domains adds {both:.2f} GMAC ({1 + both / rebuild['model_gmac']:.3f}x)" in line("--mrm-domain", "both")
+    fd = count_flops("dlv2", fd=True)["fd_gmac"]
+    assert 0 < fd < rebuild["model_gmac"]  # the encoder alone
+    assert line("--fd-weight", "0.005").endswith(f"; the feature distance's frozen ImageNet encoder adds {fd:.2f} GMAC")
+    assert T.main(["--task", "toy", "--count-flops"]) == 0 and "at 64x128:" in capsys.readouterr().out
 
 
 @pytest.mark.slow
