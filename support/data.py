@@ -187,7 +187,7 @@ class TrainBatches(torch.utils.data.Dataset):
     def __init__(self, cfg, source, target, rcs=None, rank=0, world=1):
         self.cfg, self.source, self.target, self.rcs = cfg, source, target, rcs
         self.stream = [rank] if world > 1 else []  # under torchrun each process draws its own batch
-        self.margins = pseudo_margins(cfg)
+        self.margins = None if cfg.source_only else pseudo_margins(cfg)  # they weight pseudo-labels only
 
     def __len__(self):
         return self.cfg.iters

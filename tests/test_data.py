@@ -407,7 +407,7 @@ def test_rare_class_sampling_reruns_the_whole_pipeline_up_to_ten_more_times(monk
     """DAFormer's get_rare_class_sample: while the crop holds <= min_pixels / 2 of the class, run the
     pipeline (crop with its own cat_max_ratio checks, flip) again on the same image, at most 10 more times."""
     cfg = SimpleNamespace(seed=0, batch_size=1, crop=16, flip=True, cat_max_ratio=1.0, max_skips=0, rcs_min_pixels=40,
-                          rcs_min_crop_ratio=0.5, iters=1, pseudo_margins="0,0,0,0")
+                          rcs_min_crop_ratio=0.5, iters=1, pseudo_margins="0,0,0,0", source_only=False)
     domain = CountingDomain(size=20)
     batches = TrainBatches(cfg, domain, domain, rcs=(np.array([0.0, 0.0, 1.0]), [[], [], [0]]))
     runs = []  # pixels of class 2 in each run's crop

@@ -237,8 +237,8 @@ def test_daformer_recipe_with_mmseg_deeplabv2_computes_the_feature_distance_on_i
 
 @pytest.mark.parametrize("flags,unread", [
     (["--no-mrm", "--mask-ratio", "0.5", "--mrm-weight", "2"], "--mask-ratio 0.5, --mrm-weight 2.0"),
-    (["--source-only", "--ema", "0.9", "--debug-every", "5", "--checkpoint-blocks"],
-     "--ema 0.9, --debug-every 5, --checkpoint-blocks"),  # and a ResNet recomputes nothing
+    (["--source-only", "--ema", "0.9", "--debug-every", "5", "--checkpoint-blocks", "--pseudo-margins", "1,1,1,1"],
+     "--ema 0.9, --debug-every 5, --checkpoint-blocks, --pseudo-margins 1,1,1,1"),  # a ResNet recomputes nothing
     (["--momentum", "0.5", "--rcs-min-pixels", "5", "--cat-max-ratio", "0.5", "--workers", "1"],
      "--momentum 0.5, --rcs-min-pixels 5, --cat-max-ratio 0.5"),  # AdamW; RCS off; whole images, no re-crop
     (["--arch", "mit-tiny", "--aspp-dilations", "6,12,18,24", "--checkpoint-blocks"], "--aspp-dilations 6,12,18,24"),
