@@ -388,10 +388,10 @@ def train(cfg):
         random.seed(cfg.seed)
         if cfg.device.startswith("cuda"):
             torch.backends.cudnn.benchmark = True
-        source = Domain(cfg.source, cfg.data_root, "train", cfg.seed, cfg.framework, cfg.resolution)
-        target = Domain(cfg.target, cfg.data_root, "train", cfg.seed, cfg.framework, cfg.resolution)
+        source = Domain.of_run(cfg, cfg.source, "train", cfg.framework)
+        target = Domain.of_run(cfg, cfg.target, "train", cfg.framework)
         # the mmseg protocol, whatever the recipe
-        val = Domain(cfg.target, cfg.data_root, "val", cfg.seed, resolution=cfg.resolution)
+        val = Domain.of_run(cfg, cfg.target, "val")
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # torchrun --max-restarts: go on, or start over
             cfg.resume = os.path.exists(os.path.join(cfg.work_dir, "checkpoint.pth"))
             cfg.overwrite = not cfg.resume

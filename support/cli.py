@@ -353,6 +353,9 @@ def parse_config(recipes, argv=None, description=""):
     if cfg["iters"] <= 0 or cfg["batch_size"] <= 0:
         raise ConfigError("--iters and --batch-size must be positive")
     check_ranges(cfg)
+    if "resolution" in given and cfg["resolution"] != 1 and cfg["target"] not in DATASETS:
+        raise ConfigError(f"--resolution {cfg['resolution']}: toy scenes are drawn at one size "
+                          f"({TOY_SCENE[1]}x{TOY_SCENE[0]}); it applies to the paper's datasets")
     check_nothing_to_do(cfg)
     if cfg["resume"] and cfg["overwrite"]:
         raise ConfigError("--resume continues the work dir's run and --overwrite removes it: pass one of them")

@@ -157,6 +157,14 @@ class Domain:
             self.size = tuple(side * resolution for side in DATASETS[name]["size"])
             self.dacs_filter = DATASETS[name]["dacs_filter"] if framework == "dacs" else None
 
+    @classmethod
+    def of_run(cls, cfg, name, split, framework="mmseg"):
+        """The domain a run reads: only a folder dataset reads --data-root and --resolution (a run warns of the
+        flags it never read)."""
+        if name.startswith("toy-"):
+            return cls(name, split=split, seed=cfg.seed)
+        return cls(name, cfg.data_root, split, cfg.seed, framework, cfg.resolution)
+
     def __len__(self):
         return self.count
 

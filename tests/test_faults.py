@@ -359,6 +359,7 @@ def test_loader_worker_errors_are_the_same_one_line(tmp_path, fake_data, monkeyp
     (["--count-flops", "--estimate-memory"], "--count-flops and --estimate-memory are modes"),
     (["--print-config", "--check-data"], "--check-data and --print-config are modes"),
     (["--decoder", "deeplabv3plus", "--batch-size", "1"], "needs two or more images per batch"),
+    (["--resolution", "2"], "--resolution 2: toy scenes are drawn at one size (128x64)"),
     (["--device", "tpu"], "--device tpu: unknown device, expected cpu, cuda or cuda:N"),
     (["--device", "cuda:x"], "unknown device"), (["--device", "cpu:1"], "unknown device"),
     pytest.param(["--device", "cuda:0"], "no CUDA device is available",

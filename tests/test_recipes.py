@@ -244,6 +244,7 @@ def test_daformer_recipe_with_mmseg_deeplabv2_computes_the_feature_distance_on_i
     (["--arch", "mit-tiny", "--aspp-dilations", "6,12,18,24", "--checkpoint-blocks"], "--aspp-dilations 6,12,18,24"),
     (["--mrm-mode", "input", "--rebuilder-dim", "32", "--rebuilder-lr", "0.1"], "--rebuilder-dim 32, --rebuilder-lr 0.1"),
     (["--mic-weight", "2", "--mic-block-size", "4"], "--mic-weight 2.0, --mic-block-size 4"),
+    (["--data-root", "/nonexistent"], "--data-root /nonexistent"),  # toy scenes are drawn, not read
     (["--crop", "64", "--cat-max-ratio", "0.5", "--flip", "--workers", "1", "--mask-ratio", "0.5"], None)])
 def test_flags_the_run_never_reads_are_named_in_one_warning(tmp_path, small_toy, capsys, flags, unread):
     """Derived from what the run's code read during its first iteration, loader workers included."""
