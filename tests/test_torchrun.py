@@ -241,6 +241,8 @@ time.sleep(float(os.environ["PAUSE"]) if rank == 0 else 0)
 total = torch.ones(1)
 dist.all_reduce(total)
 print(int(total.item()))
+dist.barrier()  # then leave together: the group's threads must not outlive the interpreter
+dist.destroy_process_group()
 """
 
 
