@@ -43,13 +43,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from support.base import CorruptFile, DataError, format_eta, one_line
-from support.cli import DEFAULT_WORKERS, OneLineParser
+from support.base import ConfigError, CorruptFile, DataError, format_eta, one_line
+from support.cli import DEFAULT_WORKERS, OneLineParser, check_device
 from support.data import CLASSES, Domain, LABEL_NOTES, TASKS, ignore_stop_signals
 from support.models import ARCHS, load_tensors
 from support.networks import build_model
-from support.predict import (CITYSCAPES_SPLIT_SIZES, cityscapes_images, cityscapes_writer, image_writer, input_transform,
-                             list_images, predict_files, present_classes, write_png)
+from support.predict import (CITYSCAPES_SPLIT_SIZES, cityscapes_images, cityscapes_writer, image_writer,
+                             input_transform, list_images, predict_files, present_classes, write_png)
 from support.reports import is_curves_png, plot_curves, summarise_runs, with_legend
 from support.runs import export_model, inference_record, load_checkpoint, load_model_state
 
@@ -262,20 +262,6 @@ def prediction_writer(save_dir, domain, palette, class_names):
 
 
 # ----------------------------------------------------------------------------- safety of what is written
-
-def check_device(name):
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise DataError(f"--device {name}: unknown device, expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: no CUDA device is available")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise DataError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
-    return device
-
 
 def check_outside_data(path, flag, data_root):
     data = os.path.realpath(data_root)
@@ -497,7 +483,7 @@ def main(argv=None):
             print(f"wrote {args.out}: {len(drawn)} series of {len(args.plot)} run(s)")
         else:
             run_model(args)
-    except DataError as error:
+    except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # the file system refused (a full disk, a folder that cannot be written)

@@ -379,55 +379,55 @@ def train_step(cfg, nets, batch, iteration):
 # The run: data, networks, resume, the loop with its log, validation and checkpoints; main maps errors to exits.
 
 
-def train(cfg):
+def train(cfg, signals):
+    """The run, under StopSignals: a signal before its first iteration stops it at once."""
     rank, world = init_distributed(cfg)
-    with StopSignals() as signals:  # until the first iteration a signal stops the run at once
-        torch.set_num_threads(cpu_threads(cfg))
-        say = print if rank == 0 else (lambda *args, **kwargs: None)  # the other processes stay quiet
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        if cfg.device.startswith("cuda"):
-            torch.backends.cudnn.benchmark = True
-        source = Domain.of_run(cfg, cfg.source, "train", cfg.framework)
-        target = Domain.of_run(cfg, cfg.target, "train", cfg.framework)
-        # the mmseg protocol, whatever the recipe
-        val = Domain.of_run(cfg, cfg.target, "val")
-        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # torchrun --max-restarts: go on, or start over
-            cfg.resume = os.path.exists(os.path.join(cfg.work_dir, "checkpoint.pth"))
-            cfg.overwrite = not cfg.resume
+    torch.set_num_threads(cpu_threads(cfg))
+    say = print if rank == 0 else (lambda *args, **kwargs: None)  # the other processes stay quiet
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if cfg.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    source = Domain.of_run(cfg, cfg.source, "train", cfg.framework)
+    target = Domain.of_run(cfg, cfg.target, "train", cfg.framework)
+    # the mmseg protocol, whatever the recipe
+    val = Domain.of_run(cfg, cfg.target, "val")
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # torchrun --max-restarts: go on, or start over
+        cfg.resume = os.path.exists(os.path.join(cfg.work_dir, "checkpoint.pth"))
+        cfg.overwrite = not cfg.resume
+    if rank == 0:
+        check_work_dir(cfg)
+    state = read_resume_checkpoint(cfg) if cfg.resume else None
+    if state is not None and finished(cfg, state):
+        say(f"{cfg.work_dir}: the run is finished (iteration {cfg.iters}, validated): nothing to resume", flush=True)
+        return None
+    nets = build_nets(cfg, rank, world)  # the same seed everywhere: identical initial models on every rank
+    if world > 1:  # from here each process draws its own random numbers (masks, ClassMix, jitter)
+        seed = int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0])
+        torch.manual_seed(seed)
+        random.seed(seed)
+    start = resume(cfg, nets, state) if state is not None else 0
+    rcs = rcs_statistics(cfg, source, say) if cfg.rcs_temperature > 0 else None
+    # every check that can refuse the run has passed: from here on the work dir is this run's
+    with WorkDirLock(cfg.work_dir, say) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
-            check_work_dir(cfg)
-        state = read_resume_checkpoint(cfg) if cfg.resume else None
-        if state is not None and finished(cfg, state):
-            say(f"{cfg.work_dir}: the run is finished (iteration {cfg.iters}, validated): nothing to resume", flush=True)
-            return None
-        nets = build_nets(cfg, rank, world)  # the same seed everywhere: identical initial models on every rank
-        if world > 1:  # from here each process draws its own random numbers (masks, ClassMix, jitter)
-            seed = int(np.random.SeedSequence([cfg.seed, rank]).generate_state(1)[0])
-            torch.manual_seed(seed)
-            random.seed(seed)
-        start = resume(cfg, nets, state) if state is not None else 0
-        rcs = rcs_statistics(cfg, source, say) if cfg.rcs_temperature > 0 else None
-        # every check that can refuse the run has passed: from here on the work dir is this run's
-        with WorkDirLock(cfg.work_dir, say) if rank == 0 else contextlib.nullcontext():
-            if rank == 0:
-                start_work_dir(cfg, state, say)
-            stop = min(cfg.iters, start + cfg.stop_after) if cfg.stop_after else cfg.iters
-            initialisation = cfg.pretrained if cfg.pretrained not in ("", "none") else "random weights"
-            changed = resume_changes(cfg, state) if state is not None else []
-            threads = torch.get_num_threads()
-            say(f"{cfg.task}: {cfg.arch} ({cfg.recipe} recipe), {'source only' if cfg.source_only else 'DACS'}"
-                f"{' + MRM' if nets.rebuilder is not None else ''}{' + MIC' if cfg.mic else ''}, iterations "
-                f"{start}..{stop} of {cfg.iters}, {len(source)} source / {len(target)} target images"
-                f"{f', {world} processes' if world > 1 else ''}\n  from {initialisation}; "
-                f"{'fp32' if cfg.amp == 'off' else cfg.amp} on {cfg.device} ({threads} CPU thread{'s' * (threads > 1)}), "
-                f"step "
-                f"{'as one CUDA graph' if nets.graph else 'eager'}{f' ({why_eager(cfg, world)})' if not nets.graph else ''}"
-                f"; work dir {cfg.work_dir}{' (--overwrite)' if cfg.overwrite else ''}"
-                + (f"\n  resumed with {', '.join(changed)}" if changed else ""), flush=True)
-            loader = make_loader(cfg, TrainBatches(cfg, source, target, rcs, rank, world), start)
-            with RunLog(cfg.work_dir) if rank == 0 else contextlib.nullcontext() as log:
-                return training_loop(cfg, nets, loader, val, start, stop, log, say, signals)
+            start_work_dir(cfg, state, say)
+        stop = min(cfg.iters, start + cfg.stop_after) if cfg.stop_after else cfg.iters
+        initialisation = cfg.pretrained if cfg.pretrained not in ("", "none") else "random weights"
+        changed = resume_changes(cfg, state) if state is not None else []
+        threads = torch.get_num_threads()
+        say(f"{cfg.task}: {cfg.arch} ({cfg.recipe} recipe), {'source only' if cfg.source_only else 'DACS'}"
+            f"{' + MRM' if nets.rebuilder is not None else ''}{' + MIC' if cfg.mic else ''}, iterations "
+            f"{start}..{stop} of {cfg.iters}, {len(source)} source / {len(target)} target images"
+            f"{f', {world} processes' if world > 1 else ''}\n  from {initialisation}; "
+            f"{'fp32' if cfg.amp == 'off' else cfg.amp} on {cfg.device} ({threads} CPU thread{'s' * (threads > 1)}), "
+            f"step "
+            f"{'as one CUDA graph' if nets.graph else 'eager'}{f' ({why_eager(cfg, world)})' if not nets.graph else ''}"
+            f"; work dir {cfg.work_dir}{' (--overwrite)' if cfg.overwrite else ''}"
+            + (f"\n  resumed with {', '.join(changed)}" if changed else ""), flush=True)
+        loader = make_loader(cfg, TrainBatches(cfg, source, target, rcs, rank, world), start)
+        with RunLog(cfg.work_dir) if rank == 0 else contextlib.nullcontext() as log:
+            return training_loop(cfg, nets, loader, val, start, stop, log, say, signals)
 
 
 def training_loop(cfg, nets, loader, val, start, stop, log, say, signals):
@@ -442,7 +442,7 @@ def training_loop(cfg, nets, loader, val, start, stop, log, say, signals):
         if batch.get("error"):  # raised in a loader worker, re-raised here as the same one line
             raise DataError(batch["error"])
         skipped = batch.pop("skipped")
-        cfg.read.update(batch.pop("flags_read"))  # what a loader worker read of the settings
+        cfg.read.update(batch.pop("flags_read", ()))  # what a loader worker read of the settings
         for note in batch.pop("notes"):
             warned += 1
             if warned <= 10:
@@ -495,9 +495,10 @@ def training_loop(cfg, nets, loader, val, start, stop, log, say, signals):
             save_checkpoint(cfg, nets, done)
         if interrupted:
             raise Interrupted(interrupted, done)
-        if done == start + 1 and unread_flags(cfg):  # every part of an iteration has run once
-            say(f"warning: {', '.join(unread_flags(cfg))}: not read by this run's code (its method, "
-                f"architecture or recipe takes no such setting), so they change nothing", flush=True)
+        unread = unread_flags(cfg) if done == start + 1 else []  # every part of an iteration has run once
+        if unread:
+            say(f"warning: {', '.join(unread)}: not read by this run's code (its method, architecture or recipe "
+                f"takes no such setting), so they change nothing", flush=True)
     signals.at_once(stop)
     if nets.rank != 0:
         return None
@@ -554,7 +555,8 @@ def main(argv=None):
         elif cfg.estimate_memory:
             estimate_memory(cfg, train_step)
         else:
-            train(cfg)
+            with StopSignals() as signals:
+                train(cfg, signals)
     except (ConfigError, DataError) as error:
         print(f"error: {rank_prefix()}{error}", file=sys.stderr)
         return 2

@@ -188,8 +188,6 @@ RANGES = dict(
 )
 
 
-
-
 def check_ranges(cfg):
     """Every number in its range (NaN and inf refused), the Rebuilder's shape consistent, the crop one the
     network can take."""
@@ -270,8 +268,8 @@ def build_parser(recipes, description):
               f"stops naming each difference. Under torchrun the processes wait at most MRM_RENDEZVOUS_TIMEOUT "
               f"seconds (default 300) for each other to start; a missing one ends the run in one error line.")
     parser = OneLineParser(usage="python train_dacs_mrm.py [--task T] [--arch A] [--pretrained FILE] [...]",
-                           description=description, epilog="\n".join(textwrap.wrap(epilog, 100, break_on_hyphens=False)),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="\n".join(textwrap.wrap(epilog, 100, break_on_hyphens=False)))
     table_choices = dict(task=TASKS, arch=ARCHS, recipe=recipes, decoder=DECODERS)
     for title, flags in FLAGS.items():
         group = parser.add_argument_group(title)
@@ -284,8 +282,8 @@ def build_parser(recipes, description):
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                    help=help_text)
             else:
-                metavar = ("|".join(choices) if choices else "T,B,L,R" if key == "pseudo_margins" else "DEVICE" if key == "device" else
-                           {int: "N", float: "X"}.get(kind, "PATH"))
+                metavar = ("|".join(choices) if choices else dict(pseudo_margins="T,B,L,R", device="DEVICE").get(key)
+                           or {int: "N", float: "X"}.get(kind, "PATH"))
                 group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
     return parser
 
@@ -325,7 +323,8 @@ def parse_config(recipes, argv=None, description=""):
     if "aspp_depthwise" in given and cfg["decoder"] not in ("daformer", "deeplabv3plus"):
         raise ConfigError(f"--aspp-depthwise applies to the separable ASPP of --decoder daformer | deeplabv3plus, "
                           f"not {cfg['decoder']}")
-    if cfg["decoder"] == "deeplabv3plus" and cfg["batch_size"] == 1 and not (cfg["count_flops"] or cfg["check_data"]):
+    trains = not (cfg["count_flops"] or cfg["check_data"] or cfg["print_config"])
+    if cfg["decoder"] == "deeplabv3plus" and cfg["batch_size"] == 1 and trains:
         raise ConfigError("--batch-size 1: DeepLabV3+'s image-pooling BatchNorm needs two or more images per batch "
                           "(per process under torchrun) to train")
     if cfg["decoder"] not in ARCHS[arch]["decoders"]:
@@ -399,8 +398,9 @@ def check_nothing_to_do(cfg):
         cells = cfg["rebuilder_grid"] ** 2
         masked = round(cfg["mask_ratio"] * cells)
         if masked in (0, cells):
+            grid = cfg["rebuilder_grid"]
             raise ConfigError(f"--mask-ratio {cfg['mask_ratio']} masks {'no' if masked == 0 else 'every'} cell of the "
-                              f"{cfg['rebuilder_grid']}x{cfg['rebuilder_grid']} grid (--rebuilder-grid): MRM would have "
+                              f"{grid}x{grid} grid (--rebuilder-grid): MRM would have "
                               f"{'nothing to rebuild' if masked == 0 else 'nothing to rebuild from'}")
         if cfg["mrm_weight"] == 0:
             raise ConfigError("--mrm-weight 0 computes MRM's loss and discards it: train with --no-mrm instead")
@@ -421,7 +421,8 @@ def check_nothing_to_do(cfg):
 
 
 def check_device(name):
-    """cpu, cuda or cuda:N, of a device this machine has; under torchrun each process takes its LOCAL_RANK's GPU."""
+    """The torch.device of --device: cpu, cuda or cuda:N, one this machine has; under torchrun each process takes
+    its LOCAL_RANK's GPU. Both scripts check their --device here."""
     device = None
     with contextlib.suppress(RuntimeError):
         device = torch.device(name)
@@ -435,6 +436,7 @@ def check_device(name):
     if device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError(f"--device {name}: under torchrun each process takes the GPU of its LOCAL_RANK: pass "
                           f"--device cuda")
+    return device
 
 
 def check_hrda(cfg, given):
@@ -455,7 +457,8 @@ def check_hrda(cfg, given):
     if cfg["detail_crop"] % cell or (cfg["crop"] and (cfg["crop"] % cell or cfg["detail_crop"] > cfg["crop"])):
         raise ConfigError(f"--detail-crop {cfg['detail_crop']}, --crop {cfg['crop']}: both must be multiples of "
                           f"{cell} (8 / --context-scale), the detail window at most the crop")
-    context = min(cfg["crop"] or image_size(cfg, cfg["target"])[0], image_size(cfg, cfg["target"])[0])
+    height = image_size(cfg, cfg["target"])[0]
+    context = min(cfg["crop"] or height, height)
     if cfg["detail_crop"] < MIN_VIEW or context * cfg["context_scale"] < MIN_VIEW:
         raise ConfigError(f"--detail-crop {cfg['detail_crop']}, --context-scale {cfg['context_scale']}: the detail "
                           f"window and the context view of a {context}-pixel side (the crop, or the validation "

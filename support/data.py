@@ -196,6 +196,7 @@ class TrainBatches(torch.utils.data.Dataset):
         self.cfg, self.source, self.target, self.rcs = cfg, source, target, rcs
         self.stream = [rank] if world > 1 else []  # under torchrun each process draws its own batch
         self.margins = None if cfg.source_only else pseudo_margins(cfg)  # they weight pseudo-labels only
+        self.reported = False
 
     def __len__(self):
         return self.cfg.iters
@@ -215,7 +216,9 @@ class TrainBatches(torch.utils.data.Dataset):
         batch = dict(source_image=torch.from_numpy(np.stack([s[0] for s in source])).permute(0, 3, 1, 2),
                      source_label=torch.from_numpy(np.stack([s[1] for s in source])),
                      target_image=torch.from_numpy(np.stack([t[0] for t in target])).permute(0, 3, 1, 2),
-                     skipped=skipped, notes=notes, flags_read=getattr(self.cfg, "read", ()))
+                     skipped=skipped, notes=notes)
+        if not self.reported:  # this process's reads of the settings, once (the run warns of flags never read)
+            batch["flags_read"], self.reported = getattr(self.cfg, "read", ()), True
         if self.margins:  # the margin mask went through crop and flip as a label: 1 inside, 0 margin or padding
             batch["target_valid"] = torch.from_numpy(np.stack([t[1] == 1 for t in target]).astype(np.uint8))
         return batch
@@ -283,7 +286,8 @@ def make_loader(cfg, dataset, start_iteration):
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(start_iteration, cfg.iters), num_workers=cfg.workers,
         pin_memory=cfg.device.startswith("cuda"), persistent_workers=cfg.workers > 0,
-        worker_init_fn=ignore_stop_signals, prefetch_factor=4 if cfg.workers else None, generator=torch.Generator().manual_seed(cfg.seed))
+        worker_init_fn=ignore_stop_signals, prefetch_factor=4 if cfg.workers else None,
+        generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def ignore_stop_signals(worker_id):

@@ -109,8 +109,8 @@ def resume(cfg, nets, state=None):
             optimizer.load_state_dict(optimizer_state)
             for group in optimizer.param_groups:  # a CUDA graph's device-tensor lr comes back as a plain number
                 group["lr"] = float(group["lr"])
-                if any(state.shape != p.shape for p in group["params"]
-                       for state in optimizer.state[p].values() if torch.is_tensor(state) and state.dim()):
+                if any(value.shape != p.shape for p in group["params"]
+                       for value in optimizer.state[p].values() if torch.is_tensor(value) and value.dim()):
                     raise ValueError("an optimizer state of another shape than its parameter")
         nets.scaler.load_state_dict(state["scaler"])
         rng = state["rng"][nets.rank]
@@ -135,9 +135,13 @@ def export_model(path, model, arch_record, num_classes, task=None, inference=Non
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-# atomic_write's temporary name of a file a run writes in its work dir
-INTERRUPTED_WRITE = re.compile(r"(checkpoint\.pth|config\.json|log\.jsonl|model\.pth|curves\.png)\.tmp\d+")
+# What a run writes in its work dir: these files, debug/iteration_NNNNNN.png and, while it lives, .lock; each
+# written by atomic_write through NAME.tmpPID
 RUN_FILES = ("checkpoint.pth", "config.json", "log.jsonl", "model.pth", "curves.png", "debug")
+FILE_NAMES = "|".join(re.escape(name) for name in RUN_FILES[:-1])
+INTERRUPTED_WRITE = re.compile(rf"({FILE_NAMES})\.tmp\d+")
+RUN_WRITES = re.compile(rf"({FILE_NAMES}|\.lock)(\.tmp\d+)?")
+DEBUG_GRID = re.compile(r"iteration_\d{6}\.png(\.tmp\d+)?")
 
 
 CHECKPOINT_KEYS = {"iteration", "config", "arch", "model", "optimizers", "scaler", "rng", "world_size"}
@@ -154,7 +158,8 @@ def check_work_dir(cfg):
         raise ConfigError(f"--work-dir {path}: is a file, not a folder")
     if parent and not os.path.isdir(parent):
         raise ConfigError(f"--work-dir {path}: {parent} is a file, not a folder")
-    if not os.access(parent or ".", os.W_OK | os.X_OK) or (os.path.realpath(parent or ".") + "/").startswith(UNUSABLE):
+    writable = os.access(parent or ".", os.W_OK | os.X_OK)
+    if not writable or (os.path.realpath(parent or ".") + "/").startswith(UNUSABLE):
         raise ConfigError(f"--work-dir {path}: {parent or '.'} is not writable")
     held = [name for name in RUN_FILES if os.path.lexists(os.path.join(path, name))]
     if held and not (cfg.resume or cfg.overwrite):
@@ -184,10 +189,6 @@ def is_run_config(path):
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and {"task", "arch", "recipe", "iters", "seed", "work_dir"} <= config.keys()
-
-
-DEBUG_GRID = re.compile(r"iteration_\d{6}\.png(\.tmp\d+)?")
-RUN_WRITES = re.compile(r"(checkpoint\.pth|config\.json|log\.jsonl|model\.pth|curves\.png|\.lock)(\.tmp\d+)?")
 
 
 def foreign_files(work_dir):
